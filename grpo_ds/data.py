@@ -1,0 +1,397 @@
+"""Training data for grpo_ds: where problems come from, how they become prompts, and in what order.
+
+This module owns
+  * the `Problem` record (a question plus its gold final answer as a plain numeric string),
+  * loading problems: a seeded synthetic arithmetic generator, local .jsonl/.json/.parquet files in the
+    GSM8K convention, or a Hugging Face hub dataset id -- all through `load_problems`,
+  * rendering a question into prompt text with the tokenizer's chat template (`render_prompt`),
+  * the seeded, resumable data order shared by every rank (`PromptSampler`).
+
+It deliberately knows nothing about distributed training: every rank calls the same functions with the
+same seed and gets the same result, so no communication is needed here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+logger = logging.getLogger("grpo_ds.data")
+
+SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
+    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think>\n<answer> answer here </answer>"
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str  # gold final answer as a plain numeric string: "72", "-3", "2.5" (commas stripped)
+
+
+# ----------------------------------------------------------------------------------------------- answers
+
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+def _plain_number(text: str) -> str | None:
+    """`text` as a plain numeric string if it is nothing but a number ("$1,000" -> "1000"), else None."""
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.strip())  # thousands commas only: "3,4" stays invalid
+    text = text.removeprefix("$").rstrip(".")  # "$12" and "12." occur in hand-written answers
+    return text.removeprefix("+") if _NUMBER.fullmatch(text) else None
+
+
+def gsm8k_final_answer(solution: str) -> str | None:
+    """Text after the last '####' in a GSM8K solution, commas removed; None if absent or not a number."""
+    if "####" not in solution:
+        return None
+    return _plain_number(solution.rsplit("####", 1)[1])
+
+
+def _gold_answer(answer: str) -> str | None:
+    # Files that store only the final number ("72") are accepted as is; otherwise GSM8K's '#### n'.
+    return _plain_number(answer) or gsm8k_final_answer(answer)
+
+
+# -------------------------------------------------------------------------------- synthetic arithmetic
+
+# A story is a set of phrasings for the same few operations on one running quantity. Every number in a
+# question is an operand, in the order the operations apply, so a reader (or a test) can re-derive the answer.
+# Keys: start (a), start_prod (c groups of n), add/sub (n), add_prod/sub_prod (c groups of n), div (k, last).
+_STORIES: list[dict[str, str]] = [
+    dict(start="{name} has {a} apples.", start_prod="{name} has {c} bags of apples with {n} apples in each bag.",
+         add="buys {n} more", sub="gives {n} to {his} sister", add_prod="picks {c} bags with {n} apples in each",
+         sub_prod="gives {n} apples to each of {c} neighbors", div="shares them equally among {k} friends",
+         question="How many apples does {name} have now?", div_question="How many apples does each friend get?"),
+    dict(start="{name} has {a} pencils in the classroom.",
+         start_prod="{name} has {c} boxes of pencils with {n} pencils in each box.",
+         add="orders {n} more", sub="hands out {n} to students", add_prod="buys {c} boxes with {n} pencils each",
+         sub_prod="gives {n} pencils to each of {c} groups", div="splits them equally among {k} tables",
+         question="How many pencils does {name} have now?", div_question="How many pencils does each table get?",
+         teacher="yes"),
+    dict(start="{name} has ${a} in a piggy bank.", start_prod="{name} saves ${n} per week for {c} weeks.",
+         add="earns ${n} walking dogs", sub="spends ${n} on a book", add_prod="saves ${n} per week for {c} more weeks",
+         sub_prod="buys {c} tickets that cost ${n} each", div="divides the money equally into {k} envelopes",
+         question="How many dollars does {name} have now?", div_question="How many dollars are in each envelope?"),
+    dict(start="A bakery has {a} cookies.", start_prod="A bakery bakes {c} trays of cookies with {n} cookies on each tray.",
+         add="bakes {n} more", sub="sells {n}", add_prod="bakes {c} more trays of {n} cookies",
+         sub_prod="sells {c} boxes of {n} cookies", div="packs them equally into {k} boxes",
+         question="How many cookies does the bakery have now?", div_question="How many cookies are in each box?",
+         subject="It"),
+    dict(start="A library has {a} books on a shelf.", start_prod="A library has {c} shelves with {n} books on each shelf.",
+         add="receives {n} donated books", sub="lends out {n}", add_prod="receives {c} boxes of {n} new books",
+         sub_prod="lends {n} books to each of {c} schools", div="spreads them equally across {k} carts",
+         question="How many books does the library have now?", div_question="How many books are on each cart?",
+         subject="It"),
+    dict(start="{name} has {a} stickers.", start_prod="{name} has {c} sheets of stickers with {n} stickers on each sheet.",
+         add="gets {n} more from a friend", sub="uses {n} to decorate a notebook",
+         add_prod="buys {c} packs with {n} stickers in each", sub_prod="puts {n} stickers on each of {c} cards",
+         div="shares them equally among {k} classmates", question="How many stickers does {name} have now?",
+         div_question="How many stickers does each classmate get?"),
+]
+_PEOPLE = [("Tom", "he", "his"), ("Maria", "she", "her"), ("Liam", "he", "his"), ("Aisha", "she", "her"),
+           ("Kenji", "he", "his"), ("Sofia", "she", "her"), ("Omar", "he", "his"), ("Emma", "she", "her"),
+           ("Diego", "he", "his"), ("Priya", "she", "her"), ("Lucas", "he", "his"), ("Hana", "she", "her")]
+_TEACHERS = [("Ms. Lee", "she", "her"), ("Mr. Park", "he", "his"), ("Mrs. Diaz", "she", "her"), ("Mr. Novak", "he", "his")]
+
+# Plans (sequences of step kinds) per difficulty; the number of arithmetic operations equals the difficulty.
+_PLANS: dict[int, list[tuple[str, ...]]] = {
+    1: [("start", "add"), ("start", "sub")],
+    2: [("start", "add", "sub"), ("start", "sub", "add"), ("start", "add_prod"), ("start", "sub_prod"),
+        ("start_prod", "add"), ("start_prod", "sub")],
+    3: [("start_prod", "add", "sub"), ("start_prod", "sub", "add"), ("start", "add_prod", "sub"),
+        ("start", "sub", "add_prod"), ("start", "add", "sub_prod"), ("start_prod", "add_prod"),
+        ("start", "add", "sub", "div"), ("start", "sub", "add", "div"),
+        ("start_prod", "add", "div"), ("start_prod", "sub", "div")],
+}
+# (largest plain operand, largest group count, largest group size, largest divisor) per difficulty.
+_LIMITS = {1: (20, 0, 0, 0), 2: (50, 5, 10, 0), 3: (100, 6, 15, 9)}
+
+
+def _step(rng: random.Random, kind: str, value: int, limits: tuple[int, ...], multiple_of: int) -> tuple[str, dict]:
+    """Numbers for one step applied to `value`; the result is >= 0 and, when asked, a multiple of `multiple_of`.
+
+    Numbers are drawn inside the feasible range directly (never rejected); a subtraction with no room left
+    turns into the matching addition, which is always feasible."""
+    hi, max_count, max_size, _ = limits
+    if kind == "start":
+        return kind, {"a": rng.randint(2, hi)}  # from 2: "has 1 books" reads badly
+    if kind == "start_prod":
+        return kind, {"c": rng.randint(2, max_count), "n": rng.randint(2, max_size)}
+    if kind == "sub" and multiple_of > 1:
+        first = value % multiple_of or multiple_of  # smallest n with (value - n) % k == 0
+        top = min(hi, value - multiple_of)  # keep at least one share for each of the k receivers
+        if first <= top:
+            return kind, {"n": first + multiple_of * rng.randint(0, (top - first) // multiple_of)}
+        kind = "add"
+    if kind == "add" and multiple_of > 1:
+        first = -value % multiple_of or multiple_of
+        first += multiple_of if first == 1 else 0  # "receives 1 donated books" reads badly
+        return kind, {"n": first + multiple_of * rng.randint(0, (hi - first) // multiple_of)}
+    if kind == "sub" and value >= 2:  # leave at least one, so answers of 0 stay out
+        return kind, {"n": rng.randint(1, min(hi, value - 1))}
+    if kind in ("add", "sub"):
+        return "add", {"n": rng.randint(2, hi)}
+    if kind == "sub_prod" and value >= 5:
+        c = rng.randint(2, min(max_count, (value - 1) // 2))  # leaves room for n >= 2 with c * n < value
+        return kind, {"c": c, "n": rng.randint(2, min(max_size, (value - 1) // c))}
+    return "add_prod", {"c": rng.randint(2, max_count), "n": rng.randint(2, max_size)}
+
+
+def _apply(kind: str, value: int, nums: dict) -> int:
+    if kind in ("start", "start_prod"):
+        return nums["a"] if kind == "start" else nums["c"] * nums["n"]
+    delta = nums["n"] if kind in ("add", "sub") else nums["c"] * nums["n"]
+    return value + delta if kind.startswith("add") else value - delta
+
+
+def arithmetic_problem(rng: random.Random, difficulty: int) -> Problem:
+    """One seeded multi-step arithmetic word problem (difficulty 1-3 = number of operations) with answer >= 0."""
+    if difficulty not in _PLANS:
+        raise ValueError(f"--difficulty {difficulty}: expected 1, 2 or 3")
+    limits = _LIMITS[difficulty]
+    story = rng.choice(_STORIES)
+    name, he, his = rng.choice(_TEACHERS if story.get("teacher") else _PEOPLE)
+    plan = rng.choice(_PLANS[difficulty])
+    value, steps, divisor = 0, [], 1
+    for i, kind in enumerate(plan):
+        if kind == "div":  # always last, after an add/sub that was steered onto a multiple of `divisor`
+            steps.append(("div", {"k": divisor}))
+            value //= divisor
+            continue
+        if i + 1 < len(plan) and plan[i + 1] == "div":
+            divisor = rng.randint(2, limits[3])  # chosen first so division is exact by construction
+        kind, nums = _step(rng, kind, value, limits, divisor)
+        value = _apply(kind, value, nums)
+        steps.append((kind, nums))
+    fields = {"name": name, "his": his}
+    first = story[steps[0][0]].format(**fields, **steps[0][1])
+    clauses = [story[kind].format(**fields, **nums) for kind, nums in steps[1:]]
+    subject = story.get("subject", he.capitalize())
+    question = story["div_question" if plan[-1] == "div" else "question"].format(**fields)
+    return Problem(f"{first} {subject} {_join_clauses(clauses)}. {question}", str(value))
+
+
+def _join_clauses(clauses: list[str]) -> str:
+    if len(clauses) == 1:
+        return clauses[0]
+    if len(clauses) == 2:
+        return f"{clauses[0]} and then {clauses[1]}"
+    return ", then ".join(clauses[:-1]) + f", and then {clauses[-1]}"
+
+
+def _is_test_question(question: str) -> bool:
+    # A stable hash (not Python's salted hash()) so the split is the same in every process and run.
+    return int(hashlib.sha256(question.encode("utf-8")).hexdigest()[:8], 16) % 8 == 0
+
+
+def arithmetic_problems(split: str, num_problems: int, difficulty: int, seed: int) -> list[Problem]:
+    """`num_problems` distinct problems; the test split is the 1-in-8 hash bucket, train is everything else."""
+    if split not in ("train", "test"):
+        raise ValueError(f"--split '{split}': expected 'train' or 'test' for the arithmetic dataset")
+    if difficulty not in _PLANS:
+        raise ValueError(f"--difficulty {difficulty}: expected 1, 2 or 3")
+    # Both splits draw from the same stream and filter it, so they are disjoint by construction.
+    rng = random.Random(int(hashlib.sha256(f"arithmetic:{seed}:{difficulty}".encode()).hexdigest()[:16], 16))
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for _ in range(64 * num_problems + 10_000):  # bounded: small spaces (difficulty 1) can run out
+        problem = arithmetic_problem(rng, difficulty)
+        if problem.question in seen or _is_test_question(problem.question) != (split == "test"):
+            continue
+        seen.add(problem.question)
+        problems.append(problem)
+        if len(problems) == num_problems:
+            return problems
+    raise ValueError(f"--num_problems {num_problems}: only {len(problems)} distinct difficulty-{difficulty} "
+                     f"'{split}' problems could be generated; ask for fewer")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+_OTHER_DATA_SUFFIXES = {".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx", ".xml", ".yaml", ".yml"}
+
+
+def load_problems(dataset: str, split: str = "train", *, num_problems: int | None = None, difficulty: int = 2,
+                  seed: int = 0, bad_answers: str = "skip") -> list[Problem]:
+    """The one entry point: 'arithmetic', a local .jsonl/.json/.parquet file, or a hub dataset id."""
+    if bad_answers not in ("skip", "error"):
+        raise ValueError(f"--bad_answers '{bad_answers}': expected 'skip' or 'error'")
+    if num_problems is not None and num_problems < 1:
+        raise ValueError(f"--num_problems {num_problems}: expected a positive integer")
+    if dataset == "arithmetic":
+        count = num_problems or (5000 if split == "train" else 500)
+        return arithmetic_problems(split, count, difficulty, seed)
+    path = Path(dataset)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".parquet"):
+        if not path.is_file():
+            raise ValueError(f"--dataset '{dataset}': file not found")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{dataset}: file is empty")
+        rows = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}[suffix](dataset)
+        problems = _to_problems(rows, dataset, bad_answers)
+    elif suffix in _OTHER_DATA_SUFFIXES or path.is_file():
+        raise ValueError(f"--dataset '{dataset}': unsupported file type; use .jsonl, .json or .parquet")
+    else:
+        problems = _to_problems(_hub_rows(dataset, split), f"--dataset '{dataset}'", bad_answers)
+    return problems[:num_problems] if num_problems else problems
+
+
+def _jsonl_rows(path: str) -> Iterable[tuple[str, Any]]:
+    """(location, row) pairs; read line by line so errors can name the line."""
+    found = False
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines (often a trailing one) are not rows
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            found = True
+            yield f"{path}:{lineno}", row
+    if not found:
+        raise ValueError(f"{path}: file is empty")
+
+
+def _json_rows(path: str) -> list[tuple[str, Any]]:
+    text = Path(path).read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{path}: file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of objects (or an object with a 'data' list)")
+    if not data:
+        raise ValueError(f"{path}: file is empty")
+    # A .json file has no useful line per row, so errors name the 1-based row instead.
+    return [(f"{path} (row {i})", row) for i, row in enumerate(data, start=1)]
+
+
+def _parquet_rows(path: str) -> list[tuple[str, Any]]:
+    import pyarrow.parquet as pq  # imported here: only parquet users pay for it
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise ValueError(f"{path}: cannot read parquet ({type(e).__name__}: {_short(e)})") from None
+    if not rows:
+        raise ValueError(f"{path}: file is empty")
+    return [(f"{path} (row {i})", row) for i, row in enumerate(rows, start=1)]
+
+
+def _hub_rows(dataset: str, split: str) -> list[tuple[str, Any]]:
+    import datasets  # heavy import, only for hub users
+
+    try:
+        ds = datasets.load_dataset(dataset, "main" if dataset == "openai/gsm8k" else None, split=split)
+    except Exception as e:  # anything from network, auth or a missing repo: all mean "cannot load"
+        raise ValueError(f"--dataset '{dataset}': cannot load from the Hugging Face hub ({type(e).__name__}: "
+                         f"{_short(e)}); pass a local .jsonl/.json/.parquet file or 'arithmetic'") from None
+    return [(f"--dataset '{dataset}' (row {i})", row) for i, row in enumerate(ds, start=1)]
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:160] if text else "no message"
+
+
+def _to_problems(rows: Iterable[tuple[str, Any]], source: str, bad_answers: str) -> list[Problem]:
+    problems, skipped = [], 0
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: row is not a JSON object")
+        for field in ("question", "answer"):
+            if field not in row:
+                raise ValueError(f"{where}: row has no '{field}' field")
+        question, answer = row["question"], row["answer"]
+        if not isinstance(question, str):
+            raise ValueError(f"{where}: field 'question' is not a string")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)  # a bare numeric answer is as good as "72"
+        if not isinstance(answer, str):
+            raise ValueError(f"{where}: field 'answer' is not a string")
+        gold = _gold_answer(answer)
+        if gold is None:
+            if bad_answers == "error":
+                raise ValueError(f"{where}: answer has no parsable final number ('#### n'): {answer[:60]!r}")
+            skipped += 1
+            continue
+        problems.append(Problem(question, gold))
+    if not problems:
+        raise ValueError(f"{source}: no usable rows ({skipped} skipped without a parsable answer)")
+    if skipped:
+        logger.warning("%s: skipped %d rows without a parsable final answer ('#### n')", source, skipped)
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+def render_prompt(tokenizer: Any, question: str, system_prompt: str = SYSTEM_PROMPT) -> str:
+    """Prompt text for one question, ending where the model's answer starts."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        # Base models often ship without a chat template and transformers refuses to guess one, so use a
+        # plain transcript that still ends on the assistant's turn.
+        return f"{system_prompt}\n\nUser: {question}\nAssistant:"
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------------------------- data order
+
+class PromptSampler:
+    """Seeded, resumable order over problems: one permutation per epoch from default_rng([seed, epoch]).
+
+    Batches run across epoch boundaries so every batch has exactly batch_size problems. Every rank builds the
+    same sampler and takes the same global batch, then its own slice, so no communication is needed."""
+
+    def __init__(self, problems: list[Problem], seed: int):
+        if not problems:
+            raise ValueError("PromptSampler: no problems to sample from")
+        if seed < 0:
+            raise ValueError(f"--seed {seed}: expected a non-negative integer")
+        self.problems = problems
+        self.seed = seed
+        self.epoch = 0
+        self.cursor = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.problems))
+
+    def next_batch(self, batch_size: int) -> list[Problem]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size}: expected a positive integer")
+        batch = []
+        while len(batch) < batch_size:
+            if self.cursor == len(self._order):
+                self.load_state_dict({"epoch": self.epoch + 1, "cursor": 0})
+            take = self._order[self.cursor:self.cursor + batch_size - len(batch)]
+            batch.extend(self.problems[i] for i in take)
+            self.cursor += len(take)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, cursor = int(state["epoch"]), int(state["cursor"])
+        if epoch < 0 or not 0 <= cursor <= len(self.problems):
+            raise ValueError(f"sampler state {state}: cursor must be in [0, {len(self.problems)}] and epoch >= 0")
+        self.epoch, self.cursor = epoch, cursor
+        self._order = self._permutation(epoch)

@@ -1,0 +1,289 @@
+"""The one door to DeepSpeed and torch.distributed: process-group setup, DeepSpeed config assembly, the policy and
+reference engines, ZeRO-3 gathering, collectives and the Hugging Face export.
+
+The same code path serves one plain `python` process, N CPU ranks (gloo) and N GPUs: only the launcher and the JSON
+differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import BatchLayout, Config
+
+log = logging.getLogger("grpo_ds.distributed")
+
+AUTO = "auto"
+
+
+# ----------------------------------------------------------------------------- process group
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or, for a plain `python` run, create) the process group; returns (rank, world_size). Each rank gets
+    its share of the CPU threads: N ranks on C cores oversubscribe badly with C threads each."""
+    if "RANK" not in os.environ:  # no launcher: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not on_gpu() and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    if on_gpu():
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def on_gpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() != "cpu"
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def barrier() -> None:
+    torch.distributed.barrier()
+
+
+def all_reduce_sum(values_K: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy, on the tensor's own device)."""
+    out = values_K.clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out
+
+
+def all_gather_cat(values_K: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally sized 1-D tensors from every rank, in rank order."""
+    parts = [torch.empty_like(values_K) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, values_K.contiguous())
+    return torch.cat(parts)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (for decisions that must be taken together)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device())).item() > 0)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+
+
+def load_ds_json(path: str) -> dict:
+    """The DeepSpeed JSON; a missing file or invalid JSON is one line naming the file (and the line)."""
+    candidates = [Path(path), Path(__file__).resolve().parent.parent / path]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise ValueError(f"--ds_config '{path}': file not found")
+    try:
+        raw = json.loads(found.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")
+    return raw
+
+
+def _fill(ds: dict, key: str, value, flag: str, source: str, section: Optional[dict] = None) -> None:
+    """Set `key` to the flag's value where the JSON says "auto" or nothing; refuse a different number."""
+    where = ds if section is None else section
+    current = where.get(key, AUTO)
+    if current != AUTO and current != value:
+        raise ValueError(f"{source}: {key}={current} contradicts {flag}; set it to \"auto\" or remove it")
+    where[key] = value
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_ds_config(raw: dict, cfg: Config, layout: BatchLayout, gpu: bool, source: str = "") -> tuple[dict, str]:
+    """The engine config for the policy: the JSON's engine settings with batch sizes, optimizer, scheduler,
+    clipping, precision and monitors filled from the flags. Returns (config, precision)."""
+    source = source or cfg.ds_config
+    ds = copy.deepcopy(raw)
+    _fill(ds, "train_micro_batch_size_per_gpu", cfg.train_batch_size, f"--train_batch_size {cfg.train_batch_size}",
+          source)
+    _fill(ds, "gradient_accumulation_steps", layout.gradient_accumulation_steps,
+          f"--gradient_accumulation_steps {layout.gradient_accumulation_steps}", source)
+    _fill(ds, "train_batch_size", cfg.train_batch_size * layout.gradient_accumulation_steps * layout.world_size,
+          "--train_batch_size x gradient_accumulation_steps x ranks", source)
+    _fill(ds, "gradient_clipping", cfg.max_grad_norm, f"--max_grad_norm {cfg.max_grad_norm}", source)
+
+    zero = ds.setdefault("zero_optimization", {})
+    if zero_stage(ds) not in (0, 1, 2, 3):
+        raise ValueError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3")
+    offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    _fill(ds, "lr", cfg.lr, f"--lr {cfg.lr}", source, params)
+    _fill(ds, "weight_decay", cfg.weight_decay, f"--weight_decay {cfg.weight_decay}", source, params)
+    for key, value in (("betas", [0.9, 0.999]), ("eps", 1e-8)):
+        if params.get(key, AUTO) == AUTO:
+            params[key] = value
+    if not gpu and not offload_optimizer and optimizer["type"].lower() in ("adam", "adamw"):
+        params.setdefault("torch_adam", True)  # FusedAdam is a CUDA kernel; torch's AdamW serves CPU ranks
+    if cfg.warmup_steps > 0 and "scheduler" not in ds:
+        ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
+                                                          "warmup_num_steps": cfg.warmup_steps,
+                                                          "warmup_type": "linear"}}
+    for key, value in ds.get("scheduler", {}).get("params", {}).items():
+        if value == AUTO:
+            ds["scheduler"]["params"][key] = {"warmup_max_lr": cfg.lr, "warmup_num_steps": cfg.warmup_steps,
+                                              "warmup_min_lr": 0.0}.get(key, value)
+
+    precision = resolve_precision(ds, cfg.precision, gpu, source)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    ds.pop("fp16", None)
+
+    if cfg.report_to == "tensorboard":
+        ds["tensorboard"] = {"enabled": True, "output_path": str(Path(cfg.output_dir) / "tensorboard"),
+                             "job_name": run_name(cfg)}
+    elif cfg.report_to == "wandb":
+        ds["wandb"] = {"enabled": True, "project": "grpo_ds", "group": run_name(cfg)}
+    ds.setdefault("steps_per_print", 10 ** 9)  # the trainer logs; DeepSpeed's own step prints are noise here
+    return ds, precision
+
+
+def resolve_precision(ds: dict, requested: str, gpu: bool, source: str) -> str:
+    """bf16 or fp32. 'auto' follows the JSON on GPUs and picks fp32 on a CPU-only host, where bf16 matrix products
+    run ~40x slower than fp32 (no AVX-512 BF16 units), so the same JSON serves both."""
+    if ds.get("fp16", {}).get("enabled") in (True, AUTO):
+        raise ValueError(f"{source}: fp16 is not supported (GRPO's small log-prob differences underflow); "
+                         f"use \"bf16\"")
+    if requested != "auto":
+        return requested
+    json_bf16 = ds.get("bf16", {}).get("enabled", False) in (True, AUTO)
+    if gpu:
+        return "bf16" if json_bf16 else "fp32"
+    if json_bf16:
+        log.info("CPU-only host: computing in fp32, not the JSON's bf16 (bf16 matmuls are ~40x slower on CPUs "
+                 "without BF16 units); pass --precision bf16 to force it")
+    return "fp32"
+
+
+def reference_ds_config(policy_ds: dict, cfg: Config) -> dict:
+    """The frozen reference's engine: no optimizer; ZeRO-3-partitioned when the policy is ZeRO-3 (or when
+    --reference_offload asks for its parameters in CPU memory, which needs ZeRO-3), replicated (stage 0) otherwise."""
+    stage = 3 if zero_stage(policy_ds) == 3 or cfg.reference_offload else 0
+    zero: dict = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = policy_ds["zero_optimization"].get(
+            "stage3_param_persistence_threshold", AUTO)
+        if zero["stage3_param_persistence_threshold"] == AUTO:
+            zero.pop("stage3_param_persistence_threshold")
+    if cfg.reference_offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu()}
+    return {"train_micro_batch_size_per_gpu": policy_ds["train_micro_batch_size_per_gpu"],
+            "gradient_accumulation_steps": 1, "bf16": {"enabled": policy_ds["bf16"]["enabled"]},
+            "zero_optimization": zero, "steps_per_print": 10 ** 9}
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.run_name or Path(cfg.output_dir).name
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+def _load_under(ds: dict, load):
+    """Run `load()` with transformers' DeepSpeed hook set for this config: under ZeRO-3 `from_pretrained` then
+    partitions each weight as it is read (zero.Init), so no rank ever holds a model that only fits partitioned."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    if zero_stage(ds) != 3:
+        return load()
+    hook = HfDeepSpeedConfig(ds)  # noqa: F841 (kept alive for the duration of load())
+    try:
+        return load()
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def init_policy(model_path: str, ds: dict, dtype: torch.dtype, gradient_checkpointing: bool):
+    import deepspeed
+
+    from .models import load_model
+
+    model = _load_under(ds, lambda: load_model(model_path, dtype, gradient_checkpointing))
+    engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=model.parameters())
+    return engine
+
+
+def init_reference(model_path: str, ds: dict, dtype: torch.dtype):
+    import deepspeed
+
+    from .models import load_model
+
+    model = _load_under(ds, lambda: load_model(model_path, dtype))
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds)
+    engine.eval()
+    return engine
+
+
+def is_zero3(engine) -> bool:
+    return engine.zero_optimization_stage() == 3
+
+
+def gathered_for_generation(engine, enabled: bool):
+    """Under ZeRO-3, gather every parameter once for the whole generation phase: otherwise each decoding step
+    gathers each layer again, 50-100x slower. A no-op for other stages, or when disabled for models that do not
+    fit on one device (then generate() must run with synced_gpus)."""
+    if not (is_zero3(engine) and enabled):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+
+
+def weights_fingerprint(engine) -> torch.Tensor:
+    """A float64 checksum of every parameter (gathered under ZeRO-3), equal on all ranks when they are in sync."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params) if is_zero3(engine) else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        return torch.stack([p.double().sum() * (i + 1) for i, p in enumerate(params)]).sum().cpu()
+
+
+def export_hf(engine, tokenizer, path: str, dtype: Optional[torch.dtype] = None) -> None:
+    """Save the policy as a Hugging Face folder (weights gathered under ZeRO-3, tokenizer and chat template
+    included), written by rank 0; every rank must call it."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params) if is_zero3(engine) else contextlib.nullcontext()
+    state = None
+    with ctx:
+        if torch.distributed.get_rank() == 0:
+            state = {k: v.detach().to("cpu", dtype or v.dtype).clone() for k, v in module.state_dict().items()}
+    if torch.distributed.get_rank() == 0:
+        module.config.use_cache = True
+        module.save_pretrained(path, state_dict=state)
+        tokenizer.save_pretrained(path)
+    barrier()

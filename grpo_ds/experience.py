@@ -1,0 +1,70 @@
+"""The `Experience` record, micro-batching with padding trimmed, and the replay buffer.
+
+Shape legend: N completions, T = P + C total positions (P prompt, left-padded; C completion, right-padded).
+Every per-token tensor over completions (`*_NC`) is aligned with the last C columns of `sequences_NT`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+
+@dataclass
+class Experience:
+    sequences_NT: torch.Tensor  # prompt + completion token ids
+    attention_mask_NT: torch.Tensor  # 1 on real prompt tokens and on completion tokens up to the first EOS
+    completion_mask_NC: torch.Tensor  # 1 on the completion tokens the loss sees (first EOS included)
+    rewards_N: torch.Tensor
+    advantages_N: torch.Tensor
+    old_logprobs_NC: Optional[torch.Tensor] = None  # None when on-policy: the detached current log-probs serve
+    ref_logprobs_NC: Optional[torch.Tensor] = None  # None when kl_weight == 0
+
+    def __len__(self) -> int:
+        return self.sequences_NT.shape[0]
+
+    @property
+    def num_completion_positions(self) -> int:
+        return self.completion_mask_NC.shape[1]
+
+    def select(self, index: torch.Tensor) -> "Experience":
+        """The rows in `index`, with the padding columns that every selected row shares removed: leading prompt
+        columns where no row has a real token, trailing completion columns where no row has a completion token."""
+        rows = {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
+                for f in dataclasses.fields(self)}
+        num_prompt = self.sequences_NT.shape[1] - self.num_completion_positions
+        prompt_used = rows["attention_mask_NT"][:, :num_prompt].any(dim=0).nonzero()
+        start = int(prompt_used[0]) if len(prompt_used) else num_prompt
+        completion_used = rows["completion_mask_NC"].any(dim=0).nonzero()
+        keep_c = int(completion_used[-1]) + 1 if len(completion_used) else 1
+        end = num_prompt + keep_c
+        for name in ("sequences_NT", "attention_mask_NT"):
+            rows[name] = rows[name][:, start:end]
+        for name in ("completion_mask_NC", "old_logprobs_NC", "ref_logprobs_NC"):
+            if rows[name] is not None:
+                rows[name] = rows[name][:, :keep_c]
+        return Experience(**rows)
+
+
+class ReplayBuffer:
+    """One rank's experiences of the current step. It never leaves the rank that generated it; each epoch walks it
+    in micro-batches of `micro_batch_size` in a seeded random order."""
+
+    def __init__(self, experience: Experience):
+        self.experience = experience
+
+    def __len__(self) -> int:
+        return len(self.experience)
+
+    def micro_batches(self, micro_batch_size: int, generator: Optional[torch.Generator] = None
+                      ) -> Iterator[Experience]:
+        """Micro-batches of exactly `micro_batch_size` rows (the config guarantees it divides the buffer); a
+        random permutation from `generator`, or the stored order when None."""
+        n = len(self.experience)
+        assert n % micro_batch_size == 0, (n, micro_batch_size)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        for start in range(0, n, micro_batch_size):
+            yield self.experience.select(order[start:start + micro_batch_size])

@@ -1,0 +1,250 @@
+"""Reward functions for GRPO on GSM8K-style math: ``reward_fn(completion, gold) -> float``.
+
+Presets (``--reward NAME``):
+
+* ``math`` (default): 1.0 when the number in the first ``<answer>`` block equals the gold number after numeric
+  normalization ("$1,234.00" == "1234", "5/2" == "2.5", "6 apples" == "6"), plus a 0.1 format bonus when that block
+  holds a number at all. Scores: 1.1 correct, 0.1 formatted but wrong, 0.0 without a parseable answer block.
+* ``seed``: the tiny-grpo tutorial's string matching, kept to reproduce it: 1.0 exact match, 0.5 when the gold
+  string appears inside the answer (gameable: "72 or 73 or 74" gets 0.5), 0.01 for any other answer block, 0.0
+  without one.
+
+Anything else is loaded with ``--reward package.module:function`` (see `get_reward_fn`).
+
+Nothing here raises on model output: malformed text scores 0. The module is pure Python (no torch), so rewards are
+cheap to test and usable from evaluation scripts.
+"""
+
+import importlib
+import logging
+import math
+import numbers
+import os
+import re
+import sys
+from typing import Callable
+
+RewardFn = Callable[[str, str], float]
+
+log = logging.getLogger(__name__)
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+# Thousands separators (",", LaTeX "{,}" and "\,") only between a digit and exactly three digits, so "1,234" is one
+# number while "1, 2" and "1,2345" are two.
+_THOUSANDS_RE = re.compile(r"(?<=\d)(?:,|\{,\}|\\,)(?=\d{3}(?!\d))")
+_CURRENCY_RE = re.compile(r"[$€£¥₹]")
+# A digit right before \frac is a mixed number ("2\frac{1}{2}"); rewriting it to "21/2" would be wrong.
+_LATEX_FRAC_RE = re.compile(r"(?<!\d)\\[dt]?frac\{(\d+)\}\{(\d+)\}")
+_MINUS_SIGNS = str.maketrans({"\u2212": "-", "\uff0d": "-"})  # unicode minus, fullwidth hyphen-minus
+_NUMBER_RE = re.compile(
+    r"(?P<sign>(?<!\w)-)?"  # a minus after a digit or letter is a range/operator ("5-3"), not a sign
+    r"(?:(?<!/)(?P<num>\d+)/(?P<den>\d+)(?![\d/]|\.\d)"  # integer fraction, but not a date "1/2/2020"
+    r"|\d+(?:\.\d+)?"  # 72, 2.50; a trailing "." ("3.", "is 72.") is left behind as punctuation
+    r"|(?<!\d)\.\d+)"  # .5
+)
+
+
+def extract_answer(completion: str) -> str | None:
+    """Content of the first well-formed <answer>...</answer> block, stripped; None if there is none.
+
+    First, as the tiny-grpo tutorial's re.search: a hedging model writing two answers is judged on the first.
+
+    >>> extract_answer("<think>48+24</think><answer> 72 </answer><answer>73</answer>")
+    '72'
+    >>> extract_answer("<answer>72") is None
+    True
+    """
+    start = completion.find("<answer>") if isinstance(completion, str) else -1
+    if start < 0:
+        return None
+    # Same result as ANSWER_RE.search (no close tag after the first open tag means none after a later one), but
+    # linear: search() retries from every "<answer>" and is quadratic on a degenerate "<answer><answer>..." rollout.
+    match = ANSWER_RE.match(completion, start)
+    return match.group(1).strip() if match else None
+
+
+def _match_value(match: re.Match) -> float | None:
+    """The float of one _NUMBER_RE match; None for 1/0 or a value too large for a float."""
+    try:
+        if match.group("den") is not None:
+            value = float(match.group("num")) / float(match.group("den"))
+            value = -value if match.group("sign") else value
+        else:
+            value = float(match.group(0))
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def parse_number(text: str | None) -> float | None:
+    """The last number in `text` after normalization, or None. Never raises.
+
+    Strips currency and thousands commas, reads unicode minus, decimals, integer fractions and LaTeX \\frac; ignores
+    units and wrappers. The last number is taken because models put the result at the end ("48+24 = 72").
+
+    >>> [parse_number(s) for s in ["$1,234.00", "6个", "−3", "5-3", ".5", "3/4", "\\\\boxed{72}", "is 72.", ""]]
+    [1234.0, 6.0, -3.0, 3.0, 0.5, 0.75, 72.0, 72.0, None]
+    >>> parse_number("1, 2"), parse_number("1,2345")  # not thousands groupings: two numbers each
+    (2.0, 2345.0)
+    """
+    if text is None:
+        return None
+    text = str(text).translate(_MINUS_SIGNS)
+    text = _CURRENCY_RE.sub("", text)  # before signs are read, so "-$3" is -3
+    text = _LATEX_FRAC_RE.sub(r"\1/\2", text)
+    text = _THOUSANDS_RE.sub("", text)
+    last = None
+    for last in _NUMBER_RE.finditer(text):
+        pass
+    return _match_value(last) if last is not None else None
+
+
+def extract_last_number(completion: str) -> float | None:
+    """Lenient extraction for evaluation: the last number anywhere in the completion.
+
+    >>> extract_last_number("48/2 = 24, so 48 + 24 = 72 clips.")
+    72.0
+    """
+    return parse_number(completion) if isinstance(completion, str) else None
+
+
+def numbers_equal(a: float | None, b: float | None) -> bool:
+    """True when both are numbers equal within 1e-6 relative (1e-9 absolute near zero).
+
+    >>> numbers_equal(2.5, 5 / 2), numbers_equal(72.0, 73.0), numbers_equal(None, None)
+    (True, False, False)
+    """
+    if a is None or b is None:
+        return False
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def is_correct(completion: str, gold: str) -> bool:
+    """Strict: the number in the first <answer> block equals the gold number.
+
+    >>> is_correct("<answer>$72.00</answer>", "72"), is_correct("The answer is 72", "72")
+    (True, False)
+    """
+    return numbers_equal(parse_number(extract_answer(completion)), parse_number(gold))
+
+
+def is_correct_lenient(completion: str, gold: str) -> bool:
+    """Lenient: the last number anywhere in the completion equals the gold number.
+
+    >>> is_correct_lenient("The answer is 72", "72")
+    True
+    """
+    return numbers_equal(extract_last_number(completion), parse_number(gold))
+
+
+def has_format(completion: str) -> bool:
+    """True when the completion has an <answer> block whose content parses to a number.
+
+    >>> has_format("<answer>6 apples</answer>"), has_format("<answer>seventy-two</answer>")
+    (True, False)
+    """
+    return parse_number(extract_answer(completion)) is not None
+
+
+def seed_reward(completion: str, gold: str) -> float:
+    """The tiny-grpo tutorial's scheme: 1.0 exact, 0.5 gold inside the answer, 0.01 other answer, 0.0 no answer.
+
+    >>> [seed_reward(c, "72") for c in ["<answer>72</answer>", "<answer>72 or 73</answer>", "<answer>7</answer>", "72"]]
+    [1.0, 0.5, 0.01, 0.0]
+    """
+    answer = extract_answer(completion)
+    if answer is None:
+        return 0.0
+    gold = str(gold).strip()
+    if answer == gold:
+        return 1.0
+    if gold and gold in answer:  # an empty gold is "in" every string; it should not pay
+        return 0.5
+    return 0.01
+
+
+def math_reward(completion: str, gold: str) -> float:
+    """Default preset: 1.0 for numeric equivalence (is_correct) plus a 0.1 format bonus (has_format).
+
+    No substring credit: under seed_reward "72 or 73 or 74" gets 0.5; here only its last number counts.
+
+    >>> [math_reward(c, "72") for c in ["<answer>$72</answer>", "<answer>73</answer>", "72"]]
+    [1.1, 0.1, 0.0]
+    """
+    return (1.0 if is_correct(completion, gold) else 0.0) + (0.1 if has_format(completion) else 0.0)
+
+
+REWARDS: dict[str, RewardFn] = {"math": math_reward, "seed": seed_reward}
+
+
+def get_reward_fn(spec: str) -> RewardFn:
+    """A preset name or "package.module:function"; a bad spec raises ValueError with one line naming --reward.
+    The module is looked up on sys.path and then in the current directory, as `python -m` would.
+
+    >>> get_reward_fn("math") is math_reward
+    True
+    >>> get_reward_fn("foo")
+    Traceback (most recent call last):
+    ...
+    ValueError: --reward 'foo': not a preset (math, seed) and not module:function
+    """
+    if spec in REWARDS:
+        return REWARDS[spec]
+    module_name, _, fn_name = str(spec).partition(":")
+    if not module_name or not fn_name or ":" in fn_name:
+        raise ValueError(f"--reward {spec!r}: not a preset ({', '.join(REWARDS)}) and not module:function")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # any import failure (missing, SyntaxError, error at import time) is a bad flag
+        detail = " ".join(f"{type(e).__name__}: {e}".split())  # one line even for multi-line messages
+        raise ValueError(f"--reward {spec!r}: cannot import module {module_name!r} ({detail})") from e
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise ValueError(f"--reward {spec!r}: module {module_name!r} has no function {fn_name!r}")
+    if not callable(fn):
+        raise ValueError(f"--reward {spec!r}: {module_name}.{fn_name} is not callable (it is a {type(fn).__name__})")
+    return fn
+
+
+def _safe_reward(reward_fn: RewardFn, completion: str, gold: str) -> tuple[float | None, str]:
+    """(reward as a finite float, "") or (None, why it failed)."""
+    try:
+        value = reward_fn(completion, gold)
+        if not isinstance(value, numbers.Real):  # bool counts: is_correct is a fine reward
+            return None, f"returned {type(value).__name__}, not a number"
+        value = float(value)
+    except Exception as e:  # a buggy custom reward must not end a long run; it is counted instead
+        return None, f"raised {type(e).__name__}: {e}"
+    return (value, "") if math.isfinite(value) else (None, f"returned {value}")
+
+
+def score_completions(completions: list[str], golds: list[str],
+                      reward_fn: RewardFn) -> tuple[list[float], dict[str, float]]:
+    """Rewards for each (completion, gold), plus success_rate, format_rate and reward_errors.
+
+    A reward that raises or is not a finite number scores 0.0 and is counted in reward_errors.
+
+    >>> score_completions(["<answer>72</answer>", "72"], ["72", "72"], math_reward)
+    ([1.1, 0.0], {'success_rate': 0.5, 'format_rate': 0.5, 'reward_errors': 0})
+    """
+    if len(completions) != len(golds):
+        raise ValueError(f"score_completions: {len(completions)} completions but {len(golds)} golds")
+    rewards, failures = [], []
+    for completion, gold in zip(completions, golds):
+        value, why = _safe_reward(reward_fn, completion, gold)
+        if value is None:
+            failures.append(why)
+        rewards.append(0.0 if value is None else value)
+    if failures:  # one line per batch, not per completion, so a broken reward does not flood the log
+        log.warning("reward function failed on %d/%d completions (scored 0.0); first: %s",
+                    len(failures), len(rewards), failures[0])
+    n = max(len(completions), 1)  # an empty batch has rates of 0, not a ZeroDivisionError
+    stats = {
+        "success_rate": sum(is_correct(c, g) for c, g in zip(completions, golds)) / n,
+        "format_rate": sum(has_format(c) for c in completions) / n,
+        "reward_errors": len(failures),
+    }
+    return rewards, stats

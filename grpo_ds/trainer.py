@@ -1,0 +1,223 @@
+"""`train(cfg)`: GRPO on DeepSpeed, one step at a time, in numbered phases.
+
+Each rank owns whole groups: it samples its own slice of the step's prompts, generates all G completions of each,
+scores them and computes their advantages without talking to other ranks. Ranks meet only inside DeepSpeed
+(gradient reduction, ZeRO-3 gathering) and in two small all-reduces per step (token totals for the loss, metrics).
+
+Shape legend: B prompts on this rank, G group_size, N = B * G completions, C completion positions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import distributed as dist
+from .config import Config, dumps, validate
+from .data import PromptSampler, load_problems, render_prompt
+from .experience import Experience, ReplayBuffer
+from .loss import BatchTotals, GRPOLoss, group_advantages
+from .metrics import MetricsLogger, setup_logging
+from .models import completion_logprobs, load_tokenizer, resolve_model
+from .rewards import get_reward_fn, score_completions
+from .rollout import generate_groups
+
+log = logging.getLogger("grpo_ds.trainer")
+
+NUM_LOGGED_COMPLETIONS = 4  # per logging step: the first completions of rank 0's first group
+
+
+def seed_for(*parts: int) -> int:
+    """A well-mixed 63-bit seed from (seed, step, rank, ...), so every rank and step samples independently and a
+    resumed run re-derives the same streams."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
+    """Run GRPO as configured; returns the per-step metrics (identical on every rank).
+    `on_step_end(step, policy_engine, metrics)` is called on every rank after each step (tests use it)."""
+    # 0. setup: everything that can be refused is checked before any model is loaded
+    rank, world = dist.init_distributed()
+    setup_logging(rank)
+    layout = validate(cfg, world)
+    ds_config, precision = dist.build_ds_config(dist.load_ds_json(cfg.ds_config), cfg, layout, dist.on_gpu())
+    reward_fn = get_reward_fn(cfg.reward)
+    problems = load_problems(cfg.dataset, "train", num_problems=cfg.num_problems, difficulty=cfg.difficulty,
+                             seed=cfg.seed, bad_answers=cfg.bad_answers)
+    model_path = resolve_model(cfg.model)
+    if cfg.report_to == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+        log.info("wandb: no WANDB_API_KEY, logging offline under %s (sync later with 'wandb sync')", cfg.output_dir)
+    os.environ.setdefault("WANDB_DIR", cfg.output_dir)
+    output_dir = Path(cfg.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(dumps(cfg) + "\n")
+        (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    log.info("%d rank(s), ZeRO-%d, %s; %d prompts x %d completions per step (%d per rank), micro-batch %d, "
+             "%d optimizer step(s) per step%s", world, dist.zero_stage(ds_config), precision, cfg.rollouts_per_step,
+             cfg.group_size, layout.completions_per_rank, cfg.train_batch_size, layout.optimizer_steps_per_step,
+             " (on-policy: no old-log-prob pass)" if layout.on_policy else "")
+
+    torch.manual_seed(cfg.seed)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    tokenizer = load_tokenizer(model_path)
+    policy = dist.init_policy(model_path, ds_config, dtype, cfg.gradient_checkpointing)
+    reference = (dist.init_reference(model_path, dist.reference_ds_config(ds_config, cfg), dtype)
+                 if cfg.kl_weight > 0 else None)
+    loss_fn = GRPOLoss(cfg.clip_eps, cfg.kl_weight, cfg.loss_type, cfg.clip_eps_high)
+    sampler = PromptSampler(problems, cfg.seed)
+    logger = MetricsLogger(cfg.output_dir, rank, cfg.max_steps, monitor=policy.monitor)
+    device = policy.device
+    B, G, mb = layout.prompts_per_rank, cfg.group_size, cfg.train_batch_size
+    history = []
+
+    for step in range(1, cfg.max_steps + 1):
+        t_step = time.perf_counter()
+
+        # 1. sample prompts: every rank draws the same global batch and keeps its own slice
+        problems_B = sampler.next_batch(cfg.rollouts_per_step)[rank * B:(rank + 1) * B]
+        prompts_B = [render_prompt(tokenizer, p.question) for p in problems_B]
+
+        # 2. generate G completions per prompt, batched, parameters gathered once under ZeRO-3
+        t0 = time.perf_counter()
+        torch.manual_seed(seed_for(cfg.seed, step, rank))
+        policy.eval()
+        with dist.gathered_for_generation(policy, cfg.zero3_gather_for_generation):
+            rollout = generate_groups(
+                policy.module, tokenizer, prompts_B, group_size=G, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, top_p=cfg.top_p, rollout_batch_size=cfg.rollout_batch_size,
+                max_length=cfg.max_length,
+                synced_gpus=dist.is_zero3(policy) and not cfg.zero3_gather_for_generation)
+        rollout_s = time.perf_counter() - t0
+
+        # 3. score: decode exactly the masked completion tokens, reward each against its prompt's answer
+        ids_NC, mask_NC = rollout.completion_ids_NC.cpu(), rollout.completion_mask_NC.cpu()
+        texts_N = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(ids_NC, mask_NC)],
+                                         skip_special_tokens=True)
+        golds_N = [p.answer for p in problems_B for _ in range(G)]
+        rewards, reward_stats = score_completions(texts_N, golds_N, reward_fn)
+        rewards_BG = torch.tensor(rewards, dtype=torch.float32).view(B, G)
+
+        # 4. advantages within each group (the batch std, if asked for, spans all ranks)
+        batch_std = (float(dist.all_gather_cat(rewards_BG.flatten().to(device)).std())
+                     if cfg.scale_rewards == "batch" else None)
+        advantages_N = group_advantages(rewards_BG, cfg.scale_rewards, batch_std).flatten()
+
+        # 5. reference (and, off-policy, old) log-probs, micro-batch by micro-batch without gradients
+        t0 = time.perf_counter()
+        experience = Experience(rollout.sequences_NT.cpu(), rollout.attention_mask_NT.cpu(), mask_NC,
+                                rewards_BG.flatten(), advantages_N)
+        if reference is not None:
+            experience.ref_logprobs_NC = _logprobs_by_micro_batch(reference, experience, mb, cfg.temperature)
+        reference_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if not layout.on_policy:
+            experience.old_logprobs_NC = _logprobs_by_micro_batch(policy, experience, mb, cfg.temperature)
+        old_logprobs_s = time.perf_counter() - t0
+
+        # 6. fill the buffer; 7. update: epochs_per_step seeded passes, one optimizer step per
+        #    gradient_accumulation_steps micro-batches
+        t0 = time.perf_counter()
+        buffer = ReplayBuffer(experience)
+        policy.train()
+        accum = layout.gradient_accumulation_steps
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, kl_sum, clipped_tokens, num_tokens
+        grad_norms = []
+        for epoch in range(cfg.epochs_per_step):
+            shuffle = torch.Generator().manual_seed(seed_for(cfg.seed, step, rank, epoch))
+            micro_batches = list(buffer.micro_batches(mb, shuffle))
+            # dapo divides by the token count of the whole optimizer step on all ranks: one all-reduce per epoch
+            local_tokens = torch.tensor([sum(float(m.completion_mask_NC.sum()) for m in micro_batches[i:i + accum])
+                                         for i in range(0, len(micro_batches), accum)], dtype=torch.float64)
+            step_tokens = dist.all_reduce_sum(local_tokens.to(device)).cpu()
+            for i, batch in enumerate(micro_batches):
+                totals = BatchTotals(num_sequences=mb * accum * world, num_tokens=int(step_tokens[i // accum]),
+                                     num_micro_batches=accum * world, max_new_tokens=cfg.max_new_tokens)
+                logprobs_NC = completion_logprobs(policy, batch.sequences_NT.to(device),
+                                                  batch.attention_mask_NT.to(device),
+                                                  batch.num_completion_positions, cfg.temperature)
+                old_NC = (logprobs_NC.detach() if batch.old_logprobs_NC is None
+                          else batch.old_logprobs_NC.to(device))
+                ref_NC = None if batch.ref_logprobs_NC is None else batch.ref_logprobs_NC.to(device)
+                loss, stats = loss_fn(logprobs_NC, old_NC, ref_NC, batch.advantages_N.to(device),
+                                      batch.completion_mask_NC.to(device), totals)
+                # DeepSpeed divides by gradient_accumulation_steps and averages gradients over ranks; the loss is
+                # already this micro-batch's share of the step's total, so undo both (loss.py, "contract").
+                policy.backward(loss * totals.num_micro_batches)
+                policy.step()  # an optimizer step only at the accumulation boundary
+                if (i + 1) % accum == 0:
+                    grad_norms.append(float(policy.get_global_grad_norm() or 0.0))
+                sums += torch.stack([loss.detach().double().cpu(), stats["kl_sum"].double().cpu(),
+                                     stats["clipped_tokens"].double().cpu(), stats["num_tokens"].double().cpu()])
+        train_s = time.perf_counter() - t0
+
+        # 8. log: one all-reduce of sums, then ratios
+        lengths_N = mask_NC.sum(dim=1).double()
+        zero_std_groups = float((rewards_BG.std(dim=1) == 0).sum())
+        local = torch.cat([sums, torch.tensor([
+            rewards_BG.sum(), (rewards_BG.double() ** 2).sum(), float(B * G), reward_stats["success_rate"] * B * G,
+            reward_stats["format_rate"] * B * G, reward_stats["reward_errors"], zero_std_groups, float(B),
+            lengths_N.sum(), float(rollout.truncated_N.sum())], dtype=torch.float64)])
+        (loss_sum, kl_sum, clipped, tokens, r_sum, r_sq, n, correct, formatted, reward_errors, zero_std, groups,
+         completion_tokens, truncated) = dist.all_reduce_sum(local.to(device)).cpu().tolist()
+        reward_mean = r_sum / n
+        metrics = {
+            "loss": loss_sum / layout.optimizer_steps_per_step,
+            "kl": kl_sum / max(tokens, 1),
+            "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+            "reward_mean": reward_mean,
+            "reward_std": max(r_sq / n - reward_mean ** 2, 0.0) ** 0.5,
+            "success_rate": correct / n,
+            "format_rate": formatted / n,
+            "reward_errors": int(reward_errors),
+            "frac_zero_std_groups": zero_std / groups,
+            "clip_frac": clipped / max(tokens, 1),
+            "completion_len_mean": completion_tokens / n,
+            "truncated_frac": truncated / n,
+            "lr": policy.get_lr()[0],
+            "rollout_s": rollout_s,
+            "reference_s": reference_s,
+            "old_logprobs_s": old_logprobs_s,
+            "train_s": train_s,
+            "step_s": time.perf_counter() - t_step,
+            "rollout_tokens_per_s": completion_tokens / max(rollout_s, 1e-9),
+        }
+        history.append({"step": step, **metrics})
+        logger.log(step, metrics)
+        if cfg.log_completions_steps and (step == 1 or step % cfg.log_completions_steps == 0):
+            logger.completions(step, [{"question": problems_B[0].question, "gold": golds_N[i], "completion": texts_N[i],
+                                       "reward": rewards[i]} for i in range(min(NUM_LOGGED_COMPLETIONS, G))])
+        if on_step_end is not None:
+            on_step_end(step, policy, metrics)
+
+    # 9. export the final policy as a Hugging Face folder
+    logger.close()
+    dist.export_hf(policy, tokenizer, str(output_dir / "final"))
+    log.info("saved the final policy to %s", output_dir / "final")
+    return history
+
+
+@torch.no_grad()
+def _logprobs_by_micro_batch(engine, experience: Experience, micro_batch_size: int,
+                             temperature: float) -> torch.Tensor:
+    """Log-probs of every completion token under `engine`, N x C, computed per micro-batch with padding trimmed.
+    Every rank runs the same number of forwards, as ZeRO-3's parameter gathering requires."""
+    was_training = engine.training
+    engine.eval()
+    out_NC = torch.zeros(experience.completion_mask_NC.shape, dtype=torch.float32)
+    for start in range(0, len(experience), micro_batch_size):
+        index = torch.arange(start, min(start + micro_batch_size, len(experience)))
+        batch = experience.select(index)
+        c = batch.num_completion_positions
+        out_NC[index, :c] = completion_logprobs(engine, batch.sequences_NT.to(engine.device),
+                                                batch.attention_mask_NT.to(engine.device), c, temperature).cpu()
+    engine.train(was_training)
+    return out_NC

@@ -1,0 +1,189 @@
+"""Tests for grpo_ds.rewards: answer extraction, numeric normalization, presets, loading and batch scoring."""
+
+import ast
+import doctest
+import math
+from pathlib import Path
+
+import pytest
+
+from grpo_ds import rewards
+from grpo_ds.rewards import (REWARDS, extract_answer, get_reward_fn, has_format, is_correct, is_correct_lenient,
+                             math_reward, numbers_equal, parse_number, score_completions, seed_reward)
+
+# (completion, gold, strict, lenient, has_format, seed_reward, math_reward), each worked out by hand.
+COMPLETIONS = [
+    ("<think>48/2=24, 48+24=72</think><answer>72</answer>", "72", True, True, True, 1.0, 1.1),
+    ("<think>\nNatalia sold 72 clips.\n</think>\n<answer>\n72\n</answer>", "72", True, True, True, 1.0, 1.1),
+    ("<answer> 72 </answer>", "72", True, True, True, 1.0, 1.1),
+    ("<answer>$1,234.00</answer>", "1234", True, True, True, 0.01, 1.1),  # "1234" is not a substring
+    ("<answer>6个</answer>", "6", True, True, True, 0.5, 1.1),
+    ("<answer>6 apples</answer>", "6", True, True, True, 0.5, 1.1),
+    ("<answer>-3</answer>", "-3", True, True, True, 1.0, 1.1),
+    ("<answer>−3</answer>", "-3", True, True, True, 0.01, 1.1),  # unicode minus: seed's string match misses it
+    ("<answer>2.5</answer>", "2.5", True, True, True, 1.0, 1.1),
+    ("<answer>2.5</answer>", "5/2", True, True, True, 0.01, 1.1),
+    ("<answer>\\boxed{72}</answer>", "72", True, True, True, 0.5, 1.1),
+    ("<answer>\\frac{5}{2}</answer>", "2.5", True, True, True, 0.01, 1.1),
+    ("The answer is 72", "72", False, True, False, 0.0, 0.0),
+    ("<answer>72</answer><answer>73</answer>", "72", True, False, True, 1.0, 1.1),  # first block; last number 73
+    ("<answer>73 or 72</answer>", "72", True, True, True, 0.5, 1.1),  # last number counts
+    ("<answer>72 or 73 or 74</answer>", "72", False, False, True, 0.5, 0.1),  # the hedge seed pays 0.5 for
+    ("<answer>73</answer>", "72", False, False, True, 0.01, 0.1),
+    ("<answer>5-3</answer>", "-3", False, False, True, 0.5, 0.1),  # a range's last number is 3, not -3
+    ("<answer>72", "72", False, True, False, 0.0, 0.0),  # unclosed tag
+    ("<answer></answer>", "72", False, False, False, 0.01, 0.0),
+    ("<answer>seventy-two</answer>", "72", False, False, False, 0.01, 0.0),
+    ("<answer>The total is 1,000 dollars.</answer>", "1000", True, True, True, 0.01, 1.1),
+]
+
+
+@pytest.mark.parametrize("completion, gold, strict, lenient, fmt, seed, math_r", COMPLETIONS)
+def test_completion_table(completion, gold, strict, lenient, fmt, seed, math_r):
+    assert is_correct(completion, gold) is strict
+    assert is_correct_lenient(completion, gold) is lenient
+    assert has_format(completion) is fmt
+    assert seed_reward(completion, gold) == pytest.approx(seed)
+    assert math_reward(completion, gold) == pytest.approx(math_r)
+
+
+def test_extract_answer_first_block_nested_and_missing():
+    assert extract_answer("<answer>72</answer><answer>73</answer>") == "72"
+    assert extract_answer("<answer><answer>1</answer></answer>") == "<answer>1"  # non-greedy: first close tag
+    assert extract_answer("<answer></answer>") == ""
+    assert extract_answer("no tags") is None
+    assert extract_answer(None) is None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("72", 72.0), ("1,234", 1234.0), ("1,234,567", 1234567.0), ("1{,}234", 1234.0),
+    ("1, 2", 2.0),  # comma plus space: a list of two numbers
+    ("1,2345", 2345.0),  # decided: not a thousands grouping (4 digits after the comma), so two numbers: 1 and 2345
+    ("5-3", 3.0), ("x-3", 3.0), ("-3", -3.0), ("−3", -3.0), ("x = -3", -3.0), ("-$3", -3.0), ("$-3", -3.0),
+    ("2.50", 2.5), (".5", 0.5), ("-.5", -0.5), ("3.", 3.0), ("The answer is 72.", 72.0),
+    ("3/4", 0.75), ("-3/4", -0.75), ("3 / 4", 4.0), ("2.5/5", 5.0), ("1/2/2020", 2020.0), ("1/0", None),
+    ("\\boxed{72}", 72.0), ("$72$", 72.0), ("72€", 72.0), ("£1,000", 1000.0), ("₹500", 500.0), ("¥6", 6.0),
+    ("5%", 5.0), ("12kg", 12.0), ("6个", 6.0), ("\\frac{3}{4}", 0.75), ("\\dfrac{5}{2}", 2.5),
+    ("9" * 400, None),  # overflows a float: not a usable number
+    ("", None), (None, None), ("no digits here", None), ("None", None),
+])
+def test_parse_number(text, expected):
+    assert parse_number(text) == expected
+
+
+def test_numbers_equal_tolerance():
+    assert numbers_equal(0.1 + 0.2, 0.3)
+    assert numbers_equal(1e9, 1e9 + 1)  # within 1e-6 relative
+    assert not numbers_equal(72.0, 72.01)
+    assert numbers_equal(0.0, 1e-10) and not numbers_equal(0.0, 1e-8)
+    assert not numbers_equal(None, 1.0) and not numbers_equal(1.0, None)
+    assert not numbers_equal(math.nan, math.nan)
+
+
+def test_presets():
+    assert get_reward_fn("math") is math_reward
+    assert get_reward_fn("seed") is seed_reward
+    assert set(REWARDS) == {"math", "seed"}
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    """A tiny user reward module on sys.path; its name is unique so no other test has imported it."""
+    (tmp_path / "grpo_ds_test_user_reward.py").write_text(
+        "def half(completion, gold):\n    return 0.5\n\nNOT_A_FUNCTION = 3\n")
+    (tmp_path / "grpo_ds_test_broken_reward.py").write_text("def half(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "grpo_ds_test_user_reward"
+
+
+def test_module_function_spec(reward_module):
+    fn = get_reward_fn(f"{reward_module}:half")
+    assert fn("<answer>1</answer>", "1") == 0.5
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("foo", "--reward 'foo': not a preset (math, seed) and not module:function"),
+    (":half", "--reward ':half': not a preset (math, seed) and not module:function"),
+    ("mod:", "--reward 'mod:': not a preset (math, seed) and not module:function"),
+    ("grpo_ds_no_such_module:fn",
+     "--reward 'grpo_ds_no_such_module:fn': cannot import module 'grpo_ds_no_such_module' (ModuleNotFoundError: "),
+    ("grpo_ds_test_broken_reward:half",
+     "--reward 'grpo_ds_test_broken_reward:half': cannot import module 'grpo_ds_test_broken_reward' (SyntaxError: "),
+    ("grpo_ds_test_user_reward:missing",
+     "--reward 'grpo_ds_test_user_reward:missing': module 'grpo_ds_test_user_reward' has no function 'missing'"),
+    ("grpo_ds_test_user_reward:NOT_A_FUNCTION",
+     "--reward 'grpo_ds_test_user_reward:NOT_A_FUNCTION': grpo_ds_test_user_reward.NOT_A_FUNCTION is not callable"),
+])
+def test_bad_specs_give_one_line(reward_module, spec, message):
+    with pytest.raises(ValueError) as info:
+        get_reward_fn(spec)
+    text = str(info.value)
+    assert text.startswith(message)
+    assert "\n" not in text
+
+
+def test_score_completions_stats():
+    completions = ["<answer>72</answer>", "<answer>73</answer>", "72", "<answer>1,000</answer>"]
+    golds = ["72", "72", "72", "1000"]
+    scores, stats = score_completions(completions, golds, math_reward)
+    assert scores == pytest.approx([1.1, 0.1, 0.0, 1.1])
+    assert stats == {"success_rate": 0.5, "format_rate": 0.75, "reward_errors": 0}
+
+
+@pytest.mark.parametrize("bad_value", [ValueError("boom"), math.nan, math.inf, "1.0", None, 10 ** 400])
+def test_failing_reward_scores_zero_and_is_counted(bad_value):
+    def reward(completion, gold):
+        if completion != "bad":
+            return 1.0
+        if isinstance(bad_value, Exception):
+            raise bad_value
+        return bad_value
+
+    scores, stats = score_completions(["ok", "bad", "ok"], ["1", "1", "1"], reward)
+    assert scores == [1.0, 0.0, 1.0]
+    assert stats["reward_errors"] == 1
+
+
+def test_score_completions_accepts_bool_and_rejects_length_mismatch():
+    scores, _ = score_completions(["<answer>1</answer>", "x"], ["1", "1"], is_correct)
+    assert scores == [1.0, 0.0]
+    assert score_completions([], [], math_reward) == ([], {"success_rate": 0.0, "format_rate": 0.0,
+                                                           "reward_errors": 0})
+    with pytest.raises(ValueError):
+        score_completions(["a", "b"], ["1"], math_reward)
+
+
+ODD_OUTPUTS = [
+    "", "None", "9" * 400, f"<answer>{'9' * 400}</answer>", f"<answer>{'9' * 5000}/1</answer>",
+    "<answer><answer>1</answer></answer>", "</answer>72<answer>", "<answer>" * 20000,  # quadratic with re.search
+    "<answer>1/0</answer>",
+    "<answer>🙂−∞ NaN inf</answer>", "<answer>١٢</answer>", "\x00\ud800<answer>\u202e72</answer>",
+    "<answer>1e400</answer>", "<answer>--- ... /// ,,, </answer>", "1" * 10000 + "/" + "2" * 10000,
+]
+
+
+@pytest.mark.parametrize("completion", ODD_OUTPUTS)
+@pytest.mark.parametrize("gold", ["72", "", "abc", "9" * 400])
+def test_rewards_never_raise_on_odd_output(completion, gold):
+    for fn in (math_reward, seed_reward):
+        value = fn(completion, gold)
+        assert isinstance(value, float) and math.isfinite(value)
+    is_correct(completion, gold), is_correct_lenient(completion, gold), has_format(completion)
+    _, stats = score_completions([completion], [gold], math_reward)
+    assert stats["reward_errors"] == 0
+
+
+def test_doctests_pass():
+    assert doctest.testmod(rewards).failed == 0
+
+
+def test_module_imports_no_torch_or_deepspeed():
+    tree = ast.parse(Path(rewards.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+    assert imported, "the walk found no imports at all; the check would be vacuous"
+    assert not {name for name in imported if name.split(".")[0] in ("torch", "deepspeed")}
