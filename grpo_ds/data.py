@@ -83,17 +83,20 @@ _STORIES: list[dict[str, str]] = [
          add="earns ${n} walking dogs", sub="spends ${n} on a book", add_prod="saves ${n} per week for {c} more weeks",
          sub_prod="buys {c} tickets that cost ${n} each", div="divides the money equally into {k} envelopes",
          question="How many dollars does {name} have now?", div_question="How many dollars are in each envelope?"),
-    dict(start="A bakery has {a} cookies.", start_prod="A bakery bakes {c} trays of cookies with {n} cookies on each tray.",
+    dict(start="A bakery has {a} cookies.",
+         start_prod="A bakery bakes {c} trays of cookies with {n} cookies on each tray.",
          add="bakes {n} more", sub="sells {n}", add_prod="bakes {c} more trays of {n} cookies",
          sub_prod="sells {c} boxes of {n} cookies", div="packs them equally into {k} boxes",
          question="How many cookies does the bakery have now?", div_question="How many cookies are in each box?",
          subject="It"),
-    dict(start="A library has {a} books on a shelf.", start_prod="A library has {c} shelves with {n} books on each shelf.",
+    dict(start="A library has {a} books on a shelf.",
+         start_prod="A library has {c} shelves with {n} books on each shelf.",
          add="receives {n} donated books", sub="lends out {n}", add_prod="receives {c} boxes of {n} new books",
          sub_prod="lends {n} books to each of {c} schools", div="spreads them equally across {k} carts",
          question="How many books does the library have now?", div_question="How many books are on each cart?",
          subject="It"),
-    dict(start="{name} has {a} stickers.", start_prod="{name} has {c} sheets of stickers with {n} stickers on each sheet.",
+    dict(start="{name} has {a} stickers.",
+         start_prod="{name} has {c} sheets of stickers with {n} stickers on each sheet.",
          add="gets {n} more from a friend", sub="uses {n} to decorate a notebook",
          add_prod="buys {c} packs with {n} stickers in each", sub_prod="puts {n} stickers on each of {c} cards",
          div="shares them equally among {k} classmates", question="How many stickers does {name} have now?",
@@ -102,7 +105,8 @@ _STORIES: list[dict[str, str]] = [
 _PEOPLE = [("Tom", "he", "his"), ("Maria", "she", "her"), ("Liam", "he", "his"), ("Aisha", "she", "her"),
            ("Kenji", "he", "his"), ("Sofia", "she", "her"), ("Omar", "he", "his"), ("Emma", "she", "her"),
            ("Diego", "he", "his"), ("Priya", "she", "her"), ("Lucas", "he", "his"), ("Hana", "she", "her")]
-_TEACHERS = [("Ms. Lee", "she", "her"), ("Mr. Park", "he", "his"), ("Mrs. Diaz", "she", "her"), ("Mr. Novak", "he", "his")]
+_TEACHERS = [("Ms. Lee", "she", "her"), ("Mr. Park", "he", "his"), ("Mrs. Diaz", "she", "her"),
+             ("Mr. Novak", "he", "his")]
 
 # Plans (sequences of step kinds) per difficulty; the number of arithmetic operations equals the difficulty.
 _PLANS: dict[int, list[tuple[str, ...]]] = {
@@ -224,7 +228,11 @@ _OTHER_DATA_SUFFIXES = {".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx"
 
 def load_problems(dataset: str, split: str = "train", *, num_problems: int | None = None, difficulty: int = 2,
                   seed: int = 0, bad_answers: str = "skip") -> list[Problem]:
-    """The one entry point: 'arithmetic', a local .jsonl/.json/.parquet file, or a hub dataset id."""
+    """The one entry point: 'arithmetic', a local .jsonl/.json/.parquet file, or a hub dataset id.
+
+    Files and hub rows need string fields "question" and "answer" (GSM8K's '#### n' or a plain number); `split`
+    only applies to 'arithmetic' and the hub, and `num_problems` keeps the first n usable rows. Rows whose answer
+    has no final number are skipped and counted (bad_answers="skip") or stop the run (bad_answers="error")."""
     if bad_answers not in ("skip", "error"):
         raise ValueError(f"--bad_answers '{bad_answers}': expected 'skip' or 'error'")
     if num_problems is not None and num_problems < 1:
@@ -239,8 +247,11 @@ def load_problems(dataset: str, split: str = "train", *, num_problems: int | Non
             raise ValueError(f"--dataset '{dataset}': file not found")
         if path.stat().st_size == 0:
             raise ValueError(f"{dataset}: file is empty")
-        rows = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}[suffix](dataset)
-        problems = _to_problems(rows, dataset, bad_answers)
+        read = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}[suffix]
+        try:
+            problems = _to_problems(read(dataset), dataset, bad_answers)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{dataset}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     elif suffix in _OTHER_DATA_SUFFIXES or path.is_file():
         raise ValueError(f"--dataset '{dataset}': unsupported file type; use .jsonl, .json or .parquet")
     else:

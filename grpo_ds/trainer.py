@@ -42,7 +42,7 @@ def seed_for(*parts: int) -> int:
 
 def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
     """Run GRPO as configured; returns the per-step metrics (identical on every rank).
-    `on_step_end(step, policy_engine, metrics)` is called on every rank after each step (tests use it)."""
+    `on_step_end(step=, policy=, reference=, metrics=)` is called on every rank after each step (tests use it)."""
     # 0. setup: everything that can be refused is checked before any model is loaded
     rank, world = dist.init_distributed()
     setup_logging(rank)
@@ -196,7 +196,7 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
             logger.completions(step, [{"question": problems_B[0].question, "gold": golds_N[i], "completion": texts_N[i],
                                        "reward": rewards[i]} for i in range(min(NUM_LOGGED_COMPLETIONS, G))])
         if on_step_end is not None:
-            on_step_end(step, policy, metrics)
+            on_step_end(step=step, policy=policy, reference=reference, metrics=metrics)
 
     # 9. export the final policy as a Hugging Face folder
     logger.close()

@@ -1,0 +1,60 @@
+"""GRPO must raise the reward on a task a tiny model can learn in seconds. This catches sign, masking and
+normalization bugs that unit tests miss: with any of them the reward stays flat or falls."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_train(tmp_path: Path, model: Path, *flags: str) -> list[dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--model", str(model), "--output_dir", str(out),
+           "--reward", "learnable:sevens", "--log_completions_steps", "0", "--gradient_checkpointing", "false",
+           *flags]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_raises_the_reward(tmp_path, tiny_model, loss_type):
+    # the reward is the fraction of '7' characters in the completion; a random 58-token model starts near 1/58
+    rows, out = run_train(tmp_path, tiny_model, "--max_steps", "20", "--rollouts_per_step", "4", "--group_size", "8",
+                          "--train_batch_size", "16", "--max_new_tokens", "8", "--lr", "1e-2", "--kl_weight", "0.0",
+                          "--loss_type", loss_type)
+    rewards = [r["reward_mean"] for r in rows]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > 0.3 and last > 5 * first, rewards
+    # the exported policy is the trained one: greedy decoding now favours the rewarded token
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        generated = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "7" in tokenizer.decode(generated[0, ids["input_ids"].shape[1]:])
+
+
+def test_kl_penalty_holds_the_policy_near_the_reference(tmp_path, tiny_model):
+    # same task, with a large KL weight and several updates per rollout: the KL is measured, positive, and the
+    # penalty keeps it far smaller than the unpenalized run's
+    flags = ["--max_steps", "8", "--rollouts_per_step", "4", "--group_size", "8", "--train_batch_size", "8",
+             "--gradient_accumulation_steps", "1", "--max_new_tokens", "8", "--lr", "1e-2"]
+    free, _ = run_train(tmp_path / "free", tiny_model, *flags, "--kl_weight", "0.0")
+    held, _ = run_train(tmp_path / "held", tiny_model, *flags, "--kl_weight", "1.0")
+    assert all(r["old_logprobs_s"] > 0 for r in held)  # 4 optimizer steps per rollout: off-policy, old pass runs
+    assert held[-1]["kl"] > 0
+    assert free[-1]["kl"] == 0.0  # kl_weight 0: no reference model at all, so nothing is measured
+    assert held[-1]["reward_mean"] < free[-1]["reward_mean"]
