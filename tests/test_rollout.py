@@ -1,0 +1,331 @@
+"""Tests for grpo_ds.rollout (completion masks, EOS ids, grouped generation) and the log-prob helpers of
+grpo_ds.models (position ids, selective log-softmax, completion log-probs) on the tiny random chat model."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny import build_tiny_model  # noqa: E402
+
+from grpo_ds.models import completion_logprobs, load_tokenizer, position_ids, selective_log_softmax  # noqa: E402
+from grpo_ds.rollout import completion_mask, eos_token_ids, generate_groups  # noqa: E402
+
+# ----------------------------------------------------------------------------- completion_mask
+
+
+def test_completion_mask_docstring_example():
+    mask, truncated = completion_mask(torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8]]), [2])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert truncated.tolist() == [False, True]
+
+
+def test_completion_mask_cases():
+    ids = torch.tensor([
+        [2, 7, 7, 7],  # EOS at position 0: only the EOS itself
+        [7, 7, 2, 7],  # EOS in the middle: included, everything after excluded
+        [7, 7, 7, 2],  # EOS last
+        [7, 7, 7, 7],  # no EOS: kept whole, truncated
+        [7, 2, 9, 2],  # a second EOS after the first changes nothing
+    ])
+    mask, truncated = completion_mask(ids, [2])
+    assert mask.tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert truncated.tolist() == [False, False, False, True, False]
+    assert mask.dtype == torch.long and truncated.dtype == torch.bool
+
+
+def test_completion_mask_several_eos_ids():
+    ids = torch.tensor([
+        [4, 3, 5, 3],  # 3 ends it at position 1
+        [4, 5, 9, 3],  # 9 ends it at position 2
+        [4, 5, 6, 7],  # none: truncated
+        [9, 3, 3, 3],  # 9 at position 0
+    ])
+    mask, truncated = completion_mask(ids, [3, 9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert truncated.tolist() == [False, False, True, False]
+    # a tuple works as well as a list
+    assert torch.equal(completion_mask(ids, (3, 9))[0], mask)
+
+
+def hand_mask(ids_NC: torch.Tensor, eos: list[int]) -> tuple[list[list[int]], list[bool]]:
+    """1 up to and including the first EOS, written as a plain loop."""
+    masks, truncated = [], []
+    for row in ids_NC.tolist():
+        m, ended = [], False
+        for token in row:
+            m.append(0 if ended else 1)
+            ended = ended or token in eos
+        masks.append(m)
+        truncated.append(not ended)
+    return masks, truncated
+
+
+def test_completion_mask_matches_loop_on_random_ids():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 6, (40, 7), generator=g)
+    mask, truncated = completion_mask(ids, [0, 5])
+    assert (mask.tolist(), truncated.tolist()) == hand_mask(ids, [0, 5])
+
+
+# ----------------------------------------------------------------------------- eos_token_ids
+
+
+def stub(generation_eos, tokenizer_eos):
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=generation_eos))
+    return model, SimpleNamespace(eos_token_id=tokenizer_eos)
+
+
+@pytest.mark.parametrize("generation_eos,tokenizer_eos,expected", [
+    ([5, 7], 2, [5, 7, 2]),  # merged, generation config first
+    ([5, 2], 2, [5, 2]),  # no duplicate
+    (7, 2, [7, 2]),  # an int
+    (None, 2, [2]),  # only the tokenizer's
+    (7, None, [7]),  # only the generation config's
+])
+def test_eos_token_ids_merges(generation_eos, tokenizer_eos, expected):
+    assert eos_token_ids(*stub(generation_eos, tokenizer_eos)) == expected
+
+
+def test_eos_token_ids_without_generation_config():
+    assert eos_token_ids(SimpleNamespace(), SimpleNamespace(eos_token_id=4)) == [4]
+
+
+def test_eos_token_ids_none_at_all():
+    with pytest.raises(ValueError, match="no EOS"):
+        eos_token_ids(*stub(None, None))
+
+
+def test_eos_token_ids_does_not_mutate_generation_config():
+    model, tokenizer = stub([5, 7], 2)
+    eos_token_ids(model, tokenizer)
+    assert model.generation_config.eos_token_id == [5, 7]
+
+
+# ----------------------------------------------------------------------------- the tiny model
+
+EOS_BIAS = 2.5  # added to <|im_end|>'s logit so that short runs mix ended and truncated completions
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny"))
+    tokenizer = load_tokenizer(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+    bias = torch.zeros(len(tokenizer))
+    bias[tokenizer.eos_token_id] = EOS_BIAS
+    model.lm_head.register_forward_hook(lambda module, inputs, out: out + bias)
+    return model, tokenizer
+
+
+def chat(tokenizer, *turns):
+    messages = [{"role": role, "content": text} for role, text in zip(("system", "user") * 2, turns)]
+    if len(turns) == 1:
+        messages = [{"role": "user", "content": turns[0]}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    _, tokenizer = tiny
+    # different lengths (left padding), and both contain <|im_end|> closing earlier turns
+    return [chat(tokenizer, "1+1?"), chat(tokenizer, "be brief", "what is 12*3?")]
+
+
+def generate(tiny, prompts, seed=0, **kwargs):
+    model, tokenizer = tiny
+    options = dict(group_size=4, max_new_tokens=10, temperature=1.0, top_p=1.0)
+    options.update(kwargs)
+    torch.manual_seed(seed)
+    return generate_groups(model, tokenizer, prompts, **options)
+
+
+def test_tokenizer_is_set_up_for_generation(tiny):
+    _, tokenizer = tiny
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert eos_token_ids(*tiny) == [tokenizer.eos_token_id]
+
+
+def check_rollout(rollout, tokenizer, prompts, group_size, max_new_tokens):
+    """Every structural property a rollout must have, whatever was sampled."""
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
+    num_prompt = prompt_ids.shape[1]
+    n = len(prompts) * group_size
+    eos = tokenizer.eos_token_id
+    seq, attn, mask = rollout.sequences_NT, rollout.attention_mask_NT, rollout.completion_mask_NC
+    c = mask.shape[1]
+    assert seq.shape == (n, num_prompt + c) and attn.shape == seq.shape and rollout.truncated_N.shape == (n,)
+    assert 1 <= c <= max_new_tokens
+    assert torch.equal(rollout.completion_ids_NC, seq[:, num_prompt:])
+    for g in range(len(prompts)):  # rows g*G .. (g+1)*G - 1 carry prompt g, left-padded
+        for row in range(g * group_size, (g + 1) * group_size):
+            assert torch.equal(seq[row, :num_prompt], prompt_ids[g])
+            assert torch.equal(attn[row, :num_prompt], prompt_mask[g])
+    # attention = prompt mask followed by the completion mask
+    assert torch.equal(attn, torch.cat([prompt_mask.repeat_interleave(group_size, dim=0), mask], dim=1))
+    # the completion mask covers generated tokens only: recomputed by a loop over the completion ids alone
+    hand, truncated = hand_mask(rollout.completion_ids_NC, [eos])
+    assert mask.tolist() == hand
+    assert rollout.truncated_N.tolist() == truncated
+    assert (mask[:, 0] == 1).all()  # the prompt's own <|im_end|> never ends a completion
+    # after a row's first EOS there is only padding (generate's, and the padding of short chunks)
+    assert (rollout.completion_ids_NC[mask == 0] == tokenizer.pad_token_id).all()
+    # a truncated row used the whole budget
+    if rollout.truncated_N.any():
+        assert c == max_new_tokens
+
+
+def test_generate_groups_layout(tiny, prompts):
+    model, tokenizer = tiny
+    # the test is only meaningful if the prompts hold the EOS and differ in length
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert ((encoded["input_ids"] == tokenizer.eos_token_id).sum(dim=1) >= 1).all()
+    assert encoded["attention_mask"][0, 0] == 0 and encoded["attention_mask"][1].all()
+    assert encoded["attention_mask"][:, -1].all()  # left padding: every prompt ends at the last column
+    assert (encoded["input_ids"][0][encoded["attention_mask"][0] == 0] == tokenizer.pad_token_id).all()
+
+    rollout = generate(tiny, prompts, group_size=4, max_new_tokens=10)
+    check_rollout(rollout, tokenizer, prompts, 4, 10)
+    # this seed gives a mix of ended and truncated completions of different lengths
+    assert rollout.truncated_N.any() and not rollout.truncated_N.all()
+    assert len(set(rollout.completion_mask_NC.sum(dim=1).tolist())) > 2
+
+
+def test_generate_groups_is_seeded(tiny, prompts):
+    a = generate(tiny, prompts, seed=5)
+    b = generate(tiny, prompts, seed=5)
+    c = generate(tiny, prompts, seed=6)
+    assert torch.equal(a.sequences_NT, b.sequences_NT)
+    assert a.sequences_NT.shape != c.sequences_NT.shape or not torch.equal(a.sequences_NT, c.sequences_NT)
+
+
+@pytest.mark.parametrize("rollout_batch_size", [1, 3, 5])
+def test_generate_groups_chunked(tiny, prompts, rollout_batch_size):
+    # N = 8 rows in chunks of 3 (3, 3, 2): chunks that stop early are padded to the widest one
+    _, tokenizer = tiny
+    rollout = generate(tiny, prompts, seed=1, group_size=4, max_new_tokens=10, rollout_batch_size=rollout_batch_size)
+    check_rollout(rollout, tokenizer, prompts, 4, 10)
+    assert not rollout.truncated_N.all()
+
+
+def test_generate_groups_chunks_of_different_widths(tiny, prompts):
+    """Find (deterministically) a seed whose chunks stop at different lengths, so that the padding of a short
+    chunk is exercised, and check that it stays outside the masks."""
+    _, tokenizer = tiny
+    for seed in range(20):
+        rollout = generate(tiny, prompts, seed=seed, group_size=4, max_new_tokens=12, rollout_batch_size=3)
+        lengths = rollout.completion_mask_NC.sum(dim=1)
+        chunk_widths = [int(lengths[i:i + 3].max()) for i in range(0, 8, 3)]
+        if len(set(chunk_widths)) > 1:
+            check_rollout(rollout, tokenizer, prompts, 4, 12)
+            return
+    pytest.fail("no seed in 0..19 gave chunks of different widths")
+
+
+def test_generate_groups_max_length_caps_new_tokens(tiny, prompts):
+    _, tokenizer = tiny
+    num_prompt = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)[
+        "input_ids"].shape[1]
+    rollout = generate(tiny, prompts, seed=2, group_size=4, max_new_tokens=50, max_length=num_prompt + 3)
+    check_rollout(rollout, tokenizer, prompts, 4, 3)
+    assert rollout.sequences_NT.shape[1] <= num_prompt + 3
+    assert rollout.truncated_N.any()  # some rows hit the cap, so the cap is exactly the width
+    assert rollout.sequences_NT.shape[1] == num_prompt + 3
+
+
+def test_generate_groups_max_length_too_short(tiny, prompts):
+    _, tokenizer = tiny
+    num_prompt = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)[
+        "input_ids"].shape[1]
+    with pytest.raises(ValueError, match=r"^--max_length"):
+        generate(tiny, prompts, max_length=num_prompt)
+
+
+# ----------------------------------------------------------------------------- models: log-prob helpers
+
+
+def test_position_ids_skip_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1],
+                         [1, 1, 1, 1, 1],
+                         [0, 1, 1, 1, 0]])  # the last: a completion position after the EOS
+    assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2],
+                                           [0, 1, 2, 3, 4],
+                                           [0, 0, 1, 2, 2]]
+
+
+@pytest.mark.parametrize("chunk_rows", [8, 2, 3, 1])
+def test_selective_log_softmax_matches_log_softmax(chunk_rows):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4, 11, generator=g) * 3
+    ids = torch.randint(0, 11, (5, 4), generator=g)
+    expected = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    out = selective_log_softmax(logits, ids, chunk_rows=chunk_rows)
+    assert out.shape == (5, 4)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_selective_log_softmax_computes_in_fp32():
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(3, 2, 50, generator=g) * 4).bfloat16()
+    ids = torch.randint(0, 50, (3, 2), generator=g)
+    out = selective_log_softmax(logits, ids, chunk_rows=2)
+    assert out.dtype == torch.float32
+    expected = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def reference_logprobs(model, sequences, attention, num_completion, temperature=1.0):
+    """Full forward, full log-softmax; the logit at t - 1 predicts token t."""
+    pos = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=sequences, attention_mask=attention, position_ids=pos).logits / temperature
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    t = sequences.shape[1]
+    cols = range(t - num_completion, t)
+    return torch.stack([logp[:, j - 1].gather(-1, sequences[:, j:j + 1]).squeeze(-1) for j in cols], dim=1)
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny, prompts):
+    return generate(tiny, prompts, seed=0, group_size=3, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_completion_logprobs_match_full_forward(tiny, rollout, temperature):
+    model, _ = tiny
+    c = rollout.completion_mask_NC.shape[1]
+    with torch.no_grad():
+        out = completion_logprobs(model, rollout.sequences_NT, rollout.attention_mask_NT, c, temperature)
+    expected = reference_logprobs(model, rollout.sequences_NT, rollout.attention_mask_NT, c, temperature)
+    assert out.shape == (6, c)
+    m = rollout.completion_mask_NC.bool()
+    torch.testing.assert_close(out[m], expected[m], atol=1e-5, rtol=0)
+    assert (out[m] < 0).all()
+
+
+def test_completion_logprobs_invariant_to_left_padding(tiny, rollout):
+    model, tokenizer = tiny
+    seq, attn, mask = rollout.sequences_NT, rollout.attention_mask_NT, rollout.completion_mask_NC
+    c = mask.shape[1]
+    with torch.no_grad():
+        base = completion_logprobs(model, seq, attn, c)
+        # three more pad columns on the left of every row
+        k = 3
+        padded = completion_logprobs(model, torch.cat([torch.full((len(seq), k), tokenizer.pad_token_id), seq], 1),
+                                     torch.cat([torch.zeros(len(seq), k, dtype=attn.dtype), attn], 1), c)
+        # row 0 (short prompt, left-padded in the batch) alone, with its padding stripped
+        start = int(attn[0].nonzero()[0])
+        alone = completion_logprobs(model, seq[:1, start:], attn[:1, start:], c)
+    m = mask.bool()
+    torch.testing.assert_close(padded[m], base[m], atol=1e-5, rtol=0)
+    assert start > 0
+    torch.testing.assert_close(alone[0][m[0]], base[0][m[0]], atol=1e-5, rtol=0)
