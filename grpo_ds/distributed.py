@@ -83,6 +83,13 @@ def all_gather_cat(values_K: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order (small payloads: eval results, per-rank records)."""
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any rank (for decisions that must be taken together)."""
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device())).item() > 0)
