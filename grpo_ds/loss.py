@@ -48,6 +48,9 @@ def group_advantages(rewards_BG: torch.Tensor, scale_rewards: str = "group",
     tensor([[ 0.8659, -0.8659, -0.8659,  0.8659]])
     """
     centered_BG = rewards_BG - rewards_BG.mean(dim=1, keepdim=True)
+    # A float32 mean of equal values is not always that value (12 x 1.1 is off by ~1e-7), and dividing the residue
+    # by a ~1e-7 std would turn "no signal" into a small systematic push; equal groups get exactly zero.
+    centered_BG = centered_BG.masked_fill(uniform_groups(rewards_BG).unsqueeze(1), 0.0)
     if scale_rewards == "group":
         return centered_BG / (rewards_BG.std(dim=1, keepdim=True) + ADVANTAGE_EPS)
     if scale_rewards == "batch":
@@ -57,6 +60,11 @@ def group_advantages(rewards_BG: torch.Tensor, scale_rewards: str = "group",
     if scale_rewards == "none":
         return centered_BG
     raise ValueError(f"unknown scale_rewards {scale_rewards!r}")
+
+
+def uniform_groups(rewards_BG: torch.Tensor) -> torch.Tensor:
+    """B bools: the groups whose rewards are all equal (zero advantages, no learning signal)."""
+    return (rewards_BG == rewards_BG[:, :1]).all(dim=1)
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -121,6 +129,13 @@ class GRPOLoss:
         """Returns (loss contribution, metrics). Metrics are sums over this micro-batch's completion tokens, so
         the caller can add them over micro-batches and ranks before dividing by `num_tokens`."""
         mask_NC = completion_mask_NC.to(logprobs_NC.dtype)
+        # Zero the inputs outside the mask before any arithmetic: a masked position may hold any value (padding
+        # after EOS, trimmed columns), and an inf there would turn 0 * inf into NaN in the forward or backward.
+        keep_NC = completion_mask_NC.bool()
+        logprobs_NC = torch.where(keep_NC, logprobs_NC, 0.0)
+        old_logprobs_NC = torch.where(keep_NC, old_logprobs_NC, 0.0)
+        if ref_logprobs_NC is not None:
+            ref_logprobs_NC = torch.where(keep_NC, ref_logprobs_NC, 0.0)
         ratio_NC = torch.exp(logprobs_NC - old_logprobs_NC)
         advantages_N1 = advantages_N.to(logprobs_NC.dtype).unsqueeze(1)
         unclipped_NC = ratio_NC * advantages_N1
