@@ -91,6 +91,20 @@ class Config:
     reference_offload: bool = _field(False, "Keep the reference model's parameters in CPU memory (ZeRO-3 "
                                      "offload_param).")
 
+    # --- checkpoints and export
+    save_steps: int = _field(25, "Write a resumable checkpoint every N steps, and at the end (0: never).")
+    save_total_limit: int = _field(2, "Keep the newest K checkpoints (0: all); the newest is never deleted.")
+    resume_from: Optional[str] = _field(None, "'latest' (the newest checkpoint in output_dir; starts fresh if there "
+                                        "is none) or a checkpoint path.")
+    overwrite: bool = _field(False, "Start over in an output_dir that holds another run's checkpoints, deleting "
+                             "them.")
+    export_steps: int = _field(0, "Also export a Hugging Face folder every N steps to output_dir/exports/ (0: only "
+                               "output_dir/final at the end).")
+    export_dtype: str = _field("auto", "Weights of exported folders: 'auto' (the training precision), 'bf16' or "
+                               "'fp32'.")
+    max_nonfinite_skips: int = _field(3, "Stop with an error after this many consecutive optimizer steps skipped "
+                                      "for a non-finite loss or gradient norm.")
+
     # --- logging
     report_to: str = _field("none", "'none', 'tensorboard' or 'wandb' (offline unless WANDB_API_KEY is set), "
                             "through DeepSpeed's monitors. metrics.jsonl is always written.")
@@ -163,8 +177,14 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         bad("rollout_batch_size", "must be >= 0")
     if cfg.difficulty not in (1, 2, 3):
         bad("difficulty", "must be 1, 2 or 3")
+    for name in ("save_steps", "save_total_limit", "export_steps", "log_completions_steps"):
+        if getattr(cfg, name) < 0:
+            bad(name, "must be >= 0")
+    if cfg.max_nonfinite_skips < 1:
+        bad("max_nonfinite_skips", "must be at least 1")
     for name, choices in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS), ("precision", PRECISIONS),
-                          ("report_to", REPORTERS), ("bad_answers", ("skip", "error"))):
+                          ("report_to", REPORTERS), ("bad_answers", ("skip", "error")),
+                          ("export_dtype", ("auto", "bf16", "fp32"))):
         if getattr(cfg, name) not in choices:
             bad(name, f"expected one of {', '.join(choices)}")
     return BatchLayout(

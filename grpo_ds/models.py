@@ -44,8 +44,9 @@ def embedded_gguf() -> Path:
 
 
 def resolve_model(spec: str) -> str:
-    """What `from_pretrained` should load for `--model`: the embedded default or a .gguf file become a cached
-    Hugging Face folder (converted once); a local folder must hold config.json; anything else is a hub id.
+    """What `from_pretrained` should load for `--model`: the embedded default, a .gguf file or a grpo_ds (DeepSpeed)
+    checkpoint become a cached Hugging Face folder (converted once); a local folder must hold config.json; anything
+    else is a hub id.
     Fails with one line before any model is loaded."""
     if spec == EMBEDDED:
         return str(convert_gguf(embedded_gguf()))
@@ -55,12 +56,27 @@ def resolve_model(spec: str) -> str:
             raise ValueError(f"--model '{spec}': GGUF file not found")
         return str(convert_gguf(path))
     if path.exists():
+        from .checkpoint import export_checkpoint, is_deepspeed_checkpoint
+
+        if is_deepspeed_checkpoint(path):
+            return str(_cached_export(path, export_checkpoint))
         if not (path / "config.json").is_file():
             raise ValueError(f"--model '{spec}': folder has no config.json (not a Hugging Face model folder)")
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ValueError(f"--model '{spec}': path does not exist")
     return spec  # a hub id; from_pretrained reports a missing one
+
+
+def _cached_export(ckpt: Path, export) -> Path:
+    """A DeepSpeed checkpoint exported once to a cached Hugging Face folder (keyed by path and mtime)."""
+    key = hashlib.sha256(f"{ckpt.resolve()}:{ckpt.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "exports" / f"{ckpt.name}-{key}"
+    if not (target / "config.json").is_file():
+        staging = target.with_name(target.name + f".tmp{os.getpid()}")
+        export(str(ckpt), str(staging))
+        os.replace(staging, target)
+    return target
 
 
 def convert_gguf(gguf_path: Path) -> Path:

@@ -12,9 +12,10 @@ both ways. The prompt mask is the tokenizer's; the completion mask is 1 up to an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 
 @dataclass
@@ -56,14 +57,24 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+class _StopWhen(StoppingCriteria):
+    def __init__(self, predicate: Callable[[], bool]):
+        self.predicate = predicate
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.predicate(), dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_groups(model, tokenizer, prompts: list[str], *, group_size: int, max_new_tokens: int,
                     temperature: float, top_p: float, rollout_batch_size: int = 0, max_length: int = 0,
-                    synced_gpus: bool = False) -> Rollout:
+                    synced_gpus: bool = False, should_stop: Optional[Callable[[], bool]] = None) -> Rollout:
     """All `group_size` completions of every prompt, in batched `generate` calls of `rollout_batch_size` rows
     (0: all N rows in one call). Prompts are tokenized once, left-padded, and each is repeated G times in a row,
     so rows [g * G, (g + 1) * G) form prompt g's group. `synced_gpus` keeps ZeRO-3 ranks stepping together when
-    parameters are gathered per forward. `max_length` (0: none) caps prompt + completion."""
+    parameters are gathered per forward. `max_length` (0: none) caps prompt + completion. `should_stop` ends
+    decoding early (the caller then abandons the rollout), so a preemption signal is honoured within one token.
+    """
     assert tokenizer.padding_side == "left", "generation needs left padding"
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -77,13 +88,15 @@ def generate_groups(model, tokenizer, prompts: list[str], *, group_size: int, ma
     eos_ids = eos_token_ids(model, tokenizer)
     n = prompt_ids_NP.shape[0]
     chunk = rollout_batch_size or n
+    stopping = StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop is not None else None
     completions = []
     for start in range(0, n, chunk):
         out = model.generate(
             input_ids=prompt_ids_NP[start:start + chunk], attention_mask=prompt_mask_NP[start:start + chunk],
             do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0,
             max_new_tokens=max_new_tokens,
-            eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True, synced_gpus=synced_gpus)
+            eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True, synced_gpus=synced_gpus,
+            stopping_criteria=stopping)
         completions.append(out[:, num_prompt:])
     width = max(c.shape[1] for c in completions)
     completion_ids_NC = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long, device=device)

@@ -1,0 +1,219 @@
+"""Checkpoints that resume exactly, published atomically; the Hugging Face export of a DeepSpeed checkpoint.
+
+Layout under OUTPUT_DIR/checkpoints:
+
+    step_0000010/            a complete checkpoint: DeepSpeed's files (model, optimizer, scheduler, ZeRO
+                             partitions), trainer_state.json, rng_state_rank{R}.pt, hf/ (config and tokenizer)
+    latest                   the name of the newest complete checkpoint, replaced last
+    .staging-step_0000020/   a checkpoint being written (ignored, removed by the next save)
+
+A checkpoint is written into its staging folder and renamed into place only once every rank has written all of
+its files, then `latest` is replaced (write-aside and os.replace), so a crash at any point leaves `latest` naming a
+complete checkpoint. DeepSpeed writes the files; this module decides where and when they become visible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger("grpo_ds.checkpoint")
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+HF_DIR = "hf"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_root(output_dir: str) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Published checkpoints, oldest first (staging folders are never listed)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and (p / STATE_FILE).is_file())
+
+
+def latest_checkpoint(output_dir: str) -> Optional[Path]:
+    root = checkpoint_root(output_dir)
+    latest = root / LATEST
+    if latest.is_file():
+        path = root / latest.read_text().strip()
+        if (path / STATE_FILE).is_file():
+            return path
+    done = complete_checkpoints(root)  # `latest` missing (first save interrupted before it): newest complete one
+    return done[-1] if done else None
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--resume_from '{path}': not a grpo_ds checkpoint ({STATE_FILE}: {err})") from None
+
+
+def resolve_resume(output_dir: str, resume_from: Optional[str]) -> Optional[Path]:
+    """The checkpoint to resume from, or None to start fresh. 'latest' in a folder without checkpoints starts
+    fresh, so a preemptible job can always be launched with --resume_from latest."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            log.info("--resume_from latest: no checkpoint in %s yet, starting from step 0",
+                     checkpoint_root(output_dir))
+        return path
+    path = Path(resume_from)
+    if path.is_dir() and (path / LATEST).is_file():  # a checkpoints folder: take its latest
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"--resume_from '{resume_from}': no grpo_ds checkpoint there (expected {STATE_FILE})")
+    return path
+
+
+def check_compatible(state: dict, world_size: int, zero_stage: int, path: Path) -> None:
+    """Refuse, before any model loads, a resume that DeepSpeed cannot do from these files."""
+    saved = (state["world_size"], state["zero_stage"])
+    if saved != (world_size, zero_stage):
+        raise ValueError(
+            f"--resume_from '{path}': written by {saved[0]} rank(s) under ZeRO-{saved[1]}, this run has {world_size} "
+            f"rank(s) under ZeRO-{zero_stage}; resume with the same number of ranks and ZeRO stage (a different "
+            f"layout needs DeepSpeed's universal checkpoint conversion, ds_to_universal.py)")
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save(engine, tokenizer, output_dir: str, step: int, trainer_state: dict, save_total_limit: int) -> Path:
+    """Write a checkpoint for `step` on every rank and publish it; returns its path. Every rank must call it.
+    A failed write (a full disk, say) leaves the previous checkpoint and `latest` untouched and raises
+    CheckpointError on every rank."""
+    from . import distributed as dist
+
+    rank = torch.distributed.get_rank()
+    root = checkpoint_root(output_dir)
+    tag = tag_for(step)
+    staging = root / f".staging-{tag}"
+    error = ""
+    try:
+        if rank == 0:
+            for stale in root.glob(".staging-*") if root.is_dir() else []:
+                shutil.rmtree(stale, ignore_errors=True)
+            staging.mkdir(parents=True)
+    except OSError as err:
+        error = f"{type(err).__name__}: {err}"
+    if dist.any_rank(bool(error)):
+        raise CheckpointError(_failed(step, error or "another rank failed", output_dir))
+    try:
+        engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step}, save_latest=False)
+        torch.save(rng_state(), staging / tag / f"rng_state_rank{rank}.pt")
+        if rank == 0:
+            engine.module.config.save_pretrained(staging / tag / HF_DIR)
+            tokenizer.save_pretrained(staging / tag / HF_DIR)
+            (staging / tag / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+    except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
+        error = f"{type(err).__name__}: {err}"
+    if dist.any_rank(bool(error)):
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(_failed(step, error or "another rank failed", output_dir))
+    if rank == 0:
+        final = root / tag
+        shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step (resumed run) replaces it
+        os.replace(staging / tag, final)
+        shutil.rmtree(staging, ignore_errors=True)  # what DeepSpeed adds beside the tag (zero_to_fp32.py)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(tag + "\n")
+        os.replace(pointer, root / LATEST)  # last: `latest` only ever names a complete checkpoint
+        rotate(root, save_total_limit, keep=final)
+    dist.barrier()
+    return root / tag
+
+
+def _failed(step: int, error: str, output_dir: str) -> str:
+    previous = latest_checkpoint(output_dir)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return f"checkpoint at step {step} failed ({error}); {kept}"
+
+
+def rotate(root: Path, limit: int, keep: Path) -> None:
+    """Delete the oldest complete checkpoints beyond `limit` (0 keeps all); never `keep`, the newest."""
+    if limit <= 0:
+        return
+    done = [p for p in complete_checkpoints(root) if p != keep]
+    for old in done[:max(0, len(done) - (limit - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(engine, path: Path) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG states from `path`; returns the trainer state."""
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
+    rank = torch.distributed.get_rank()
+    set_rng_state(torch.load(path / f"rng_state_rank{rank}.pt", weights_only=False))
+    return read_state(path)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    """A grpo_ds checkpoint folder (step_N), or a folder holding DeepSpeed's `latest` pointer."""
+    return path.is_dir() and ((path / STATE_FILE).is_file() or (path / LATEST).is_file())
+
+
+def export_checkpoint(path: str, out: str, dtype: Optional[torch.dtype] = None) -> Path:
+    """Convert a DeepSpeed checkpoint (ZeRO-1/2/3, any number of ranks) to a Hugging Face folder: DeepSpeed's
+    zero_to_fp32 reassembles the fp32 master weights; the config and tokenizer come from the checkpoint's hf/."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = Path(path)
+    if (ckpt / LATEST).is_file() and not (ckpt / STATE_FILE).is_file():
+        ckpt = ckpt / (ckpt / LATEST).read_text().strip()
+    if not (ckpt / HF_DIR / "config.json").is_file():
+        raise ValueError(f"'{path}': not a grpo_ds checkpoint (no {HF_DIR}/config.json beside the DeepSpeed files)")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    config = AutoConfig.from_pretrained(ckpt / HF_DIR)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise CheckpointError(f"'{path}': the checkpoint lacks weights for {', '.join(missing[:5])}")
+    if dtype is not None:
+        model.to(dtype)
+    model.config.use_cache = True
+    out_path = Path(out)
+    model.save_pretrained(out_path)
+    AutoTokenizer.from_pretrained(ckpt / HF_DIR).save_pretrained(out_path)
+    return out_path
