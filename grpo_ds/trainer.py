@@ -48,9 +48,15 @@ class Preempted(Exception):
     """Raised on every rank after a SIGTERM/SIGINT once the checkpoint is written; the message says how to resume."""
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps were skipped for non-finite gradients."""
+
+
 class StopSignal:
     """SIGTERM and SIGINT set a flag that the loop checks at safe points (after generation, after each step)
-    instead of killing the process mid-update; a second signal gets the default behaviour back."""
+    instead of killing the process mid-update. A scheduler or the deepspeed launcher may deliver SIGTERM more than
+    once (to the process group, then to each rank), so repeats are ignored; a second SIGINT (Ctrl-C twice) stops at
+    once."""
 
     def __init__(self):
         self.received: Optional[str] = None
@@ -62,10 +68,13 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: finishing safely and writing a checkpoint (send it again to force)", self.received)
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            log.warning("%s received: finishing safely and writing a checkpoint (Ctrl-C again to abort)",
+                        self.received)
+        elif signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -254,7 +263,7 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
             if on_step_end is not None:
                 on_step_end(step=step, policy=policy, reference=reference, metrics=metrics)
             if consecutive_skips >= cfg.max_nonfinite_skips:
-                raise RuntimeError(f"{consecutive_skips} consecutive optimizer steps skipped for non-finite "
+                raise NonFiniteError(f"{consecutive_skips} consecutive optimizer steps skipped for non-finite "
                                    f"gradients (last at step {step}); lower --lr or check the data. The last good "
                                    f"checkpoint is {checkpoint.latest_checkpoint(cfg.output_dir)}")
 

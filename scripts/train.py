@@ -7,12 +7,14 @@
     python scripts/train.py ...                                                       # one process, no launcher
 
 Every flag is a field of grpo_ds.config.Config; `--help` lists them with their defaults.
+Exit codes: 0 done, 2 bad input (one line on stderr), 3 stopped after repeated non-finite steps,
+143 stopped by SIGTERM/SIGINT after writing a checkpoint (resume with --resume_from latest).
 """
 
 import sys
 
 from grpo_ds.config import parse_args
-from grpo_ds.trainer import train
+from grpo_ds.trainer import NonFiniteError, Preempted, train
 
 
 def main() -> int:
@@ -22,6 +24,12 @@ def main() -> int:
     except ValueError as err:  # bad input: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except Preempted as err:
+        print(str(err), file=sys.stderr)
+        return 143
     return 0
 
 

@@ -2,47 +2,36 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from launch import ROOT, TINY_FLAGS, run
+
 pytestmark = pytest.mark.slow
 
 
-def launch(tmp_path: Path, model: Path, ds_config: str, steps: int = 3, extra=()) -> list[list[dict]]:
-    out = tmp_path / "run"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "tests" / "dist_train.py"),
-           "--ds_config", ds_config, "--model", str(model), "--output_dir", str(out),
-           "--max_steps", str(steps), "--rollouts_per_step", "4", "--group_size", "4", "--train_batch_size", "4",
-           "--max_new_tokens", "8", "--reward", "learnable:sevens", "--lr", "1e-2", "--kl_weight", "0.05",
-           "--gradient_checkpointing", "true", "--log_completions_steps", "1", *extra]
-    env = {**os.environ, "GRPO_DS_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)], out
+def zero_config(tmp_path, name: str) -> str:
+    config = json.loads((ROOT / "ds_configs" / name).read_text())
+    if name.startswith("zero3"):
+        # the tiny model's parameters are all below the JSON's persistence threshold (kept whole on every rank to
+        # save communication); partition them all so the tests see ZeRO-3's partitioning
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return str(path)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def records(out, nprocs: int = 2) -> list:
+    """Per rank, the rows tests/run_train.py recorded after every step."""
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nprocs)]
 
 
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
 def test_two_ranks_train_in_sync(tmp_path, tiny_model, ds_config):
-    config = json.loads((ROOT / "ds_configs" / ds_config).read_text())
-    if ds_config == "zero3.json":
-        # the tiny model's parameters are all below the JSON's persistence threshold (kept whole on every rank to
-        # save communication); partition them all so the test sees ZeRO-3's partitioning
-        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / ds_config).write_text(json.dumps(config))
-    (rank0, rank1), out = launch(tmp_path, tiny_model, str(tmp_path / ds_config))
+    out = tmp_path / "run"
+    run(["--ds_config", zero_config(tmp_path, ds_config), "--model", str(tiny_model), "--output_dir", str(out),
+         "--max_steps", "3", *TINY_FLAGS], tmp_path)
+    rank0, rank1 = records(out)
     assert [r["step"] for r in rank0] == [1, 2, 3]
     fingerprints = [r["fingerprint"] for r in rank0]
     # after every step both ranks hold the same policy weights...

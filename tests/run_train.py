@@ -1,0 +1,94 @@
+"""The trainer as the tests run it, under the deepspeed launcher or plain python: train, record after every step
+each rank's weight fingerprint and how much of the reference it holds, and inject the fault named by
+GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
+
+- nan_rank1_step2: rank 1's loss is NaN in step 2 only (the other rank's is finite)
+- nan_always:      every loss is NaN
+- disk_full_save2: the second checkpoint's writes fail with ENOSPC
+- kill_in_save2:   the process is SIGKILLed in the middle of writing the second checkpoint
+"""
+
+import errno
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # for the learnable reward module
+
+from grpo_ds import checkpoint as ckpt  # noqa: E402
+from grpo_ds import distributed as dist  # noqa: E402
+from grpo_ds import loss as loss_module  # noqa: E402
+from grpo_ds.config import parse_args  # noqa: E402
+from grpo_ds.trainer import NonFiniteError, Preempted, train  # noqa: E402
+
+FAULT = os.environ.get("GRPO_DS_TEST_FAULT", "")
+
+
+def inject_faults(current_step: list) -> None:
+    if FAULT.startswith("nan"):
+        original = loss_module.GRPOLoss.__call__
+
+        def nan_loss(self, *args, **kwargs):
+            loss, stats = original(self, *args, **kwargs)
+            if FAULT == "nan_always" or (current_step[0] == 2 and torch.distributed.get_rank() == 1):
+                loss = loss * float("nan")
+            return loss, stats
+
+        loss_module.GRPOLoss.__call__ = nan_loss
+    if FAULT in ("disk_full_save2", "kill_in_save2"):
+        original_save = torch.save
+        saves = {"started": 0}
+        original_ckpt_save = ckpt.save
+
+        def counting_save(*args, **kwargs):
+            saves["started"] += 1
+            return original_ckpt_save(*args, **kwargs)
+
+        def failing_torch_save(obj, f, *args, **kwargs):
+            if saves["started"] == 2 and ".staging-" in str(f):
+                if FAULT == "disk_full_save2":
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+                original_save(obj, f, *args, **kwargs)  # some files written, then the machine dies
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original_save(obj, f, *args, **kwargs)
+
+        ckpt.save = counting_save
+        torch.save = failing_torch_save
+
+
+def main() -> int:
+    cfg = parse_args()
+    records, current_step = [], [1]
+    inject_faults(current_step)
+
+    def on_step_end(step, policy, reference, metrics):
+        held = full = 0
+        for p in (reference.module.parameters() if reference is not None else []):
+            full += getattr(p, "ds_numel", p.numel())
+            # a partitioned ZeRO-3 parameter's data is empty and its shard lives in ds_tensor; a persistent or
+            # replicated one holds all of its data
+            held += p.data.numel() or p.ds_tensor.numel()
+        records.append({"step": step, "fingerprint": float(dist.weights_fingerprint(policy)),
+                        "reference_held": held, "reference_full": full, "metrics": metrics})
+        current_step[0] = step + 1
+
+    code = 0
+    try:
+        train(cfg, on_step_end=on_step_end)
+    except Preempted as err:
+        print(f"preempted: {err}", flush=True)
+        code = 143
+    except NonFiniteError as err:
+        print(f"non-finite: {err}", flush=True)
+        code = 3
+    rank = torch.distributed.get_rank()
+    Path(cfg.output_dir, f"rank{rank}.json").write_text(json.dumps(records))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
