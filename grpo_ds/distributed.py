@@ -285,10 +285,18 @@ def export_hf(engine, tokenizer, path: str, dtype: Optional[torch.dtype] = None)
     module = engine.module
     params = list(module.parameters())
     ctx = deepspeed.zero.GatheredParameters(params) if is_zero3(engine) else contextlib.nullcontext()
+    # A tied parameter (lm_head = embeddings) is listed under each name; the copies below would no longer share
+    # storage, so keep its first name only and let from_pretrained re-tie it.
+    seen, tied = set(), set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.add(id(param))
     state = None
     with ctx:
         if torch.distributed.get_rank() == 0:
-            state = {k: v.detach().to("cpu", dtype or v.dtype).clone() for k, v in module.state_dict().items()}
+            state = {k: v.detach().to("cpu", dtype or v.dtype).clone() for k, v in module.state_dict().items()
+                     if k not in tied}
     if torch.distributed.get_rank() == 0:
         module.config.use_cache = True
         module.save_pretrained(path, state_dict=state)

@@ -49,6 +49,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model, ds_config
             final = AutoModelForCausalLM.from_pretrained(split / "final")(ids).logits
             other = AutoModelForCausalLM.from_pretrained(rebuilt)(ids).logits
         assert torch.equal(final, other)
+        # the tied output layer is stored once, as the model's own save_pretrained would
+        from safetensors import safe_open
+
+        with safe_open(split / "final" / "model.safetensors", "pt") as f:
+            assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
 
 
 def test_rotation_keeps_the_newest(tmp_path, tiny_model):
