@@ -29,6 +29,7 @@ from .data import PromptSampler, load_problems, render_prompt
 from .experience import Experience, ReplayBuffer
 from .loss import BatchTotals, GRPOLoss, group_advantages, uniform_groups
 from .metrics import MetricsLogger, setup_logging
+from .plot import plot_runs
 from .models import completion_logprobs, load_tokenizer, resolve_model
 from .rewards import get_reward_fn, score_completions
 from .rollout import generate_groups
@@ -276,6 +277,8 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
                 _preempt(stop.received or "a signal on another rank", step, saved_step, save_checkpoint, cfg)
 
     logger.close()
+    if rank == 0:
+        plot_runs([cfg.output_dir], str(output_dir / "metrics.png"))
     dist.export_hf(policy, tokenizer, str(output_dir / "final"), export_dtype)
     log.info("saved the final policy to %s", output_dir / "final")
     return history
