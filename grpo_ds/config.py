@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -105,6 +106,15 @@ class Config:
     max_nonfinite_skips: int = _field(3, "Stop with an error after this many consecutive optimizer steps skipped "
                                       "for a non-finite loss or gradient norm.")
 
+    # --- evaluation during training
+    eval_steps: int = _field(0, "Evaluate every N steps (and after the last) on a held-out split, logging "
+                             "eval_accuracy (strict) and eval_accuracy_lenient (0: never).")
+    eval_limit: int = _field(200, "Held-out problems per evaluation.")
+    eval_dataset: Optional[str] = _field(None, "Held-out problems (default: the 'test' split of --dataset: the "
+                                         "held-out arithmetic problems or GSM8K test; a local --dataset file "
+                                         "needs this).")
+    eval_max_new_tokens: Optional[int] = _field(None, "Generation budget for evaluation (default: max_new_tokens).")
+
     # --- logging
     report_to: str = _field("none", "'none', 'tensorboard' or 'wandb' (offline unless WANDB_API_KEY is set), "
                             "through DeepSpeed's monitors. metrics.jsonl is always written.")
@@ -180,6 +190,10 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
     for name in ("save_steps", "save_total_limit", "export_steps", "log_completions_steps"):
         if getattr(cfg, name) < 0:
             bad(name, "must be >= 0")
+    if cfg.eval_steps and cfg.eval_limit < 1:
+        bad("eval_limit", "must be at least 1")
+    if cfg.eval_steps and cfg.eval_dataset is None and Path(cfg.dataset).suffix in (".jsonl", ".json", ".parquet"):
+        bad("eval_steps", "a local --dataset file has no held-out split; pass --eval_dataset FILE")
     if cfg.max_nonfinite_skips < 1:
         bad("max_nonfinite_skips", "must be at least 1")
     for name, choices in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS), ("precision", PRECISIONS),

@@ -8,7 +8,8 @@ from .metrics import read_metrics
 
 PANELS = (("reward_mean", "reward mean"), ("success_rate", "success rate (strict)"), ("format_rate", "format rate"),
           ("kl", "KL to reference"), ("completion_len_mean", "completion length (tokens)"),
-          ("clip_frac", "clip fraction"), ("step_s", "seconds per step"))
+          ("clip_frac", "clip fraction"), ("step_s", "seconds per step"),
+          ("eval_accuracy", "held-out accuracy (strict)"))
 
 
 def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) -> Path:

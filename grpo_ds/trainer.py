@@ -26,6 +26,7 @@ from . import checkpoint
 from . import distributed as dist
 from .config import Config, dumps, validate
 from .data import PromptSampler, load_problems, render_prompt
+from .eval import evaluate
 from .experience import Experience, ReplayBuffer
 from .loss import BatchTotals, GRPOLoss, group_advantages, uniform_groups
 from .metrics import MetricsLogger, setup_logging
@@ -93,6 +94,9 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
     reward_fn = get_reward_fn(cfg.reward)
     problems = load_problems(cfg.dataset, "train", num_problems=cfg.num_problems, difficulty=cfg.difficulty,
                              seed=cfg.seed, bad_answers=cfg.bad_answers)
+    eval_problems = (load_problems(cfg.eval_dataset or cfg.dataset, "test", num_problems=cfg.eval_limit,
+                                   difficulty=cfg.difficulty, seed=cfg.seed, bad_answers=cfg.bad_answers)
+                     if cfg.eval_steps else [])
     resume_path = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from)
     if resume_path is not None:
         checkpoint.check_compatible(checkpoint.read_state(resume_path), world, dist.zero_stage(ds_config),
@@ -255,6 +259,14 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
                 where = [w for rank_list in dist.all_gather_objects(nonfinite) for w in rank_list]
                 log.warning("step %d: %d optimizer step(s) skipped for a non-finite gradient norm (non-finite loss "
                             "at: %s)", step, metrics["skipped_steps"], "; ".join(where) or "none")
+            if cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
+                with dist.gathered_for_generation(policy, True):
+                    summary, _ = evaluate(policy.module, tokenizer, eval_problems,
+                                          max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                                          batch_size=cfg.rollout_batch_size or 16, seed=cfg.seed)
+                metrics.update(eval_accuracy=summary["accuracy_strict"],
+                               eval_accuracy_lenient=summary["accuracy_lenient"],
+                               eval_format_rate=summary["format_rate"], eval_s=summary["seconds"])
             history.append({"step": step, **metrics})
             logger.log(step, metrics)
             if cfg.log_completions_steps and (step == 1 or step % cfg.log_completions_steps == 0):

@@ -58,3 +58,17 @@ def test_kl_penalty_holds_the_policy_near_the_reference(tmp_path, tiny_model):
     assert held[-1]["kl"] > 0
     assert free[-1]["kl"] == 0.0  # kl_weight 0: no reference model at all, so nothing is measured
     assert held[-1]["reward_mean"] < free[-1]["reward_mean"]
+
+
+def test_evaluation_during_training_changes_nothing_else(tmp_path, tiny_model):
+    flags = ["--max_steps", "2", "--rollouts_per_step", "2", "--group_size", "4", "--train_batch_size", "8",
+             "--max_new_tokens", "6", "--lr", "1e-2", "--kl_weight", "0.0", "--save_steps", "0"]
+    plain, _ = run_train(tmp_path / "plain", tiny_model, *flags)
+    evaluated, out = run_train(tmp_path / "eval", tiny_model, *flags, "--eval_steps", "1", "--eval_limit", "5")
+    for row in evaluated:
+        assert 0.0 <= row["eval_accuracy"] <= 1.0 and 0.0 <= row["eval_accuracy_lenient"] <= 1.0
+        assert row["eval_s"] > 0
+    # evaluation restores the RNG and the train mode: the training trajectory is the one without it
+    assert [r["reward_mean"] for r in evaluated] == [r["reward_mean"] for r in plain]
+    assert [r["loss"] for r in evaluated] == [r["loss"] for r in plain]
+    assert (out / "metrics.png").is_file()
