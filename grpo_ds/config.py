@@ -256,6 +256,14 @@ def parse_args(argv: Optional[list] = None) -> Config:
     return Config(**args)
 
 
+def flags_markdown() -> str:
+    """The README's flag table, generated from the dataclass (tests/test_config.py keeps the README in sync)."""
+    lines = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(Config):
+        lines.append(f"| `--{f.name}` | `{getattr(Config(), f.name)}` | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"
+
+
 def config_from_dict(values: dict) -> Config:
     """A Config from a stored dict (a checkpoint or a JSON file); unknown keys are an error, not silently dropped."""
     names = {f.name for f in dataclasses.fields(Config)}

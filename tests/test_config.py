@@ -440,3 +440,12 @@ def test_reference_without_offload_for_offloading_policy():
     policy, _ = built(load_ds_json("ds_configs/zero3_offload.json"))
     zero = reference_ds_config(policy, base())["zero_optimization"]
     assert zero["stage"] == 3 and "offload_param" not in zero
+
+
+def test_readme_flag_table_matches_the_config():
+    from pathlib import Path
+
+    from grpo_ds.config import flags_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert flags_markdown() in readme, "README's flag table is stale: regenerate it with grpo_ds.config.flags_markdown()"
