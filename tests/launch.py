@@ -23,7 +23,9 @@ def free_port() -> int:
 def command(nprocs: int, flags: list) -> list:
     if nprocs == 1:
         return [sys.executable, str(RUNNER), *flags]
-    return ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(free_port()), str(RUNNER), *flags]
+    # the `deepspeed` command of this interpreter's environment, found even when its bin/ is not on PATH
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*launcher, "--num_gpus", str(nprocs), "--master_port", str(free_port()), str(RUNNER), *flags]
 
 
 def environment(fault: str = "") -> dict:

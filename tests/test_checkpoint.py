@@ -49,6 +49,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model, ds_config
             final = AutoModelForCausalLM.from_pretrained(split / "final")(ids).logits
             other = AutoModelForCausalLM.from_pretrained(rebuilt)(ids).logits
         assert torch.equal(final, other)
+        # --model and the evaluation scripts take the checkpoint folder itself (exported once to the cache)
+        from grpo_ds.models import resolve_model
+
+        with torch.no_grad():
+            resolved = AutoModelForCausalLM.from_pretrained(resolve_model(str(split / "checkpoints")))(ids).logits
+        assert torch.equal(final, resolved)
         # the tied output layer is stored once, as the model's own save_pretrained would
         from safetensors import safe_open
 

@@ -1,0 +1,523 @@
+"""An OpenAI-compatible HTTP server for a trained model (FastAPI + uvicorn), with request batching.
+
+    bash scripts/serve.sh start runs/quickstart/final --port 8000      # or: python -m grpo_ds.serve MODEL
+    curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
+        -d '{"model": "runs/quickstart/final", "messages": [{"role": "user", "content": "What is 6 * 7?"}]}'
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (messages, temperature, top_p, max_tokens, n,
+stop, stream with SSE chunks then `data: [DONE]`), POST /v1/solve ({question} -> {reasoning, answer, ...}).
+
+How a request runs: the handler validates it, renders the chat template, tokenizes, and refuses a prompt that
+does not fit the model's context with max_tokens (never truncates). It then queues a `Job` (its n rows) and
+awaits events. One worker thread takes the first queued job, waits up to --batch_wait_ms for more jobs with the
+same sampling settings (temperature, top_p; up to --max_batch_size rows), and runs them as one left-padded
+`generate` call. A `RowTracker`, called by generate after every token, follows each row: its own max_tokens, its
+stop strings, EOS, a client gone away; it streams each row's new text to its request as it comes, and ends the
+call once every row is done. Errors are JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"}};
+a failing batch fails its own requests with a 500 and the worker goes on.
+
+Known limits: one model, one worker (a GPU serves one batch at a time; requests arriving meanwhile form the next
+batch); no continuous batching (a batch runs until its longest row is done); no logprobs, tools or images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .data import SYSTEM_PROMPT
+from .inference import load, render, sampling_kwargs
+from .rewards import extract_answer, parse_number
+from .rollout import eos_token_ids
+
+log = logging.getLogger("grpo_ds.serve")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a prompt larger than any context, so still refused with a clear message
+MAX_STOP = 4  # as OpenAI
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """A request error with OpenAI's fields; `status` is the HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def validation_error(err: ValidationError) -> ApiError:
+    """The first pydantic error as one OpenAI-style message naming the parameter ('messages.0.role')."""
+    first = err.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    return ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI parameters we honour; others (user, seed, logit_bias, ...) are accepted and ignored."""
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    messages: list[Message] = Field(min_length=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    n: Optional[int] = Field(None, ge=1)
+    stop: Union[str, list[str], None] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[dict] = None
+
+
+class SolveRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    question: str = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(0.0, ge=0, le=2)
+
+
+# ----------------------------------------------------------------------------- jobs and the batch worker
+
+
+@dataclass
+class Job:
+    """One request: `n` rows of the same prompt. The worker reports to the request through `events` (an asyncio
+    queue on the server's loop): ("delta", choice, text) while streaming, ("done", choice, text, finish_reason,
+    num_tokens) for each row, ("error", ApiError) if the batch failed."""
+    prompt_ids: list[int]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # the client went away: its rows stop at the next token
+
+    def send(self, *event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+    def sampling_key(self) -> tuple[float, float]:
+        return (0.0, 1.0) if self.temperature == 0 else (self.temperature, self.top_p)
+
+
+class Row:
+    """One generated completion of a job, followed token by token."""
+
+    def __init__(self, job: Job, choice: int, tokenizer, eos_ids: set[int]):
+        self.job, self.choice, self.tokenizer, self.eos_ids = job, choice, tokenizer, eos_ids
+        self.ids: list[int] = []
+        self.num_tokens = 0  # generated tokens, an EOS included (what usage reports)
+        self.sent = 0  # characters of text already streamed
+        self.text = ""
+        self.done = False
+        self.holdback = max((len(s) for s in job.stop), default=1) - 1  # a stop string may be mid-way
+
+    def step(self, token: int) -> None:
+        if self.job.cancelled:
+            return self.finish("cancelled")
+        self.num_tokens += 1
+        if token in self.eos_ids:
+            return self.finish("stop")
+        self.ids.append(token)
+        if self.job.stop or self.job.stream:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            cut = min((i for i in (self.text.find(s) for s in self.job.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                return self.finish("stop")
+            # Hold back a possible start of a stop string and a half-decoded multi-byte character.
+            safe = len(self.text) - self.holdback
+            if self.job.stream and safe > self.sent and not self.text[:safe].endswith("\ufffd"):
+                self.job.send("delta", self.choice, self.text[self.sent:safe])
+                self.sent = safe
+        if self.num_tokens >= self.job.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        if not (self.job.stop or self.job.stream):  # decoded once, here, when nothing needed it earlier
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.job.stream and len(self.text) > self.sent:
+            self.job.send("delta", self.choice, self.text[self.sent:])
+        self.done = True
+        self.job.send("done", self.choice, self.text, reason, self.num_tokens)
+
+
+class RowTracker(StoppingCriteria):
+    """Called by generate() after each new token (input_ids_NT ends with it): feeds every live row its token and
+    returns which rows are done, so generate pads them from then on and stops when all are."""
+
+    def __init__(self, rows: list[Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids_NT: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        for row, token in zip(self.rows, input_ids_NT[:, -1].tolist()):
+            if not row.done:
+                row.step(token)
+        return torch.tensor([row.done for row in self.rows], device=input_ids_NT.device)
+
+
+class Batcher:
+    """The queue and the one worker thread that turns jobs arriving together into one generate() call."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int, batch_wait_ms: float, max_queue: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.max_batch_size, self.wait_s, self.max_queue = max_batch_size, batch_wait_ms / 1000, max_queue
+        self.inbox: queue.Queue[Job] = queue.Queue()
+        self.held: deque[Job] = deque()  # taken from the inbox but not compatible with the batch being formed
+        self.stats = {"requests": 0, "batches": 0, "rows": 0, "failed_batches": 0}
+        self.thread = threading.Thread(target=self.work, name="grpo_ds-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        if self.inbox.qsize() + len(self.held) >= self.max_queue:
+            raise ApiError(503, f"server overloaded: {self.max_queue} requests queued; retry later",
+                           kind="server_error", code="overloaded")
+        self.stats["requests"] += 1
+        self.inbox.put(job)
+
+    def next_batch(self) -> list[Job]:
+        first = self.held.popleft() if self.held else self.inbox.get()
+        batch, rows = [first], first.n
+        for job in list(self.held):  # jobs held back from an earlier batch go first
+            if job.sampling_key() == first.sampling_key() and rows + job.n <= self.max_batch_size:
+                self.held.remove(job)
+                batch.append(job)
+                rows += job.n
+        deadline = time.monotonic() + self.wait_s
+        while rows < self.max_batch_size:
+            try:
+                job = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job.sampling_key() == first.sampling_key() and rows + job.n <= self.max_batch_size:
+                batch.append(job)
+                rows += job.n
+            else:
+                self.held.append(job)
+        return batch
+
+    def work(self) -> None:
+        while True:
+            batch = [job for job in self.next_batch() if not job.cancelled]
+            if not batch:
+                continue
+            try:
+                self.run(batch)
+            except Exception as err:  # a failing batch (e.g. out of memory) fails its requests, not the server
+                log.exception("batch of %d requests failed", len(batch))
+                self.stats["failed_batches"] += 1
+                for job in batch:
+                    job.send("error", ApiError(500, f"generation failed: {type(err).__name__}: {err}",
+                                               kind="server_error"))
+
+    @torch.no_grad()
+    def run(self, batch: list[Job]) -> None:
+        rows = [Row(job, c, self.tokenizer, set(self.eos_ids)) for job in batch for c in range(job.n)]
+        width = max(len(job.prompt_ids) for job in batch)
+        pad = self.tokenizer.pad_token_id
+        ids_NP = torch.tensor([[pad] * (width - len(r.job.prompt_ids)) + r.job.prompt_ids for r in rows])
+        mask_NP = torch.tensor([[0] * (width - len(r.job.prompt_ids)) + [1] * len(r.job.prompt_ids) for r in rows])
+        device = next(self.model.parameters()).device
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(rows)
+        self.model.generate(input_ids=ids_NP.to(device), attention_mask=mask_NP.to(device),
+                            max_new_tokens=max(job.max_tokens for job in batch), eos_token_id=self.eos_ids,
+                            pad_token_id=pad, use_cache=True,
+                            stopping_criteria=StoppingCriteriaList([RowTracker(rows)]),
+                            **sampling_kwargs(batch[0].temperature, batch[0].top_p))
+        for row in rows:  # generate() stops at max_new_tokens; every row has reached its own limit by then
+            if not row.done:
+                row.finish("length")
+
+
+# ----------------------------------------------------------------------------- the application
+
+
+class Server:
+    """What the endpoints share: the model, its name and context, the batcher, and request building."""
+
+    def __init__(self, model, tokenizer, name: str, *, max_batch_size: int = 16, batch_wait_ms: float = 10,
+                 default_max_tokens: int = 512, system_prompt: str = "train", max_queue: int = 256):
+        if system_prompt not in ("train", "none"):
+            raise ValueError(f"--system_prompt '{system_prompt}': expected 'train' or 'none'")
+        self.tokenizer, self.name = tokenizer, name
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        self.default_max_tokens, self.system_prompt = default_max_tokens, system_prompt
+        self.max_n = max_batch_size
+        self.batcher = Batcher(model, tokenizer, max_batch_size, batch_wait_ms, max_queue)
+        self.created = int(time.time())
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.name:
+            raise ApiError(404, f"The model '{requested}' does not exist; this server serves '{self.name}'",
+                           param="model", code="model_not_found")
+
+    def chat_prompt(self, messages: list[Message]) -> str:
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        if self.system_prompt == "train" and turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": SYSTEM_PROMPT})  # what the model was trained with
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            return "".join(f"{t['role'].capitalize()}: {t['content']}\n" for t in turns) + "Assistant:"
+        try:
+            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # templates raise on orders they refuse (e.g. two system turns)
+            raise ApiError(400, f"messages: the chat template refused them ({err})", param="messages") from None
+
+    def job(self, prompt: str, *, n: int, max_tokens: int | None, temperature: float, top_p: float,
+            stop: list[str], stream: bool) -> Job:
+        """A job for `prompt`, refused (not truncated) when prompt + max_tokens exceed the model's context."""
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        room = self.context - len(prompt_ids)
+        if (max_tokens is None and room < 1) or (max_tokens is not None and max_tokens > room):
+            asked = max_tokens if max_tokens is not None else 1
+            raise ApiError(400, f"This model's maximum context length is {self.context} tokens. However, you "
+                                f"requested {len(prompt_ids) + asked} tokens ({len(prompt_ids)} in the messages, "
+                                f"{asked} in the completion). Please reduce the length of the messages or "
+                                f"completion.", param="messages", code="context_length_exceeded")
+        if n > self.max_n:
+            raise ApiError(400, f"n: at most {self.max_n} (the server's --max_batch_size)", param="n")
+        return Job(prompt_ids, n, max_tokens or min(self.default_max_tokens, room), temperature, top_p, stop,
+                   stream, asyncio.get_running_loop())
+
+
+async def parse_body(request: Request, schema: type[BaseModel]) -> BaseModel:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"We could not parse the JSON body of your request ({err})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err) from None
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise ApiError(400, f"stop: at most {MAX_STOP} non-empty strings", param="stop")
+    return stops
+
+
+async def results(job: Job) -> list[tuple[str, str, int]]:
+    """(text, finish_reason, num_tokens) per choice, once every row is done."""
+    done: dict[int, tuple[str, str, int]] = {}
+    while len(done) < job.n:
+        event = await job.events.get()
+        if event[0] == "error":
+            raise event[1]
+        if event[0] == "done":
+            done[event[1]] = event[2:]
+    return [done[c] for c in range(job.n)]
+
+
+def solve_fields(text: str) -> dict:
+    """{reasoning, answer, number} from a completion in the training format; reasoning is the <think> block, or
+    the text before <answer> when there is none."""
+    start, end = text.find("<think>"), text.find("</think>")
+    if 0 <= start < end:
+        reasoning = text[start + len("<think>"):end]
+    else:
+        reasoning = text.split("<answer>", 1)[0].replace("<think>", "")
+    answer = extract_answer(text)
+    return {"reasoning": reasoning.strip(), "answer": answer, "number": parse_number(answer)}
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="grpo_ds", docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, err):  # unknown paths (404) and methods (405), in the same shape
+        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, err):
+        log.exception("unhandled error")
+        return JSONResponse(ApiError(500, f"{type(err).__name__}: {err}", kind="server_error").body(),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health():
+        alive = server.batcher.thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "worker stopped", "model": server.name,
+                             **server.batcher.stats}, status_code=200 if alive else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
+                                            "owned_by": "grpo_ds"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = await parse_body(request, ChatRequest)
+        server.check_model(req.model)
+        temperature = 1.0 if req.temperature is None else req.temperature
+        job = server.job(server.chat_prompt(req.messages), n=req.n or 1,
+                         max_tokens=req.max_completion_tokens or req.max_tokens, temperature=temperature,
+                         top_p=1.0 if req.top_p is None else req.top_p, stop=stop_list(req.stop),
+                         stream=bool(req.stream))
+        server.batcher.submit(job)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
+        if job.stream:
+            usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(sse(job, head, usage), media_type="text/event-stream")
+        try:
+            choices = await results(job)
+        finally:
+            job.cancelled = True  # a client that left stops its rows; a finished job ignores it
+        completion_tokens = sum(num for _, _, num in choices)
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": c, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": reason} for c, (text, reason, _) in enumerate(choices)],
+                "usage": usage_of(job, completion_tokens)}
+
+    @app.post("/v1/solve")
+    async def solve(request: Request):
+        req = await parse_body(request, SolveRequest)
+        prompt = render(server.tokenizer, req.question, "train")
+        job = server.job(prompt, n=1, max_tokens=req.max_tokens, temperature=req.temperature or 0.0, top_p=1.0,
+                         stop=[], stream=False)
+        server.batcher.submit(job)
+        try:
+            [(text, reason, num_tokens)] = await results(job)
+        finally:
+            job.cancelled = True
+        return {**solve_fields(text), "completion": text, "finish_reason": reason, "model": server.name,
+                "usage": usage_of(job, num_tokens)}
+
+    return app
+
+
+def usage_of(job: Job, completion_tokens: int) -> dict:
+    return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion_tokens,
+            "total_tokens": len(job.prompt_ids) + completion_tokens}
+
+
+async def sse(job: Job, head: dict, include_usage: bool):
+    """Server-sent events as OpenAI streams them: a role chunk per choice, content deltas, a finish_reason chunk
+    per choice, optionally a usage chunk, then `data: [DONE]`."""
+    def chunk(choices: list[dict], **extra) -> str:
+        return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': choices, **extra})}\n\n"
+
+    try:
+        for c in range(job.n):
+            yield chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        finished, completion_tokens = 0, 0
+        while finished < job.n:
+            event = await job.events.get()
+            if event[0] == "error":
+                yield f"data: {json.dumps(event[1].body())}\n\n"
+                return
+            if event[0] == "delta":
+                yield chunk([{"index": event[1], "delta": {"content": event[2]}, "finish_reason": None}])
+            else:
+                finished += 1
+                completion_tokens += event[4]
+                yield chunk([{"index": event[1], "delta": {}, "finish_reason": event[3]}])
+        if include_usage:
+            yield chunk([], usage=usage_of(job, completion_tokens))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled = True  # also when the client disconnects mid-stream: its rows stop
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m grpo_ds.serve", description="OpenAI-compatible server for a model.")
+    p.add_argument("model", help="Hub id, Hugging Face folder, a run's output folder, DeepSpeed checkpoint, .gguf "
+                                 "file or 'embedded'.")
+    p.add_argument("--host", default="127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 exposes it).")
+    p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    p.add_argument("--served_model_name", default=None, help="The model id clients send (default: MODEL as given).")
+    p.add_argument("--max_batch_size", type=int, default=16, help="Most completions per generate call.")
+    p.add_argument("--batch_wait_ms", type=float, default=10.0,
+                   help="How long the first request of a batch waits for others to join it.")
+    p.add_argument("--max_tokens", type=int, default=512, help="Completion budget when a request gives none.")
+    p.add_argument("--system_prompt", default="train", choices=["train", "none"],
+                   help="'train': add the training system prompt to chats that have no system message.")
+    p.add_argument("--max_queue", type=int, default=256, help="Queued requests beyond which new ones get a 503.")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
+    p.add_argument("--seed", type=int, default=0, help="Seed for sampling.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[serve] %(asctime)s %(message)s")
+    try:
+        if args.max_batch_size < 1 or args.max_tokens < 1 or args.max_queue < 1 or args.batch_wait_ms < 0:
+            raise ValueError("--max_batch_size, --max_tokens, --max_queue: expected positive; --batch_wait_ms >= 0")
+        torch.manual_seed(args.seed)
+        model, tokenizer = load(args.model, args.dtype)
+        server = Server(model, tokenizer, args.served_model_name or args.model, max_batch_size=args.max_batch_size,
+                        batch_wait_ms=args.batch_wait_ms, default_max_tokens=args.max_tokens,
+                        system_prompt=args.system_prompt, max_queue=args.max_queue)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log.info("serving %s (context %d tokens) on http://%s:%d", server.name, server.context, args.host, args.port)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info",
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The OpenAI-compatible server (grpo_ds.serve) on loopback, called by real HTTP clients: the official `openai`
+package (non-streaming and streaming), raw requests for the error cases, concurrent load, and scripts/serve.sh
+start/status/stop. All traffic goes to 127.0.0.1, with timeouts."""
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from grpo_ds.inference import generate, load
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "tiny-grpo"
+TIMEOUT = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def varied_model(tmp_path_factory) -> Path:
+    from varied import build_varied_model
+
+    return build_varied_model(tmp_path_factory.mktemp("varied") / "model")
+
+
+@pytest.fixture(scope="module")
+def loaded(varied_model):
+    return load(str(varied_model))
+
+
+@pytest.fixture(scope="module")
+def url(loaded):
+    """A real uvicorn server in a thread of this process (the model loads once), on a free loopback port."""
+    import uvicorn
+
+    from grpo_ds.serve import Server, create_app
+
+    model, tokenizer = loaded
+    # batch_wait_ms is generous so that concurrent test requests reliably land in shared batches
+    app = create_app(Server(model, tokenizer, NAME, max_batch_size=8, batch_wait_ms=50, default_max_tokens=16,
+                            system_prompt="none"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+
+
+def greedy(loaded, question: str, max_new_tokens: int) -> str:
+    """What the model writes for `question` asked alone, computed without the server."""
+    model, tokenizer = loaded
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                           add_generation_prompt=True)
+    return generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens)[0].text
+
+
+def chat(question: str, **params) -> dict:
+    return {"model": NAME, "messages": [{"role": "user", "content": question}], **params}
+
+
+def test_health_and_models(url, client):
+    health = httpx.get(f"{url}/health", timeout=TIMEOUT)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+def test_openai_client_non_streaming(client, loaded):
+    question = "tom has 3 apples and buys 4 more. how many?"
+    response = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                              max_tokens=12, temperature=0)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == greedy(loaded, question, 12)
+    assert choice.finish_reason in ("stop", "length")
+    assert response.usage.completion_tokens >= len(loaded[1](choice.message.content,
+                                                             add_special_tokens=False)["input_ids"])
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+    sampled = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                             max_tokens=12, temperature=1.0, top_p=0.9, n=3)
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert all(c.finish_reason in ("stop", "length") for c in sampled.choices)
+
+
+def test_openai_client_streaming(client, loaded):
+    question = "what is 1 + 4?"
+    stream = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                            max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == greedy(loaded, question, 12)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 4  # streamed, not in one piece
+
+
+def test_stop_strings(client, url, loaded):
+    question = "12 times 12?"
+    full = greedy(loaded, question, 16)
+    stop = full[3:5]  # a piece from the middle of what the model will write
+    expected = full[:full.find(stop)]
+    plain = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                           max_tokens=16, temperature=0, stop=[stop])
+    assert plain.choices[0].message.content == expected and plain.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                            max_tokens=16, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+
+
+def test_solve_returns_reasoning_and_answer(url):
+    response = httpx.post(f"{url}/v1/solve", json={"question": "what is 2+2?", "max_tokens": 12}, timeout=TIMEOUT)
+    assert response.status_code == 200
+    body = response.json()
+    assert {"reasoning", "answer", "number", "completion", "finish_reason"} <= body.keys()
+    assert body["reasoning"] in body["completion"].replace("<think>", "")
+
+
+TOO_LONG = "a" * 600  # the tiny tokenizer is character-level; its context is 512 tokens
+
+
+@pytest.mark.parametrize("body, status, param, code", [
+    ("{not json", 400, None, None),
+    (json.dumps({"model": NAME}), 400, "messages", None),
+    (json.dumps(chat("hi", temperature=5)), 400, "temperature", None),
+    (json.dumps(chat("hi", top_p=0)), 400, "top_p", None),
+    (json.dumps(chat("hi", max_tokens=0)), 400, "max_tokens", None),
+    (json.dumps(chat("hi", n=50)), 400, "n", None),
+    (json.dumps(chat("hi", stop=["a", "b", "c", "d", "e"])), 400, "stop", None),
+    (json.dumps({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}), 400, "messages.0.role", None),
+    (json.dumps({"model": NAME, "messages": []}), 400, "messages", None),
+    (json.dumps(chat("hi", model="gpt-4")), 404, "model", "model_not_found"),
+    (json.dumps(chat(TOO_LONG)), 400, "messages", "context_length_exceeded"),
+    (json.dumps(chat("hi", max_tokens=100_000)), 400, "messages", "context_length_exceeded"),
+    ("[1, 2]", 400, None, None),
+])
+def test_bad_requests_get_openai_errors(url, body, status, param, code):
+    response = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=TIMEOUT,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert (error["param"], error["code"]) == (param, code)
+
+
+def test_unknown_path_and_openai_client_errors(url, client):
+    import openai
+
+    missing = httpx.get(f"{url}/v1/nothing", timeout=TIMEOUT)
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 512"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": TOO_LONG}])
+    assert httpx.get(f"{url}/health", timeout=TIMEOUT).json()["status"] == "ok"
+
+
+def test_concurrent_requests_are_batched_and_answered(url, loaded):
+    questions = [f"what is {i} + {i + 3}?" for i in range(8)]
+    expected = [greedy(loaded, q, 10) for q in questions]
+    before = httpx.get(f"{url}/health", timeout=TIMEOUT).json()
+
+    def ask(question: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/chat/completions", json=chat(question, max_tokens=10, temperature=0),
+                          timeout=TIMEOUT)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(ask, questions))
+    assert [r.status_code for r in responses] == [200] * 8
+    # each answer is the one its question gets alone: rows were not mixed up inside the shared batches
+    assert [r.json()["choices"][0]["message"]["content"] for r in responses] == expected
+    after = httpx.get(f"{url}/health", timeout=TIMEOUT).json()
+    assert after["status"] == "ok" and after["requests"] - before["requests"] == 8
+    assert after["batches"] - before["batches"] < 8  # some requests shared a generate call
+
+
+def test_client_leaving_a_stream_does_not_hurt_the_server(url):
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=TIMEOUT,
+                      json=chat("what is 2+2?", max_tokens=16, temperature=1.0, stream=True)) as response:
+        assert response.status_code == 200
+        first = next(response.iter_lines())
+        assert first.startswith("data: {")
+    ok = httpx.post(f"{url}/v1/chat/completions", json=chat("hi", max_tokens=4), timeout=TIMEOUT)
+    assert ok.status_code == 200
+
+
+# ----------------------------------------------------------------------------- scripts/serve.sh
+
+
+@pytest.mark.slow
+def test_serve_script_start_status_stop(varied_model, tmp_path):
+    env = {**os.environ, "GRPO_DS_SERVE_DIR": str(tmp_path / "serve"), "HF_HUB_OFFLINE": "1",
+           "GRPO_DS_SERVE_WAIT": "120"}
+    port = free_port()
+
+    def script(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "scripts" / "serve.sh"), *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=180)
+
+    started = script("start", str(varied_model), "--port", str(port), "--served_model_name", NAME)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        pid = int((tmp_path / "serve" / "server.pid").read_text())
+        status = script("status")
+        assert status.returncode == 0 and status.stdout.strip() == f"running (pid {pid}, port {port})"
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=TIMEOUT).json()["model"] == NAME
+        again = script("start", str(varied_model), "--port", str(free_port()))
+        assert again.returncode == 1 and "already running" in again.stderr
+    finally:
+        stopped = script("stop")
+    assert stopped.returncode == 0 and stopped.stdout.strip() == f"stopped (pid {pid})"
+    assert not (tmp_path / "serve" / "server.pid").exists()
+    status = script("status")
+    assert status.returncode == 3 and status.stdout.strip() == "not running"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    assert (tmp_path / "serve" / "server.log").read_text()  # the log stays for reading
+
+
+@pytest.mark.slow
+def test_serve_script_start_fails_clearly(tmp_path):
+    env = {**os.environ, "GRPO_DS_SERVE_DIR": str(tmp_path / "serve"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "serve.sh"), "start", str(tmp_path / "no_such_model"),
+                           "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1
+    assert "the server exited during start" in proc.stderr and "path does not exist" in proc.stderr
+    assert not (tmp_path / "serve" / "server.pid").exists()
