@@ -175,7 +175,21 @@ def math_reward(completion: str, gold: str) -> float:
     return (1.0 if is_correct(completion, gold) else 0.0) + (0.1 if has_format(completion) else 0.0)
 
 
-REWARDS: dict[str, RewardFn] = {"math": math_reward, "seed": seed_reward}
+def math_shaped_reward(completion: str, gold: str) -> float:
+    """math_reward plus 0.05 for each answer tag written (opening and closing), up to 1.2 in all.
+
+    A small model that never closes an <answer> block gets no signal from math_reward at all (every group scores
+    0, so every advantage is 0); the per-tag credit rewards the first steps towards the format, in the spirit of
+    the partial-credit XML rewards of open GRPO recipes. Tags alone are worth at most 0.1, below a correct number.
+
+    >>> [round(math_shaped_reward(c, "72"), 2) for c in ["<answer>72</answer>", "<answer>so", "72"]]
+    [1.2, 0.05, 0.0]
+    """
+    tags = 0.05 * ("<answer>" in completion) + 0.05 * ("</answer>" in completion)
+    return math_reward(completion, gold) + tags
+
+
+REWARDS: dict[str, RewardFn] = {"math": math_reward, "seed": seed_reward, "math_shaped": math_shaped_reward}
 
 
 def get_reward_fn(spec: str) -> RewardFn:
@@ -187,7 +201,7 @@ def get_reward_fn(spec: str) -> RewardFn:
     >>> get_reward_fn("foo")
     Traceback (most recent call last):
     ...
-    ValueError: --reward 'foo': not a preset (math, seed) and not module:function
+    ValueError: --reward 'foo': not a preset (math, seed, math_shaped) and not module:function
     """
     if spec in REWARDS:
         return REWARDS[spec]

@@ -9,7 +9,8 @@ import pytest
 
 from grpo_ds import rewards
 from grpo_ds.rewards import (REWARDS, extract_answer, get_reward_fn, has_format, is_correct, is_correct_lenient,
-                             math_reward, numbers_equal, parse_number, score_completions, seed_reward)
+                             math_reward, math_shaped_reward, numbers_equal, parse_number, score_completions,
+                             seed_reward)
 
 # (completion, gold, strict, lenient, has_format, seed_reward, math_reward), each worked out by hand.
 COMPLETIONS = [
@@ -83,7 +84,20 @@ def test_numbers_equal_tolerance():
 def test_presets():
     assert get_reward_fn("math") is math_reward
     assert get_reward_fn("seed") is seed_reward
-    assert set(REWARDS) == {"math", "seed"}
+    assert get_reward_fn("math_shaped") is math_shaped_reward
+    assert set(REWARDS) == {"math", "seed", "math_shaped"}
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("<answer>72</answer>", 1.0 + 0.1 + 0.05 + 0.05),  # correct, formatted, both tags
+    ("<answer>73</answer>", 0.1 + 0.05 + 0.05),  # formatted but wrong
+    ("<answer>\nNow, think", 0.05),  # the opening tag only (what the untrained SmolLM2 writes)
+    ("so the answer is 72</answer>", 0.05),  # the closing tag only
+    ("<answer></answer>", 0.05 + 0.05),  # both tags, no number: no format bonus
+    ("The answer is 72", 0.0),  # right number, no tags: nothing
+])
+def test_math_shaped_reward(completion, expected):
+    assert math_shaped_reward(completion, "72") == pytest.approx(expected)
 
 
 @pytest.fixture
@@ -102,9 +116,9 @@ def test_module_function_spec(reward_module):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("foo", "--reward 'foo': not a preset (math, seed) and not module:function"),
-    (":half", "--reward ':half': not a preset (math, seed) and not module:function"),
-    ("mod:", "--reward 'mod:': not a preset (math, seed) and not module:function"),
+    ("foo", "--reward 'foo': not a preset (math, seed, math_shaped) and not module:function"),
+    (":half", "--reward ':half': not a preset (math, seed, math_shaped) and not module:function"),
+    ("mod:", "--reward 'mod:': not a preset (math, seed, math_shaped) and not module:function"),
     ("grpo_ds_no_such_module:fn",
      "--reward 'grpo_ds_no_such_module:fn': cannot import module 'grpo_ds_no_such_module' (ModuleNotFoundError: "),
     ("grpo_ds_test_broken_reward:half",
