@@ -1,7 +1,6 @@
 """Tests for grpo_ds.data: answers, the arithmetic generator, file/hub loading, prompts and the sampler."""
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import random
@@ -338,22 +337,6 @@ def test_sampler_resumes_exactly():
     resumed = PromptSampler(PROBLEMS, seed=5)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a round trip through a checkpoint
     assert [resumed.next_batch(3) for _ in range(8)] == future
-
-
-# ---------------------------------------------------------------------------------------------- isolation
-
-
-def test_data_module_does_not_import_distributed_code():
-    tree = ast.parse(Path(data.__file__).read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            names.add(node.module or "")
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    assert not any(n == "deepspeed" or n.startswith("deepspeed.") for n in names), names
-    assert not any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names), names
 
 
 def test_split_does_not_depend_on_python_hash_seed():
