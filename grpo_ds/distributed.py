@@ -48,9 +48,23 @@ def init_distributed() -> tuple[int, int]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        if not on_gpu():
+            _unlink_shm_buffer()
     if on_gpu():
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm file per rank and never removes it: every run (killed or
+    not) leaked 138 MB of RAM on 2 ranks, 13 GB after a day of tests here. Once every rank has mapped every file
+    (true after init, hence the barrier), each rank unlinks its own name; the memory lives until the processes
+    exit, then the kernel frees it."""
+    torch.distributed.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path("/dev/shm") / name)
 
 
 def on_gpu() -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,7 @@ def records(out, nprocs: int = 2) -> list:
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
 def test_two_ranks_train_in_sync(tmp_path, tiny_model, ds_config):
     out = tmp_path / "run"
+    shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
     run(["--ds_config", zero_config(tmp_path, ds_config), "--model", str(tiny_model), "--output_dir", str(out),
          "--max_steps", "3", *TINY_FLAGS], tmp_path)
     rank0, rank1 = records(out)
@@ -54,3 +56,5 @@ def test_two_ranks_train_in_sync(tmp_path, tiny_model, ds_config):
         assert sum(held) >= full
     else:
         assert held == [full, full]  # ZeRO-2: the reference is replicated
+    # DeepSpeed's CPU all-reduce buffers (69 MB of RAM per rank in /dev/shm) do not outlive the run
+    assert set(Path("/dev/shm").glob("deepspeed_*")) <= shm_before
