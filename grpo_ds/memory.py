@@ -1,0 +1,117 @@
+"""Per-device memory estimate for a GRPO run: what each piece of the step costs, under ZeRO-2 or ZeRO-3, with or
+without offload. Pure arithmetic on the model's config; scripts/plan_memory.py prints it.
+
+The pieces (bytes per device, P parameters, W devices, b bytes per compute element):
+- policy weights: P*b, or P*b/W under ZeRO-3;
+- gradients: P*b/W (ZeRO-2 and 3 both partition them) plus DeepSpeed's reduce bucket;
+- optimizer: fp32 master weights and AdamW's two moments, 12P/W when the optimizer state has a master copy (bf16),
+  8P/W in fp32 (the weights are the master); 0 on the device with offload_optimizer;
+- reference: P*b replicated, P*b/W under ZeRO-3, 0 on the device with --reference_offload;
+- generation: under ZeRO-3 the whole policy is gathered for the phase (P*b), plus the KV cache of the rows generated
+  together and one step's fp32 logits;
+- training: the logits kept for backward (micro x C x V), the fp32 chunk of the log-softmax, and activations: with
+  checkpointing one hidden state per layer plus one layer recomputed in full, without it every layer's.
+Attention is taken as memory-efficient (SDPA / flash: no T x T matrix is stored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 1024 ** 3
+FRAMEWORK_BYTES = int(1.0 * GIB)  # CUDA context, allocator slack, libraries: a measured order of magnitude
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        heads = config.num_attention_heads
+        return cls(vocab=config.vocab_size, hidden=config.hidden_size, intermediate=config.intermediate_size,
+                   layers=config.num_hidden_layers, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+    @property
+    def num_parameters(self) -> int:
+        """Llama-style decoder (gated MLP, RMSNorm); attention biases and the like are below 0.1%."""
+        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = 3 * self.hidden * self.intermediate
+        per_layer = attention + mlp + 2 * self.hidden
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * per_layer + embeddings + self.hidden
+
+
+@dataclass(frozen=True)
+class RunShape:
+    num_devices: int
+    zero_stage: int  # 2 or 3
+    offload: bool = False  # optimizer and parameters in CPU memory (zero3_offload.json)
+    precision: str = "bf16"
+    reference: bool = True  # kl_weight > 0
+    reference_offload: bool = False
+    rollouts_per_step: int = 32
+    group_size: int = 12
+    prompt_tokens: int = 256
+    max_new_tokens: int = 512
+    train_batch_size: int = 16  # completions per micro-batch
+    rollout_batch_size: int = 0  # rows per generate call; 0 = all of a rank's completions
+    gradient_checkpointing: bool = True
+    reduce_bucket_elements: int = 200_000_000
+
+
+def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
+    """Bytes per device for each piece, and `total` (the peak: the larger of the generation and training phases
+    on top of what stays resident)."""
+    W, P, b = run.num_devices, model.num_parameters, (2 if run.precision == "bf16" else 4)
+    zero3 = run.zero_stage == 3
+    offload = run.offload
+    resident = {
+        "policy_weights": 0 if offload else (P * b // W if zero3 else P * b),
+        "gradients": P * b // W + (0 if zero3 else min(run.reduce_bucket_elements, P) * b),
+        "optimizer": 0 if offload else (12 if b == 2 else 8) * P // W,
+        "reference": 0 if not run.reference or run.reference_offload else (P * b // W if zero3 else P * b),
+        "framework": FRAMEWORK_BYTES,
+    }
+    total_tokens = run.prompt_tokens + run.max_new_tokens
+    rows = run.rollout_batch_size or (run.rollouts_per_step // W) * run.group_size
+    kv_per_token = 2 * model.layers * model.kv_heads * model.head_dim * b
+    generation = {
+        "gathered_policy": P * b - resident["policy_weights"] if zero3 else 0,
+        "kv_cache": rows * total_tokens * kv_per_token,
+        "generation_logits": rows * model.vocab * 4,
+    }
+    micro, C, H = run.train_batch_size, run.max_new_tokens, model.hidden
+    tokens = micro * total_tokens
+    per_layer_full = tokens * b * (10 * H + 4 * model.intermediate)  # norms, q/k/v/o, residuals, gated MLP
+    activations = (model.layers * tokens * H * b + per_layer_full if run.gradient_checkpointing
+                   else model.layers * per_layer_full)
+    training = {
+        "gathered_layer": (P // model.layers) * b * 2 if zero3 else 0,  # current + prefetched layer
+        "activations": activations,
+        "logits": micro * (C + 1) * model.vocab * b + 8 * C * model.vocab * 4,
+    }
+    out = {**resident, **generation, **training}
+    out["total"] = sum(resident.values()) + max(sum(generation.values()), sum(training.values()))
+    return out
+
+
+def report(model: ModelShape, run: RunShape, device_gib: float) -> str:
+    parts = estimate(model, run)
+    lines = [f"{model.num_parameters / 1e9:.2f}B parameters, {run.num_devices} device(s), ZeRO-{run.zero_stage}"
+             f"{' + offload' if run.offload else ''}, {run.precision}",
+             "| piece | GiB per device |", "| --- | --- |"]
+    lines += [f"| {name} | {value / GIB:.2f} |" for name, value in parts.items() if name != "total"]
+    verdict = "fits" if parts["total"] <= device_gib * GIB else "does NOT fit"
+    lines.append(f"| **peak** | **{parts['total'] / GIB:.2f}** ({verdict} in {device_gib:g} GiB) |")
+    return "\n".join(lines)

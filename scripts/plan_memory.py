@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Estimate per-device memory of a GRPO run and say whether it fits (see grpo_ds/memory.py for the model).
+
+    python scripts/plan_memory.py --model Qwen/Qwen2.5-7B-Instruct --num_gpus 8 --zero 3
+    python scripts/plan_memory.py --model qwen2.5-32b --num_gpus 8 --zero 3 --offload
+    python scripts/plan_memory.py --model embedded --num_gpus 2 --zero 2 --precision fp32 --gpu_gib 24
+
+--model takes a config.json, a model folder, 'embedded', a hub id (needs the hub), or one of the built-in
+architectures below (their published config.json numbers), so the planner works offline.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from grpo_ds.memory import ModelShape, RunShape, report
+
+# Qwen2.5 (vocab 151936 for the tied small models, 152064 for the others), as in their config.json files.
+BUILTIN = {
+    "qwen2.5-0.5b": ModelShape(151936, 896, 4864, 24, 14, 2, 64, True),
+    "qwen2.5-1.5b": ModelShape(151936, 1536, 8960, 28, 12, 2, 128, True),
+    "qwen2.5-7b": ModelShape(152064, 3584, 18944, 28, 28, 4, 128, False),
+    "qwen2.5-14b": ModelShape(152064, 5120, 13824, 48, 40, 8, 128, False),
+    "qwen2.5-32b": ModelShape(152064, 5120, 27648, 64, 40, 8, 128, False),
+}
+
+
+def model_shape(spec: str) -> ModelShape:
+    key = spec.lower().removeprefix("qwen/").removesuffix("-instruct")
+    if key in BUILTIN:
+        return BUILTIN[key]
+    from transformers import AutoConfig, PretrainedConfig
+
+    path = Path(spec)
+    if path.suffix == ".json" and path.is_file():
+        return ModelShape.from_config(PretrainedConfig(**json.loads(path.read_text())))
+    from grpo_ds.models import resolve_model
+
+    return ModelShape.from_config(AutoConfig.from_pretrained(resolve_model(spec)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help=f"config.json, folder, hub id, 'embedded' or one of "
+                                                       f"{', '.join(BUILTIN)}")
+    parser.add_argument("--num_gpus", type=int, default=8, help="data-parallel devices")
+    parser.add_argument("--zero", type=int, choices=(2, 3), default=2, help="ZeRO stage")
+    parser.add_argument("--offload", action="store_true", help="optimizer and parameters in CPU memory")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--gpu_gib", type=float, default=80.0, help="device memory to fit in")
+    parser.add_argument("--no_reference", action="store_true", help="kl_weight 0: no reference model")
+    parser.add_argument("--reference_offload", action="store_true")
+    parser.add_argument("--no_gradient_checkpointing", action="store_true")
+    for flag, default in (("rollouts_per_step", 32), ("group_size", 12), ("prompt_tokens", 256),
+                          ("max_new_tokens", 512), ("train_batch_size", 16), ("rollout_batch_size", 0)):
+        parser.add_argument(f"--{flag}", type=int, default=default, help=f"as the trainer's flag (default {default})")
+    args = parser.parse_args()
+    try:
+        shape = model_shape(args.model)
+    except (OSError, ValueError) as err:
+        print(f"error: --model {args.model!r}: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    run = RunShape(num_devices=args.num_gpus, zero_stage=args.zero, offload=args.offload, precision=args.precision,
+                   reference=not args.no_reference, reference_offload=args.reference_offload,
+                   rollouts_per_step=args.rollouts_per_step, group_size=args.group_size,
+                   prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
+                   train_batch_size=args.train_batch_size, rollout_batch_size=args.rollout_batch_size,
+                   gradient_checkpointing=not args.no_gradient_checkpointing)
+    print(report(shape, run, args.gpu_gib))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The memory planner's arithmetic, checked against hand counts and real models' parameter counts."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from grpo_ds.memory import GIB, ModelShape, RunShape, estimate
+
+
+def test_parameter_count_matches_a_real_model():
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    assert ModelShape.from_config(config).num_parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_smollm2_shape_is_135m():
+    # SmolLM2-135M: 30 layers, hidden 576, MLP 1536, 9 heads of 64, 3 KV heads, 49152 tokens, tied embeddings
+    shape = ModelShape(vocab=49152, hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64,
+                       tied=True)
+    assert shape.num_parameters == 134_515_008
+
+
+def test_zero3_partitions_what_zero2_replicates():
+    shape = ModelShape(vocab=1000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=4, head_dim=16, tied=True)
+    P = shape.num_parameters
+    z2 = estimate(shape, RunShape(num_devices=4, zero_stage=2))
+    z3 = estimate(shape, RunShape(num_devices=4, zero_stage=3))
+    # bf16: 2 bytes per weight; the optimizer keeps fp32 master + two moments = 12 bytes, partitioned by 4
+    assert z2["policy_weights"] == 2 * P and z3["policy_weights"] == 2 * P // 4
+    assert z2["reference"] == 2 * P and z3["reference"] == 2 * P // 4
+    assert z2["optimizer"] == z3["optimizer"] == 12 * P // 4
+    # ZeRO-3 gathers the whole policy for generation, ZeRO-2 already holds it
+    assert z3["gathered_policy"] == 2 * P - 2 * P // 4 and z2["gathered_policy"] == 0
+    offloaded = estimate(shape, RunShape(num_devices=4, zero_stage=3, offload=True))
+    assert offloaded["optimizer"] == 0 and offloaded["policy_weights"] == 0
+
+
+def test_kv_cache_by_hand():
+    shape = ModelShape(vocab=10, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, tied=True)
+    run = RunShape(num_devices=2, zero_stage=2, rollouts_per_step=4, group_size=3, prompt_tokens=10,
+                   max_new_tokens=6)
+    # 2 prompts per device x 3 completions = 6 rows; 16 tokens; K and V for 2 layers x 2 heads x 16 dims x 2 bytes
+    assert estimate(shape, run)["kv_cache"] == 6 * 16 * (2 * 2 * 2 * 16 * 2)
+
+
+def test_checkpointing_keeps_fewer_activations():
+    shape = ModelShape(vocab=1000, hidden=256, intermediate=512, layers=12, heads=8, kv_heads=8, head_dim=32,
+                       tied=True)
+    with_ckpt = estimate(shape, RunShape(num_devices=1, zero_stage=2))["activations"]
+    without = estimate(shape, RunShape(num_devices=1, zero_stage=2, gradient_checkpointing=False))["activations"]
+    assert without > 5 * with_ckpt
+    assert estimate(shape, RunShape(num_devices=1, zero_stage=2))["total"] < 80 * GIB
