@@ -130,7 +130,12 @@ def load_model(path: str, dtype: torch.dtype, gradient_checkpointing: bool = Fal
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with inputs that do not require grad and with ZeRO-3 hooks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed the method; older releases only have gradient_checkpointing_enable.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False  # training forwards; generate() turns the cache on for itself
     return model
 

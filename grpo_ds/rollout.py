@@ -68,12 +68,14 @@ class _StopWhen(StoppingCriteria):
 @torch.no_grad()
 def generate_groups(model, tokenizer, prompts: list[str], *, group_size: int, max_new_tokens: int,
                     temperature: float, top_p: float, rollout_batch_size: int = 0, max_length: int = 0,
-                    synced_gpus: bool = False, should_stop: Optional[Callable[[], bool]] = None) -> Rollout:
+                    synced_gpus: bool = False, should_stop: Optional[Callable[[], bool]] = None,
+                    fixed_length: bool = False) -> Rollout:
     """All `group_size` completions of every prompt, in batched `generate` calls of `rollout_batch_size` rows
     (0: all N rows in one call). Prompts are tokenized once, left-padded, and each is repeated G times in a row,
     so rows [g * G, (g + 1) * G) form prompt g's group. `synced_gpus` keeps ZeRO-3 ranks stepping together when
     parameters are gathered per forward. `max_length` (0: none) caps prompt + completion. `should_stop` ends
     decoding early (the caller then abandons the rollout), so a preemption signal is honoured within one token.
+    `fixed_length` suppresses EOS until max_new_tokens, so every completion has the same length (benchmarks).
     """
     assert tokenizer.padding_side == "left", "generation needs left padding"
     device = next(model.parameters()).device
@@ -94,7 +96,7 @@ def generate_groups(model, tokenizer, prompts: list[str], *, group_size: int, ma
         out = model.generate(
             input_ids=prompt_ids_NP[start:start + chunk], attention_mask=prompt_mask_NP[start:start + chunk],
             do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if fixed_length else 0,
             eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True, synced_gpus=synced_gpus,
             stopping_criteria=stopping)
         completions.append(out[:, num_prompt:])
