@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -37,6 +37,8 @@ SYSTEM_PROMPT = (
 class Problem:
     question: str
     answer: str  # gold final answer as a plain numeric string: "72", "-3", "2.5" (commas stripped)
+    # the dataset's own answer text (GSM8K: the worked solution ending in "#### n"); not part of equality
+    solution: str = field(default="", compare=False, repr=False)
 
 
 # ----------------------------------------------------------------------------------------------- answers
@@ -343,7 +345,7 @@ def _to_problems(rows: Iterable[tuple[str, Any]], source: str, bad_answers: str)
                 raise ValueError(f"{where}: answer has no parsable final number ('#### n'): {answer[:60]!r}")
             skipped += 1
             continue
-        problems.append(Problem(question, gold))
+        problems.append(Problem(question, gold, answer))
     if not problems:
         raise ValueError(f"{source}: no usable rows ({skipped} skipped without a parsable answer)")
     if skipped:

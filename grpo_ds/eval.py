@@ -217,26 +217,12 @@ def _gather(obj) -> list:
 
 def gold_solutions(dataset: str, split: str = "test", limit: int | None = None) -> tuple[list[str], list[Problem]]:
     """(solutions, problems): a GSM8K-style dataset's reference solutions, to be scored as if a model had written
-    them. Rows are read and their gold parsed exactly as data.load_problems does; rows without a parsable final
-    answer are skipped, as there."""
-    from . import data
-
-    suffix = Path(dataset).suffix.lower()
-    readers = {".jsonl": data._jsonl_rows, ".json": data._json_rows, ".parquet": data._parquet_rows}
-    if suffix in readers and not Path(dataset).is_file():
+    them. Rows are read by data.load_problems itself, so the gold is parsed exactly as in training; rows without a
+    parsable final answer are skipped, as there."""
+    if Path(dataset).suffix.lower() in (".jsonl", ".json", ".parquet") and not Path(dataset).is_file():
         raise ValueError(f"--data '{dataset}': file not found")
-    rows = readers[suffix](dataset) if suffix in readers else data._hub_rows(dataset, split)
-    solutions, problems = [], []
-    for where, row in rows:
-        if not isinstance(row, dict) or not isinstance(row.get("answer"), str):
-            raise ValueError(f"{where}: expected an object with a string 'answer' field")
-        gold = data._gold_answer(row["answer"])
-        if gold is not None:
-            solutions.append(row["answer"])
-            problems.append(Problem(str(row.get("question", "")), gold))
-    if not problems:
-        raise ValueError(f"--data '{dataset}': no rows with a parsable final answer")
-    return solutions[:limit], problems[:limit]
+    problems = load_problems(dataset, split, num_problems=limit)
+    return [p.solution for p in problems], problems
 
 
 # ----------------------------------------------------------------------------- the command

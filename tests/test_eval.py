@@ -193,7 +193,9 @@ def test_two_ranks_reproduce_one_process(varied_model, dataset_with_known_answer
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     one, two = read_predictions(tmp_path / "one"), read_predictions(tmp_path / "two")
     assert len(one) == len(QUESTIONS)
-    assert one == two  # same completions, scores and token counts, problem by problem
+    # same completions, scores and token counts, problem by problem (the first difference is shown if any)
+    diff = next(((a, b) for a, b in zip(one, two) if a != b), None)
+    assert one == two, f"first differing prediction: {diff}; 2-rank log: {proc.stderr[-1500:]}"
     summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two")]
     assert summaries[1]["world_size"] == 2
     for key in ("n", "accuracy_strict", "accuracy_lenient", "format_rate", "completion_tokens"):
