@@ -188,16 +188,20 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
             batch_std = (float(dist.all_gather_cat(rewards_BG.flatten().to(device)).std())
                          if cfg.scale_rewards == "batch" else None)
             advantages_N = group_advantages(rewards_BG, cfg.scale_rewards, batch_std).flatten()
+            # A step in which every group on every rank tied carries no policy-gradient signal. Its update would
+            # still move the weights: AdamW scales the float noise of a near-zero KL gradient up to a full lr-sized
+            # step (seen here: KL 0 -> 0.08 after one such step at lr 1e-4). So skip it, and its reference pass.
+            has_signal = dist.any_rank(bool(advantages_N.any()))
 
             # 5. reference (and, off-policy, old) log-probs, micro-batch by micro-batch without gradients
             t0 = time.perf_counter()
             experience = Experience(rollout.sequences_NT.cpu(), rollout.attention_mask_NT.cpu(), mask_NC,
                                     rewards_BG.flatten(), advantages_N)
-            if reference is not None:
+            if reference is not None and has_signal:
                 experience.ref_logprobs_NC = _logprobs_by_micro_batch(reference, experience, mb, cfg.temperature)
             reference_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            if not layout.on_policy:
+            if not layout.on_policy and has_signal:
                 experience.old_logprobs_NC = _logprobs_by_micro_batch(policy, experience, mb, cfg.temperature)
             old_logprobs_s = time.perf_counter() - t0
 
@@ -209,7 +213,7 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
             accum = layout.gradient_accumulation_steps
             sums = torch.zeros(5, dtype=torch.float64)  # loss, kl_sum, clipped_tokens, num_tokens, skipped steps
             grad_norms, nonfinite = [], []
-            for epoch in range(cfg.epochs_per_step):
+            for epoch in range(cfg.epochs_per_step if has_signal else 0):
                 shuffle = torch.Generator().manual_seed(seed_for(cfg.seed, step, rank, epoch))
                 micro_batches = list(buffer.micro_batches(mb, shuffle))
                 # dapo divides by the token count of the whole optimizer step on all ranks: one all-reduce per epoch
@@ -253,7 +257,7 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
             # 8. log: one all-reduce of sums, then ratios
             metrics = _reduce_metrics(sums, rewards_BG, reward_stats, mask_NC, rollout.truncated_N, layout,
                                       grad_norms, device)
-            metrics.update(lr=policy.get_lr()[0], rollout_s=rollout_s, reference_s=reference_s,
+            metrics.update(update_skipped=int(not has_signal), lr=policy.get_lr()[0], rollout_s=rollout_s, reference_s=reference_s,
                            old_logprobs_s=old_logprobs_s, train_s=train_s, step_s=time.perf_counter() - t_step,
                            rollout_tokens_per_s=metrics.pop("completion_tokens") / max(rollout_s, 1e-9))
             if metrics["skipped_steps"]:
@@ -352,7 +356,7 @@ def _reduce_metrics(sums: torch.Tensor, rewards_BG: torch.Tensor, reward_stats: 
     reward_mean = r_sum / n
     return {
         "loss": loss_sum / layout.optimizer_steps_per_step,
-        "kl": kl_sum / max(tokens, 1),
+        "kl": kl_sum / tokens if tokens else float("nan"),  # nan: no update, so nothing was measured
         # every rank reports the same global norm, so the sum over ranks counts each one world times
         "grad_norm": norm_sum / norm_count if norm_count else float("nan"),
         "skipped_steps": int(skipped / world),
@@ -362,7 +366,7 @@ def _reduce_metrics(sums: torch.Tensor, rewards_BG: torch.Tensor, reward_stats: 
         "format_rate": formatted / n,
         "reward_errors": int(reward_errors),
         "frac_zero_std_groups": zero_std / groups,
-        "clip_frac": clipped / max(tokens, 1),
+        "clip_frac": clipped / tokens if tokens else float("nan"),
         "completion_len_mean": completion_tokens / n,
         "truncated_frac": truncated / n,
         "completion_tokens": completion_tokens,

@@ -11,7 +11,7 @@ RUNNER = ROOT / "tests" / "run_train.py"
 
 # small and fast: 4 prompts x 4 completions of 8 tokens, a reward the tiny model can learn, weights that move
 TINY_FLAGS = ["--rollouts_per_step", "4", "--group_size", "4", "--train_batch_size", "4", "--max_new_tokens", "8",
-              "--reward", "learnable:sevens", "--lr", "1e-2", "--kl_weight", "0.05", "--log_completions_steps", "1"]
+              "--reward", "learnable:sevens_dense", "--lr", "1e-2", "--kl_weight", "0.05", "--log_completions_steps", "1"]
 
 
 def free_port() -> int:

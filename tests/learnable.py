@@ -8,3 +8,18 @@ def sevens(completion: str, gold: str) -> float:
     0.75
     """
     return completion.count("7") / len(completion) if completion else 0.0
+
+
+def sevens_dense(completion: str, gold: str) -> float:
+    """sevens plus 0.01 per distinct character: groups practically never tie, so every step of the short
+    multi-process tests carries a learning signal (a step where all groups tie skips its update).
+
+    >>> round(sevens_dense("7a77", "0"), 2)
+    0.77
+    """
+    return sevens(completion, gold) + 0.01 * len(set(completion))
+
+
+def constant(completion: str, gold: str) -> float:
+    """The same reward for everything: no group ever carries a signal."""
+    return 1.0

@@ -72,3 +72,23 @@ def test_evaluation_during_training_changes_nothing_else(tmp_path, tiny_model):
     assert [r["reward_mean"] for r in evaluated] == [r["reward_mean"] for r in plain]
     assert [r["loss"] for r in evaluated] == [r["loss"] for r in plain]
     assert (out / "metrics.png").is_file()
+
+
+def test_a_step_without_signal_leaves_the_weights_alone(tmp_path, tiny_model):
+    # every completion gets the same reward, so every advantage is 0: without the skip, AdamW would turn the float
+    # noise of the KL gradient into a full-size step
+    from launch import run
+    from test_distributed import records
+
+    out = tmp_path / "run"
+    run(["--model", str(tiny_model), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "0",
+         "--rollouts_per_step", "2", "--group_size", "4", "--train_batch_size", "8", "--max_new_tokens", "6",
+         "--reward", "learnable:constant", "--lr", "1e-2", "--kl_weight", "0.1"], tmp_path, nprocs=1)
+    rows = records(out, nprocs=1)[0]
+    assert [r["metrics"]["update_skipped"] for r in rows] == [1, 1]
+    assert rows[0]["fingerprint"] == rows[1]["fingerprint"]
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    assert all(torch.equal(initial[k], final[k]) for k in final)
