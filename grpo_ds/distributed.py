@@ -270,35 +270,33 @@ def is_zero3(engine) -> bool:
     return engine.zero_optimization_stage() == 3
 
 
-def gathered_for_generation(engine, enabled: bool):
-    """Under ZeRO-3, gather every parameter once for the whole generation phase: otherwise each decoding step
-    gathers each layer again, 50-100x slower. A no-op for other stages, or when disabled for models that do not
-    fit on one device (then generate() must run with synced_gpus)."""
-    if not (is_zero3(engine) and enabled):
+def gathered(engine):
+    """Every parameter whole on every rank for the duration (ZeRO-3); a no-op for other stages."""
+    if not is_zero3(engine):
         return contextlib.nullcontext()
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
 
 
+def gathered_for_generation(engine, enabled: bool):
+    """Under ZeRO-3, gather every parameter once for the whole generation phase: otherwise each decoding step
+    gathers each layer again, 50-100x slower. A no-op for other stages, or when disabled for models that do not
+    fit on one device (then generate() must run with synced_gpus)."""
+    return gathered(engine) if enabled else contextlib.nullcontext()
+
+
 def weights_fingerprint(engine) -> torch.Tensor:
     """A float64 checksum of every parameter (gathered under ZeRO-3), equal on all ranks when they are in sync."""
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    ctx = deepspeed.zero.GatheredParameters(params) if is_zero3(engine) else contextlib.nullcontext()
-    with ctx, torch.no_grad():
+    with gathered(engine), torch.no_grad():
+        params = list(engine.module.parameters())
         return torch.stack([p.double().sum() * (i + 1) for i, p in enumerate(params)]).sum().cpu()
 
 
 def export_hf(engine, tokenizer, path: str, dtype: Optional[torch.dtype] = None) -> None:
     """Save the policy as a Hugging Face folder (weights gathered under ZeRO-3, tokenizer and chat template
     included), written by rank 0; every rank must call it."""
-    import deepspeed
-
     module = engine.module
-    params = list(module.parameters())
-    ctx = deepspeed.zero.GatheredParameters(params) if is_zero3(engine) else contextlib.nullcontext()
     # A tied parameter (lm_head = embeddings) is listed under each name; the copies below would no longer share
     # storage, so keep its first name only and let from_pretrained re-tie it.
     seen, tied = set(), set()
@@ -307,7 +305,7 @@ def export_hf(engine, tokenizer, path: str, dtype: Optional[torch.dtype] = None)
             tied.add(name)
         seen.add(id(param))
     state = None
-    with ctx:
+    with gathered(engine):
         if torch.distributed.get_rank() == 0:
             state = {k: v.detach().to("cpu", dtype or v.dtype).clone() for k, v in module.state_dict().items()
                      if k not in tied}

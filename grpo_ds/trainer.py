@@ -98,10 +98,12 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
                                    difficulty=cfg.difficulty, seed=cfg.seed, bad_answers=cfg.bad_answers)
                      if cfg.eval_steps else [])
     resume_path = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from)
+    resume_step = 0
     if resume_path is not None:
-        checkpoint.check_compatible(checkpoint.read_state(resume_path), world, dist.zero_stage(ds_config),
-                                    resume_path)
-    _prepare_output_dir(cfg, rank, resume_path)
+        resume_state = checkpoint.read_state(resume_path)
+        checkpoint.check_compatible(resume_state, world, dist.zero_stage(ds_config), resume_path)
+        resume_step = resume_state["step"]
+    _prepare_output_dir(cfg, rank, resume_path, resume_step)
     model_path = resolve_model(cfg.model)
     if cfg.report_to == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "offline"
@@ -310,7 +312,7 @@ def _preempt(signal_name: str, step: int, saved_step: int, save_checkpoint, cfg:
                     f"--resume_from latest")
 
 
-def _prepare_output_dir(cfg: Config, rank: int, resume_path: Optional[Path]) -> None:
+def _prepare_output_dir(cfg: Config, rank: int, resume_path: Optional[Path], resume_step: int) -> None:
     """Refuse to mix two runs in one folder; on resume, drop log rows past the checkpoint (they will be redone)."""
     output_dir = Path(cfg.output_dir)
     existing = checkpoint.latest_checkpoint(cfg.output_dir)
@@ -323,11 +325,10 @@ def _prepare_output_dir(cfg: Config, rank: int, resume_path: Optional[Path]) -> 
         for name in (checkpoint.CHECKPOINTS, "exports", "final"):
             shutil.rmtree(output_dir / name, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    keep_until = checkpoint.read_state(resume_path)["step"] if resume_path is not None else 0
     for name in ("metrics.jsonl", "completions.jsonl"):
         path = output_dir / name
         if path.is_file():
-            rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until]
+            rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
             path.write_text("".join(row + "\n" for row in rows))
 
 
