@@ -14,6 +14,7 @@ Exit codes: 0 done, 2 bad input (one line on stderr), 3 stopped after repeated n
 import sys
 
 from grpo_ds.config import parse_args
+from grpo_ds.distributed import shutdown
 from grpo_ds.trainer import NonFiniteError, Preempted, train
 
 
@@ -34,4 +35,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        shutdown()
+    sys.exit(code)

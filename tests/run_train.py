@@ -91,4 +91,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        dist.shutdown()
+    sys.exit(code)
