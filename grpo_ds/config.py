@@ -43,7 +43,8 @@ class Config:
     bad_answers: str = _field("skip", "Dataset rows without a parsable '#### n' answer: 'skip' (counted) or 'error'.")
     reward: str = _field("math", "Reward: 'math' (numeric equivalence + 0.1 format), 'math_shaped' (math + 0.05 "
                          "per answer tag, for models that never close the tags yet), 'seed' (the tutorial's "
-                         "1/0.5/0.01 scheme) or 'module:function' taking (completion, gold) -> float.")
+                         "1/0.5/0.01 scheme), 'hash' (benchmarks only: a pseudo-random score of the text, so groups "
+                         "never tie) or 'module:function' taking (completion, gold) -> float.")
     ds_config: str = _field("ds_configs/zero2.json", "DeepSpeed JSON with engine settings (ZeRO stage, bf16, "
                             "offload). Batch sizes, optimizer, scheduler and clipping are filled from the flags.")
     output_dir: str = _field("runs/grpo", "Where metrics.jsonl, completions.jsonl and the final model go.")

@@ -287,10 +287,16 @@ def gathered(engine):
 
 
 def gathered_for_generation(engine, enabled: bool):
-    """Under ZeRO-3, gather every parameter once for the whole generation phase: otherwise each decoding step
-    gathers each layer again, 50-100x slower. A no-op for other stages, or when disabled for models that do not
-    fit on one device (then generate() must run with synced_gpus)."""
-    return gathered(engine) if enabled else contextlib.nullcontext()
+    """Under ZeRO-3, gather every parameter once for the whole generation phase and lift DeepSpeed's per-module
+    fetch hooks meanwhile (DeepSpeed's own unwrap_model_for_generation): otherwise every decoding step gathers each
+    layer again, or at least runs every hook (measured on an H200, Qwen2.5-0.5B: 6.7x slower rollout than ZeRO-2
+    with the parameters gathered but the hooks left on). A no-op for other stages, or when disabled for models that
+    do not fit on one device (then generate() must run with synced_gpus)."""
+    if not (enabled and is_zero3(engine)):
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(engine)
 
 
 def weights_fingerprint(engine) -> torch.Tensor:

@@ -52,6 +52,32 @@ class ModelShape:
         return self.layers * per_layer + embeddings + self.hidden
 
 
+# Qwen2.5 (vocab 151936 for the tied small models, 152064 for the others), as in their published config.json files.
+ARCHITECTURES = {
+    "qwen2.5-0.5b": ModelShape(151936, 896, 4864, 24, 14, 2, 64, True),
+    "qwen2.5-1.5b": ModelShape(151936, 1536, 8960, 28, 12, 2, 128, True),
+    "qwen2.5-7b": ModelShape(152064, 3584, 18944, 28, 28, 4, 128, False),
+    "qwen2.5-14b": ModelShape(152064, 5120, 13824, 48, 40, 8, 128, False),
+    "qwen2.5-32b": ModelShape(152064, 5120, 27648, 64, 40, 8, 128, False),
+}
+
+
+def architecture(name: str) -> ModelShape | None:
+    """A built-in architecture by name ('qwen2.5-7b', 'Qwen/Qwen2.5-7B-Instruct'), or None."""
+    return ARCHITECTURES.get(name.lower().removeprefix("qwen/").removesuffix("-instruct"))
+
+
+def qwen2_config_dict(shape: ModelShape) -> dict:
+    """A transformers config.json for a Qwen2 model of this shape (the fields Qwen2.5's files set), so a model with
+    the real architecture and random weights can be built where no hub is reachable."""
+    return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": shape.vocab,
+            "hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
+            "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
+            "num_key_value_heads": shape.kv_heads, "tie_word_embeddings": shape.tied, "hidden_act": "silu",
+            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+            "use_sliding_window": False, "attention_dropout": 0.0, "initializer_range": 0.02}
+
+
 @dataclass(frozen=True)
 class RunShape:
     num_devices: int
@@ -104,6 +130,15 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
     out = {**resident, **generation, **training}
     out["total"] = sum(resident.values()) + max(sum(generation.values()), sum(training.values()))
     return out
+
+
+def decode_bound(model: ModelShape, params: int, rows: int, prompt_tokens: float, new_tokens: int,
+                 bytes_per_s: float, elem_bytes: int = 2) -> float:
+    """Tokens/s that decoding `rows` sequences together on one device cannot exceed: each decoding step reads
+    every weight once and the KV cache written so far (at its mean length over the completion)."""
+    kv_per_token = 2 * model.layers * model.kv_heads * model.head_dim * elem_bytes
+    bytes_per_step = params * elem_bytes + rows * (prompt_tokens + new_tokens / 2) * kv_per_token
+    return rows * bytes_per_s / bytes_per_step
 
 
 def report(model: ModelShape, run: RunShape, device_gib: float) -> str:

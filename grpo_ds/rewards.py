@@ -15,6 +15,7 @@ Nothing here raises on model output: malformed text scores 0. The module is pure
 cheap to test and usable from evaluation scripts.
 """
 
+import hashlib
 import importlib
 import logging
 import math
@@ -189,7 +190,21 @@ def math_shaped_reward(completion: str, gold: str) -> float:
     return math_reward(completion, gold) + tags
 
 
-REWARDS: dict[str, RewardFn] = {"math": math_reward, "seed": seed_reward, "math_shaped": math_shaped_reward}
+def hash_reward(completion: str, gold: str) -> float:
+    """For benchmarks, not learning: a score in [0, 1) drawn from the SHA-256 of the completion's text.
+
+    A model that never answers (random weights, or any model on a fixed-length run) scores 0 everywhere, so every
+    group ties and the trainer skips the step's reference pass and update; distinct texts almost never tie here,
+    so every benchmarked step does the full work. Deterministic: equal texts score equally on any rank or run.
+
+    >>> hash_reward("abc", "1") == hash_reward("abc", "2"), 0 <= hash_reward("abc", "1") < 1
+    (True, True)
+    """
+    return int.from_bytes(hashlib.sha256(completion.encode()).digest()[:8], "big") / 2 ** 64
+
+
+REWARDS: dict[str, RewardFn] = {"math": math_reward, "seed": seed_reward, "math_shaped": math_shaped_reward,
+                                "hash": hash_reward}
 
 
 def get_reward_fn(spec: str) -> RewardFn:
@@ -201,7 +216,7 @@ def get_reward_fn(spec: str) -> RewardFn:
     >>> get_reward_fn("foo")
     Traceback (most recent call last):
     ...
-    ValueError: --reward 'foo': not a preset (math, seed, math_shaped) and not module:function
+    ValueError: --reward 'foo': not a preset (math, seed, math_shaped, hash) and not module:function
     """
     if spec in REWARDS:
         return REWARDS[spec]

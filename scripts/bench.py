@@ -55,6 +55,7 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     peaks = dist.all_gather_objects(peak_memory_bytes())
+    reserved = dist.all_gather_objects(torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0)
     if torch.distributed.get_rank() != 0:
         return 0
     measured = history[warmup:]
@@ -68,6 +69,7 @@ def main() -> int:
         "completions_per_s": completions / median["step_s"],
         "completion_tokens_per_s": completions * median["completion_len_mean"] / median["step_s"],
         "peak_memory_gib_per_rank": [round(p / 1024 ** 3, 3) for p in peaks],
+        "peak_reserved_gib_per_rank": [round(p / 1024 ** 3, 3) for p in reserved],  # the CUDA caching allocator's
         "steps": measured,
     }
     path = Path(json_path or Path(cfg.output_dir) / "bench.json")
@@ -90,4 +92,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        dist.shutdown()
+    sys.exit(code)

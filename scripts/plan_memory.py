@@ -14,22 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from grpo_ds.memory import ModelShape, RunShape, report
-
-# Qwen2.5 (vocab 151936 for the tied small models, 152064 for the others), as in their config.json files.
-BUILTIN = {
-    "qwen2.5-0.5b": ModelShape(151936, 896, 4864, 24, 14, 2, 64, True),
-    "qwen2.5-1.5b": ModelShape(151936, 1536, 8960, 28, 12, 2, 128, True),
-    "qwen2.5-7b": ModelShape(152064, 3584, 18944, 28, 28, 4, 128, False),
-    "qwen2.5-14b": ModelShape(152064, 5120, 13824, 48, 40, 8, 128, False),
-    "qwen2.5-32b": ModelShape(152064, 5120, 27648, 64, 40, 8, 128, False),
-}
-
+from grpo_ds.memory import ARCHITECTURES, ModelShape, RunShape, architecture, report
 
 def model_shape(spec: str) -> ModelShape:
-    key = spec.lower().removeprefix("qwen/").removesuffix("-instruct")
-    if key in BUILTIN:
-        return BUILTIN[key]
+    if architecture(spec) is not None:
+        return architecture(spec)
     from transformers import AutoConfig, PretrainedConfig
 
     path = Path(spec)
@@ -43,7 +32,7 @@ def model_shape(spec: str) -> ModelShape:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help=f"config.json, folder, hub id, 'embedded' or one of "
-                                                       f"{', '.join(BUILTIN)}")
+                                                       f"{', '.join(ARCHITECTURES)}")
     parser.add_argument("--num_gpus", type=int, default=8, help="data-parallel devices")
     parser.add_argument("--zero", type=int, choices=(2, 3), default=2, help="ZeRO stage")
     parser.add_argument("--offload", action="store_true", help="optimizer and parameters in CPU memory")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo_ds.memory import GIB, ModelShape, RunShape, estimate
+from grpo_ds.memory import GIB, ModelShape, RunShape, architecture, decode_bound, estimate, qwen2_config_dict
 
 
 def test_parameter_count_matches_a_real_model():
@@ -51,3 +51,29 @@ def test_checkpointing_keeps_fewer_activations():
     without = estimate(shape, RunShape(num_devices=1, zero_stage=2, gradient_checkpointing=False))["activations"]
     assert without > 5 * with_ckpt
     assert estimate(shape, RunShape(num_devices=1, zero_stage=2))["total"] < 80 * GIB
+
+
+def test_qwen2_config_builds_the_shape_it_describes():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = ModelShape(vocab=1000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, tied=True)
+    config = AutoConfig.for_model(**qwen2_config_dict(shape))
+    assert ModelShape.from_config(config) == shape
+    model = AutoModelForCausalLM.from_config(config)
+    qkv_biases = shape.layers * (shape.heads + 2 * shape.kv_heads) * shape.head_dim  # Qwen2's only biases
+    assert sum(p.numel() for p in model.parameters()) == shape.num_parameters + qkv_biases
+
+
+def test_builtin_qwen_half_b_counts_the_published_parameters():
+    shape = architecture("Qwen/Qwen2.5-0.5B-Instruct")
+    assert shape is architecture("qwen2.5-0.5b") and architecture("llama-9b") is None
+    # 494,032,768: Qwen2.5-0.5B's count, also what scripts/gpu_check.py's model reported (docs/bench/)
+    assert shape.num_parameters + shape.layers * (shape.heads + 2 * shape.kv_heads) * shape.head_dim == 494_032_768
+
+
+def test_decode_bound_by_hand():
+    # 2 layers x 1 KV head x 4 dims x 2 (K and V) x 2 bytes = 32 bytes per token of cache
+    shape = ModelShape(vocab=10, hidden=8, intermediate=8, layers=2, heads=2, kv_heads=1, head_dim=4, tied=True)
+    # a step reads 1000 params x 2 bytes + 4 rows x (10 + 20/2) tokens x 32 bytes = 2000 + 2560 = 4560 bytes,
+    # at 4560 bytes/s that is one step per second, 4 tokens (one per row)
+    assert decode_bound(shape, params=1000, rows=4, prompt_tokens=10, new_tokens=20, bytes_per_s=4560) == 4.0

@@ -85,7 +85,7 @@ def test_presets():
     assert get_reward_fn("math") is math_reward
     assert get_reward_fn("seed") is seed_reward
     assert get_reward_fn("math_shaped") is math_shaped_reward
-    assert set(REWARDS) == {"math", "seed", "math_shaped"}
+    assert set(REWARDS) == {"math", "seed", "math_shaped", "hash"}
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -116,9 +116,9 @@ def test_module_function_spec(reward_module):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("foo", "--reward 'foo': not a preset (math, seed, math_shaped) and not module:function"),
-    (":half", "--reward ':half': not a preset (math, seed, math_shaped) and not module:function"),
-    ("mod:", "--reward 'mod:': not a preset (math, seed, math_shaped) and not module:function"),
+    ("foo", "--reward 'foo': not a preset (math, seed, math_shaped, hash) and not module:function"),
+    (":half", "--reward ':half': not a preset (math, seed, math_shaped, hash) and not module:function"),
+    ("mod:", "--reward 'mod:': not a preset (math, seed, math_shaped, hash) and not module:function"),
     ("grpo_ds_no_such_module:fn",
      "--reward 'grpo_ds_no_such_module:fn': cannot import module 'grpo_ds_no_such_module' (ModuleNotFoundError: "),
     ("grpo_ds_test_broken_reward:half",
@@ -201,3 +201,12 @@ def test_module_imports_no_torch_or_deepspeed():
             imported.add(node.module or "")
     assert imported, "the walk found no imports at all; the check would be vacuous"
     assert not {name for name in imported if name.split(".")[0] in ("torch", "deepspeed")}
+
+
+def test_hash_reward_is_deterministic_spread_and_ignores_gold():
+    from grpo_ds.rewards import hash_reward
+    texts = [f"completion {i}" for i in range(200)]
+    scores = [hash_reward(t, "0") for t in texts]
+    assert scores == [hash_reward(t, "999") for t in texts]  # the gold plays no part
+    assert all(0 <= s < 1 for s in scores) and len(set(scores)) == 200
+    assert 0.35 < sum(scores) / 200 < 0.65  # roughly uniform, so groups have a spread of advantages
