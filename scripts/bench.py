@@ -3,6 +3,12 @@
 
     python scripts/bench.py --steps 4 --warmup 1 --fixed_length true --max_new_tokens 128 ...
     deepspeed --num_gpus 2 scripts/bench.py --ds_config ds_configs/zero2.json ...
+    python scripts/bench.py --vs trl --nproc 2 --rounds 2 ...   # side by side with TRL's GRPOTrainer
+
+With `--vs trl` this process only orchestrates: each round runs grpo_ds and then TRL (scripts/bench_trl.py, the
+same flags translated to GRPOConfig; the order flips every round), each as its own job of --nproc ranks under the
+deepspeed launcher (or one plain process), and prints both sides' medians over every measured step and the ratio
+TRL / grpo_ds per phase: above 1 means grpo_ds is faster. TRL comes from the optional extra: pip install -e '.[bench]'.
 
 Every training flag is accepted (scripts/train.py --help). Reported per step, as medians over the steps after the
 warm-up: seconds per step and per phase (rollout, reference, old log-probs, train), rollout tokens/s (completion
@@ -14,8 +20,11 @@ sampling differs.
 
 import argparse
 import json
+import os
 import resource
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,18 +44,113 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
+ROOT = Path(__file__).resolve().parent.parent
+SIDE_FLAGS = ("--vs", "--nproc", "--rounds", "--json")  # this script's own; everything else is passed through
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job(script: str, nproc: int, flags: list[str]) -> list[str]:
+    path = str(ROOT / "scripts" / script)
+    if nproc == 1:
+        return [sys.executable, path, *flags]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(_free_port()), path, *flags]
+
+
+def _passed_through(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.split("=")[0] in SIDE_FLAGS:
+            skip = "=" not in arg
+        else:
+            out.append(arg)
+    return out
+
+
+def side_by_side(vs: str, nproc: int, rounds: int, cfg: Config, json_path: str | None) -> int:
+    """Alternate grpo_ds and TRL jobs on the same flags; print medians per phase and the TRL / grpo_ds ratios."""
+    if vs != "trl":
+        print(f"error: --vs {vs!r}: only 'trl' is supported", file=sys.stderr)
+        return 2
+    try:
+        import trl  # noqa: F401  (fail before any job starts)
+    except ImportError:
+        print("error: --vs trl needs TRL: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    flags = _passed_through(sys.argv[1:])
+    out = Path(cfg.output_dir)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    runs: dict[str, list[dict]] = {"grpo_ds": [], "trl": []}
+    for r in range(rounds):
+        order = ("grpo_ds", "trl") if r % 2 == 0 else ("trl", "grpo_ds")
+        for impl in order:
+            path = out / f"round{r + 1}_{impl}.json"
+            script = "bench.py" if impl == "grpo_ds" else "bench_trl.py"
+            job = _job(script, nproc, [*flags, "--output_dir", str(out / f"round{r + 1}_{impl}"), "--json", str(path)])
+            print(f"[bench] round {r + 1}/{rounds}: {impl}, {nproc} rank(s)", flush=True)
+            proc = subprocess.run(job, env=env)
+            if proc.returncode != 0 or not path.exists():
+                print(f"error: the {impl} job of round {r + 1} failed (exit {proc.returncode}): {' '.join(job)}",
+                      file=sys.stderr)
+                return 1
+            runs[impl].append(json.loads(path.read_text()))
+    keys = (*PHASES, "rollout_tokens_per_s", "completion_len_mean")
+    median = {impl: {k: statistics.median(s.get(k, 0.0) for run in rs for s in run["steps"]) for k in keys}
+              for impl, rs in runs.items()}
+    completions = cfg.rollouts_per_step * cfg.group_size
+    for impl in runs:
+        median[impl]["completions_per_s"] = completions / median[impl]["step_s"]
+    ratio = {k: (median["trl"][k] / median["grpo_ds"][k] if median["grpo_ds"][k] > 0 else None) for k in PHASES}
+    ratio["completions_per_s"] = median["grpo_ds"]["completions_per_s"] / median["trl"]["completions_per_s"]
+    result = {"vs": vs, "nproc": nproc, "rounds": rounds, "flags": flags, "median": median,
+              "ratio_trl_over_grpo_ds": ratio, "runs": runs}
+    path = Path(json_path or out / "bench_vs_trl.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    steps = sum(len(run["steps"]) for run in runs["grpo_ds"])
+    print(f"\ngrpo_ds vs TRL {__import__('trl').__version__}: {nproc} rank(s), {cfg.rollouts_per_step} prompts x "
+          f"{cfg.group_size}, {cfg.max_new_tokens} new tokens; medians of {steps} measured step(s) each over "
+          f"{rounds} round(s)")
+    print(f"  {'':<28}{'grpo_ds':>10}{'TRL':>10}{'TRL/grpo_ds':>13}")
+    for k in PHASES:
+        cell = "-" if ratio[k] is None else f"{ratio[k]:.2f}x"
+        print(f"  {k:<28}{median['grpo_ds'][k]:>10.2f}{median['trl'][k]:>10.2f}{cell:>13}")
+    print(f"  {'completions/s':<28}{median['grpo_ds']['completions_per_s']:>10.3f}"
+          f"{median['trl']['completions_per_s']:>10.3f}{ratio['completions_per_s']:>12.2f}x")
+    print(f"  {'completion length (mean)':<28}{median['grpo_ds']['completion_len_mean']:>10.1f}"
+          f"{median['trl']['completion_len_mean']:>10.1f}")
+    print(f"  -> {path}")
+    return 0
+
+
 def main() -> int:
     parser = build_parser(Config(save_steps=0, log_completions_steps=0, output_dir="runs/bench"))
     parser.add_argument("--steps", type=int, default=4, help="measured steps, after the warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
     parser.add_argument("--json", default=None, help="where to write the results (default: OUTPUT_DIR/bench.json)")
+    parser.add_argument("--vs", default=None, help="'trl': run TRL's GRPOTrainer on the same work, side by side")
+    parser.add_argument("--nproc", type=int, default=1, help="with --vs: ranks per job (deepspeed launcher)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --vs: grpo_ds/TRL pairs, order flipped each")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = vars(parser.parse_args())
     steps, warmup, json_path = args.pop("steps"), args.pop("warmup"), args.pop("json")
+    vs, nproc, rounds = args.pop("vs"), args.pop("nproc"), args.pop("rounds")
     args.pop("local_rank")
     if steps < 1 or warmup < 0:
         print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    if vs is not None:
+        if nproc < 1 or rounds < 1:
+            print("error: --nproc and --rounds must be >= 1", file=sys.stderr)
+            return 2
+        return side_by_side(vs, nproc, rounds, Config(**{**args, "max_steps": warmup + steps}), json_path)
     cfg = Config(**{**args, "max_steps": warmup + steps})
     started = time.time()
     try:
@@ -92,8 +196,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    code = None
     try:
         code = main()
     finally:
-        dist.shutdown()
+        dist.shutdown(synchronize=code is not None)
     sys.exit(code)

@@ -35,8 +35,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    code = None
     try:
         code = main()
     finally:
-        shutdown()
+        shutdown(synchronize=code is not None)
     sys.exit(code)

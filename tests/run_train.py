@@ -91,8 +91,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    code = None
     try:
         code = main()
     finally:
-        dist.shutdown()
+        dist.shutdown(synchronize=code is not None)
     sys.exit(code)

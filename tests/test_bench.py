@@ -30,3 +30,47 @@ def test_bench_reports_medians_of_the_measured_steps(tmp_path, tiny_model):
     assert result["completion_tokens_per_s"] == pytest.approx(80 / result["median"]["step_s"])
     assert len(result["peak_memory_gib_per_rank"]) == 1 and result["peak_memory_gib_per_rank"][0] > 0.1
     assert "completions/s (end to end)" in proc.stdout
+
+
+def test_trl_side_gets_grpo_ds_prompts_in_grpo_ds_order(tiny_model):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_trl import build_dataset
+    from transformers import AutoTokenizer
+
+    from grpo_ds.config import Config
+    from grpo_ds.data import PromptSampler, load_problems, render_prompt
+
+    cfg = Config(model=str(tiny_model), rollouts_per_step=3, seed=7)
+    rows = build_dataset(cfg, num_steps=2)
+    sampler = PromptSampler(load_problems("arithmetic", "train", difficulty=cfg.difficulty, seed=7), 7)
+    expected = sampler.next_batch(3) + sampler.next_batch(3)  # what the trainer takes at steps 1 and 2
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert [r["answer"] for r in rows] == [p.answer for p in expected]
+    # TRL renders a conversational prompt with the chat template: the same text grpo_ds generates from
+    assert [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows] \
+        == [render_prompt(tokenizer, p.question) for p in expected]
+
+
+def test_side_by_side_with_trl_alternates_and_reports_ratios(tmp_path, tiny_model):
+    out = tmp_path / "vs"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--vs", "trl", "--rounds", "2", "--model",
+         str(tiny_model), "--steps", "2", "--warmup", "1", "--fixed_length", "true", "--max_new_tokens", "6",
+         "--rollouts_per_step", "2", "--group_size", "4", "--train_batch_size", "4", "--reward", "hash",
+         "--output_dir", str(out)],
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    starts = [line for line in proc.stdout.splitlines() if line.startswith("[bench] round")]
+    assert starts == ["[bench] round 1/2: grpo_ds, 1 rank(s)", "[bench] round 1/2: trl, 1 rank(s)",
+                      "[bench] round 2/2: trl, 1 rank(s)", "[bench] round 2/2: grpo_ds, 1 rank(s)"]
+    result = json.loads((out / "bench_vs_trl.json").read_text())
+    for impl in ("grpo_ds", "trl"):
+        steps = [s for run in result["runs"][impl] for s in run["steps"]]
+        assert len(steps) == 4  # 2 measured steps x 2 rounds, warm-ups excluded
+        assert all(s["completion_len_mean"] == 6 for s in steps)  # identical fixed-length work on both sides
+        assert result["median"][impl]["step_s"] == statistics.median(s["step_s"] for s in steps)
+    assert result["runs"]["trl"][0]["settings"]["kl_weight"] == result["runs"]["grpo_ds"][0]["settings"]["kl_weight"]
+    ratio = result["ratio_trl_over_grpo_ds"]
+    assert ratio["step_s"] == pytest.approx(result["median"]["trl"]["step_s"] / result["median"]["grpo_ds"]["step_s"])
+    assert ratio["completions_per_s"] == pytest.approx(ratio["step_s"])
+    assert "TRL/grpo_ds" in proc.stdout
