@@ -88,6 +88,9 @@ class Config:
                                           "where memory is plentiful (CPU) to save the recomputation.")
     rollout_batch_size: int = _field(0, "Completions per generate() call on a rank (0: all of them at once); "
                                      "lower it to bound the KV cache memory.")
+    share_prefill: bool = _field(True, "Run each prompt's forward pass once and copy its KV cache to the G rows of "
+                                 "its group (needs rollout_batch_size a multiple of group_size, or 0); false "
+                                 "prefills every row.")
     fixed_length: bool = _field(False, "Suppress EOS so every completion is exactly max_new_tokens long (for "
                                 "benchmarks that compare implementations whose sampling differs).")
     zero3_gather_for_generation: bool = _field(True, "Under ZeRO-3, gather the full policy once for the whole "

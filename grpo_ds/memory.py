@@ -7,7 +7,8 @@ The pieces (bytes per device, P parameters, W devices, b bytes per compute eleme
 - optimizer: fp32 master weights and AdamW's two moments, 12P/W when the optimizer state has a master copy (bf16),
   8P/W in fp32 (the weights are the master); 0 on the device with offload_optimizer;
 - reference: P*b replicated, P*b/W under ZeRO-3, 0 on the device with --reference_offload;
-- generation: under ZeRO-3 the whole policy is gathered for the phase (P*b), plus the KV cache of the rows generated
+- generation: under ZeRO-3 the whole policy is gathered for the phase (P*b; two layers at a time with
+  --zero3_gather_for_generation false), plus the KV cache of the rows generated
   together and one step's fp32 logits;
 - training: the logits kept for backward (micro x C x V), the fp32 chunk of the log-softmax, and activations: with
   checkpointing one hidden state per layer plus one layer recomputed in full, without it every layer's.
@@ -93,6 +94,7 @@ class RunShape:
     train_batch_size: int = 16  # completions per micro-batch
     rollout_batch_size: int = 0  # rows per generate call; 0 = all of a rank's completions
     gradient_checkpointing: bool = True
+    gather_for_generation: bool = True  # --zero3_gather_for_generation: whole policy gathered while generating
     reduce_bucket_elements: int = 200_000_000
 
 
@@ -113,7 +115,9 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
     rows = run.rollout_batch_size or (run.rollouts_per_step // W) * run.group_size
     kv_per_token = 2 * model.layers * model.kv_heads * model.head_dim * b
     generation = {
-        "gathered_policy": P * b - resident["policy_weights"] if zero3 else 0,
+        # ZeRO-3 gathers the whole policy for generation, or else streams it a layer (and a prefetched one) at a time
+        "gathered_policy": (0 if not zero3 else P * b - resident["policy_weights"] if run.gather_for_generation
+                            else (P // model.layers) * b * 2),
         "kv_cache": rows * total_tokens * kv_per_token,
         "generation_logits": rows * model.vocab * 4,
     }

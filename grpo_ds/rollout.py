@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 
 @dataclass
@@ -65,17 +65,33 @@ class _StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.predicate(), dtype=torch.bool, device=input_ids.device)
 
 
+def _shared_prefill(model, encoded, first: int, count: int, group_size: int) -> DynamicCache:
+    """The KV cache of prompts [first, first + count) minus their last token, computed once per prompt and
+    repeated for the group's rows; generate() then feeds only the last prompt token before sampling."""
+    device = next(model.parameters()).device
+    ids_BP = encoded["input_ids"][first:first + count, :-1].to(device)
+    mask_BP = encoded["attention_mask"][first:first + count, :-1].to(device)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids_BP, attention_mask=mask_BP, position_ids=(mask_BP.long().cumsum(1) - 1).clamp(min=0),
+          past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(group_size)
+    return cache
+
+
 @torch.no_grad()
 def generate_groups(model, tokenizer, prompts: list[str], *, group_size: int, max_new_tokens: int,
                     temperature: float, top_p: float, rollout_batch_size: int = 0, max_length: int = 0,
                     synced_gpus: bool = False, should_stop: Optional[Callable[[], bool]] = None,
-                    fixed_length: bool = False) -> Rollout:
+                    fixed_length: bool = False, share_prefill: bool = True) -> Rollout:
     """All `group_size` completions of every prompt, in batched `generate` calls of `rollout_batch_size` rows
     (0: all N rows in one call). Prompts are tokenized once, left-padded, and each is repeated G times in a row,
     so rows [g * G, (g + 1) * G) form prompt g's group. `synced_gpus` keeps ZeRO-3 ranks stepping together when
     parameters are gathered per forward. `max_length` (0: none) caps prompt + completion. `should_stop` ends
     decoding early (the caller then abandons the rollout), so a preemption signal is honoured within one token.
     `fixed_length` suppresses EOS until max_new_tokens, so every completion has the same length (benchmarks).
+    `share_prefill` runs each prompt's forward pass once and copies its KV cache to the G rows of its group
+    (instead of G identical prefills); it applies when every call holds whole groups (rollout_batch_size a
+    multiple of group_size, or 0).
     """
     assert tokenizer.padding_side == "left", "generation needs left padding"
     device = next(model.parameters()).device
@@ -92,9 +108,12 @@ def generate_groups(model, tokenizer, prompts: list[str], *, group_size: int, ma
     chunk = rollout_batch_size or n
     stopping = StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop is not None else None
     completions = []
+    share = share_prefill and chunk % group_size == 0 and num_prompt > 1
     for start in range(0, n, chunk):
+        cache = _shared_prefill(model, encoded, start // group_size, chunk // group_size, group_size) if share else None
         out = model.generate(
             input_ids=prompt_ids_NP[start:start + chunk], attention_mask=prompt_mask_NP[start:start + chunk],
+            past_key_values=cache,
             do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0,
             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if fixed_length else 0,
             eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True, synced_gpus=synced_gpus,

@@ -170,7 +170,7 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
                 rollout = generate_groups(
                     policy.module, tokenizer, prompts_B, group_size=G, max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_p=cfg.top_p, rollout_batch_size=cfg.rollout_batch_size,
-                    max_length=cfg.max_length, fixed_length=cfg.fixed_length,
+                    max_length=cfg.max_length, fixed_length=cfg.fixed_length, share_prefill=cfg.share_prefill,
                     should_stop=lambda: stop.received is not None,
                     synced_gpus=dist.is_zero3(policy) and not cfg.zero3_gather_for_generation)
             rollout_s = time.perf_counter() - t0

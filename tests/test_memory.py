@@ -77,3 +77,13 @@ def test_decode_bound_by_hand():
     # a step reads 1000 params x 2 bytes + 4 rows x (10 + 20/2) tokens x 32 bytes = 2000 + 2560 = 4560 bytes,
     # at 4560 bytes/s that is one step per second, 4 tokens (one per row)
     assert decode_bound(shape, params=1000, rows=4, prompt_tokens=10, new_tokens=20, bytes_per_s=4560) == 4.0
+
+
+def test_generation_without_gathering_streams_two_layers():
+    shape = ModelShape(vocab=1000, hidden=64, intermediate=128, layers=4, heads=4, kv_heads=4, head_dim=16, tied=True)
+    gathered = estimate(shape, RunShape(num_devices=2, zero_stage=3, precision="bf16"))
+    streamed = estimate(shape, RunShape(num_devices=2, zero_stage=3, precision="bf16", gather_for_generation=False))
+    P = shape.num_parameters
+    assert gathered["gathered_policy"] == P * 2 - P * 2 // 2  # the half this device does not hold
+    assert streamed["gathered_policy"] == (P // 4) * 2 * 2  # a layer and the prefetched next one, bf16
+    assert estimate(shape, RunShape(num_devices=2, zero_stage=2, gather_for_generation=False))["gathered_policy"] == 0

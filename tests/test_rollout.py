@@ -231,6 +231,32 @@ def test_generate_groups_chunks_of_different_widths(tiny, prompts):
     pytest.fail("no seed in 0..19 gave chunks of different widths")
 
 
+@pytest.mark.parametrize("rollout_batch_size", [0, 4])
+def test_shared_prefill_generates_what_separate_prefills_do(tiny, prompts, rollout_batch_size):
+    # at a near-zero temperature sampling is argmax, so the sequences show whether the shared cache (one prefill
+    # per prompt, repeated for its group, left padding and all) gives the logits of G separate prefills
+    options = dict(seed=3, group_size=4, max_new_tokens=12, temperature=1e-4, rollout_batch_size=rollout_batch_size)
+    shared = generate(tiny, prompts, share_prefill=True, **options)
+    separate = generate(tiny, prompts, share_prefill=False, **options)
+    assert torch.equal(shared.sequences_NT, separate.sequences_NT)
+    assert torch.equal(shared.completion_mask_NC, separate.completion_mask_NC)
+    check_rollout(shared, tiny[1], prompts, 4, 12)
+
+
+def test_shared_prefill_runs_one_prompt_forward_per_group(tiny, prompts):
+    model, _ = tiny
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda m, args, kwargs: widths.append(
+        (kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        generate(tiny, prompts, group_size=4, max_new_tokens=3, share_prefill=True)
+    finally:
+        hook.remove()
+    # one forward of the 2 prompts (all but their last token), then 8 rows fed one token at a time
+    assert widths[0][0] == 2 and widths[0][1] > 1
+    assert all(w == (8, 1) for w in widths[1:])
+
+
 def test_generate_groups_max_length_caps_new_tokens(tiny, prompts):
     _, tokenizer = tiny
     num_prompt = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)[
