@@ -59,12 +59,20 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return len(self.experience)
 
-    def micro_batches(self, micro_batch_size: int, generator: Optional[torch.Generator] = None
-                      ) -> Iterator[Experience]:
+    def micro_batches(self, micro_batch_size: int, generator: Optional[torch.Generator] = None,
+                      group_size: int = 1) -> Iterator[Experience]:
         """Micro-batches of exactly `micro_batch_size` rows (the config guarantees it divides the buffer); a
-        random permutation from `generator`, or the stored order when None."""
+        random permutation from `generator`, or the stored order when None. With `group_size` G dividing the
+        micro-batch (rows [g*G, (g+1)*G) being prompt g's group), whole groups are shuffled instead of rows, so a
+        micro-batch holds whole prompts: no prompt is padded to another's length."""
         n = len(self.experience)
         assert n % micro_batch_size == 0, (n, micro_batch_size)
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        if generator is None:
+            order = torch.arange(n)
+        elif group_size > 1 and micro_batch_size % group_size == 0 and n % group_size == 0:
+            groups = torch.randperm(n // group_size, generator=generator)
+            order = (groups.unsqueeze(1) * group_size + torch.arange(group_size)).flatten()
+        else:
+            order = torch.randperm(n, generator=generator)
         for start in range(0, n, micro_batch_size):
             yield self.experience.select(order[start:start + micro_batch_size])

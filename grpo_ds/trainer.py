@@ -217,7 +217,7 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
             grad_norms, nonfinite = [], []
             for epoch in range(cfg.epochs_per_step if has_signal else 0):
                 shuffle = torch.Generator().manual_seed(seed_for(cfg.seed, step, rank, epoch))
-                micro_batches = list(buffer.micro_batches(mb, shuffle))
+                micro_batches = list(buffer.micro_batches(mb, shuffle, group_size=G))
                 # dapo divides by the token count of the whole optimizer step on all ranks: one all-reduce per epoch
                 local_tokens = torch.tensor([sum(float(m.completion_mask_NC.sum()) for m in micro_batches[i:i + accum])
                                              for i in range(0, len(micro_batches), accum)], dtype=torch.float64)

@@ -107,7 +107,8 @@ def side_by_side(vs: str, nproc: int, rounds: int, cfg: Config, json_path: str |
     completions = cfg.rollouts_per_step * cfg.group_size
     for impl in runs:
         median[impl]["completions_per_s"] = completions / median[impl]["step_s"]
-    ratio = {k: (median["trl"][k] / median["grpo_ds"][k] if median["grpo_ds"][k] > 0 else None) for k in PHASES}
+    # a phase neither side runs (old log-probs, on-policy) takes microseconds: no ratio for it
+    ratio = {k: (median["trl"][k] / median["grpo_ds"][k] if median["grpo_ds"][k] >= 0.01 else None) for k in PHASES}
     ratio["completions_per_s"] = median["grpo_ds"]["completions_per_s"] / median["trl"]["completions_per_s"]
     result = {"vs": vs, "nproc": nproc, "rounds": rounds, "flags": flags, "median": median,
               "ratio_trl_over_grpo_ds": ratio, "runs": runs}

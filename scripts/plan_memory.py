@@ -41,6 +41,8 @@ def main() -> int:
     parser.add_argument("--no_reference", action="store_true", help="kl_weight 0: no reference model")
     parser.add_argument("--reference_offload", action="store_true")
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
+    parser.add_argument("--no_gather_for_generation", action="store_true",
+                        help="--zero3_gather_for_generation false: generate without gathering the whole policy")
     for flag, default in (("rollouts_per_step", 32), ("group_size", 12), ("prompt_tokens", 256),
                           ("max_new_tokens", 512), ("train_batch_size", 16), ("rollout_batch_size", 0)):
         parser.add_argument(f"--{flag}", type=int, default=default, help=f"as the trainer's flag (default {default})")
@@ -55,7 +57,8 @@ def main() -> int:
                    rollouts_per_step=args.rollouts_per_step, group_size=args.group_size,
                    prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
                    train_batch_size=args.train_batch_size, rollout_batch_size=args.rollout_batch_size,
-                   gradient_checkpointing=not args.no_gradient_checkpointing)
+                   gradient_checkpointing=not args.no_gradient_checkpointing,
+                   gather_for_generation=not args.no_gather_for_generation)
     print(report(shape, run, args.gpu_gib))
     return 0
 

@@ -166,3 +166,26 @@ def test_micro_batches_without_generator_keep_stored_order():
     assert order_of(buffer, 2, None) == list(range(8))
     batches = list(buffer.micro_batches(4))
     assert [mb.rewards_N.tolist() for mb in batches] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
+
+
+def test_micro_batches_shuffle_whole_groups_when_they_fit():
+    buffer = buffer_of(12)  # 3 groups of 4: rows 0-3, 4-7, 8-11
+    batches = list(buffer.micro_batches(4, torch.Generator().manual_seed(0), group_size=4))
+    groups = [sorted(int(r) // 4 for r in mb.rewards_N) for mb in batches]
+    assert all(len(set(g)) == 1 for g in groups)  # each micro-batch is exactly one group
+    assert sorted(g[0] for g in groups) == [0, 1, 2]
+    orders = {tuple(order_of_groups(buffer, seed)) for seed in range(10)}
+    assert len(orders) > 1  # still shuffled, seeded
+    # groups of 2 in micro-batches of 4: two whole groups each
+    for mb in buffer.micro_batches(4, torch.Generator().manual_seed(1), group_size=2):
+        pairs = sorted(int(r) // 2 for r in mb.rewards_N)
+        assert pairs[0::2] == pairs[1::2]
+    # a micro-batch of 6 cannot hold whole groups of 4: rows are shuffled as before, each once
+    rows = [int(r) for mb in buffer.micro_batches(6, torch.Generator().manual_seed(2), group_size=4)
+            for r in mb.rewards_N]
+    assert sorted(rows) == list(range(12))
+
+
+def order_of_groups(buffer, seed):
+    return [int(mb.rewards_N[0]) // 4 for mb in buffer.micro_batches(4, torch.Generator().manual_seed(seed),
+                                                                       group_size=4)]

@@ -355,3 +355,60 @@ def test_completion_logprobs_invariant_to_left_padding(tiny, rollout):
     torch.testing.assert_close(padded[m], base[m], atol=1e-5, rtol=0)
     assert start > 0
     torch.testing.assert_close(alone[0][m[0]], base[0][m[0]], atol=1e-5, rtol=0)
+
+
+def whole_row_logprobs(model, sequences, attention, num_completion):
+    """Every row through the model on its own row of the batch: the unpacked computation, with gradients."""
+    pos = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=sequences, attention_mask=attention, position_ids=pos).logits[:, -num_completion - 1:-1]
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, sequences[:, -num_completion:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_prompts_give_whole_row_logprobs_and_gradients(tiny, rollout, checkpointing):
+    model, _ = tiny
+    seq, attn, mask = rollout.sequences_NT, rollout.attention_mask_NT, rollout.completion_mask_NC
+    c = mask.shape[1]
+    order = torch.tensor([4, 0, 2, 5, 1, 3])  # rows of the two prompts interleaved, as a shuffled micro-batch has them
+    seq, attn, m = seq[order], attn[order], mask[order].bool()
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda mod, a, k: widths.append(tuple(k["input_ids"].shape)),
+                                                 with_kwargs=True)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        model.zero_grad()
+        packed = completion_logprobs(model, seq, attn, c)
+        packed[m].sum().backward()
+        packed_grads = [p.grad.clone() for p in model.parameters()]
+        hook.remove()
+        model.zero_grad()
+        whole = whole_row_logprobs(model, seq, attn, c)
+        whole[m].sum().backward()
+        whole_grads = [p.grad.clone() for p in model.parameters()]
+    finally:
+        hook.remove()
+        model.gradient_checkpointing_disable()
+        model.eval()
+        model.zero_grad()
+    num_prompt = seq.shape[1] - c
+    assert widths == [(2, num_prompt + 3 * c)]  # one sequence per prompt: the prompt once, then its 3 completions
+    torch.testing.assert_close(packed[m], whole[m], atol=1e-5, rtol=0)
+    for a, b in zip(packed_grads, whole_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_pack_by_prompt_declines_when_nothing_is_shared(tiny, rollout):
+    from grpo_ds.models import pack_by_prompt
+
+    seq, attn, c = rollout.sequences_NT, rollout.attention_mask_NT, rollout.completion_mask_NC.shape[1]
+    assert pack_by_prompt(seq[[0, 3]], attn[[0, 3]], c, torch.float32, 32) is None  # two rows, two prompts
+    # a 2-token prompt and 20-token completions: 3 completions side by side (62^2 attention pairs) cost more than
+    # 3 whole rows (3 x 22^2), and at hidden size 1 the linear layers save almost nothing
+    long = torch.cat([torch.tensor([[5, 6]] * 3), torch.randint(7, 20, (3, 20))], dim=1)
+    assert pack_by_prompt(long, torch.ones_like(long), 20, torch.float32, 1) is None
+    assert pack_by_prompt(long, torch.ones_like(long), 20, torch.float32, 4096) is not None
+    packed = pack_by_prompt(seq, attn, c, torch.float32, 4096)
+    assert packed.ids_US.shape[0] == 2 and packed.unique_N.tolist() == [0, 0, 0, 1, 1, 1] or \
+        packed.unique_N.tolist() == [1, 1, 1, 0, 0, 0]
