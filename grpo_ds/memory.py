@@ -3,15 +3,18 @@ without offload. Pure arithmetic on the model's config; scripts/plan_memory.py p
 
 The pieces (bytes per device, P parameters, W devices, b bytes per compute element):
 - policy weights: P*b, or P*b/W under ZeRO-3;
-- gradients: P*b/W (ZeRO-2 and 3 both partition them) plus DeepSpeed's reduce bucket;
-- optimizer: fp32 master weights and AdamW's two moments, 12P/W when the optimizer state has a master copy (bf16),
-  8P/W in fp32 (the weights are the master); 0 on the device with offload_optimizer;
+- gradients: P*b/W (ZeRO-2 and 3 both partition them) plus DeepSpeed's reduce bucket (the shipped JSONs: 2e8
+  elements for ZeRO-2, 5e7 for ZeRO-3);
+- optimizer: fp32 master weights and AdamW's two moments, 12P/W (DeepSpeed's ZeRO optimizers keep their own fp32
+  copy of the partition even when the model computes in fp32); 0 on the device with offload_optimizer;
 - reference: P*b replicated, P*b/W under ZeRO-3, 0 on the device with --reference_offload;
 - generation: under ZeRO-3 the whole policy is gathered for the phase (P*b; two layers at a time with
   --zero3_gather_for_generation false), plus the KV cache of the rows generated
   together and one step's fp32 logits;
 - training: the logits kept for backward (micro x C x V), the fp32 chunk of the log-softmax, and activations: with
-  checkpointing one hidden state per layer plus one layer recomputed in full, without it every layer's.
+  checkpointing one hidden state per layer plus one layer recomputed in full, without it every layer's; under
+  ZeRO-3 the parameters fetched for the forward and backward stay until stage3_max_live_parameters (1e9 in
+  zero3.json, so the whole policy for models below 1B parameters).
 Attention is taken as memory-efficient (SDPA / flash: no T x T matrix is stored).
 """
 
@@ -95,7 +98,8 @@ class RunShape:
     rollout_batch_size: int = 0  # rows per generate call; 0 = all of a rank's completions
     gradient_checkpointing: bool = True
     gather_for_generation: bool = True  # --zero3_gather_for_generation: whole policy gathered while generating
-    reduce_bucket_elements: int = 200_000_000
+    reduce_bucket_elements: int | None = None  # None: the shipped JSON's (2e8 for ZeRO-2, 5e7 for ZeRO-3)
+    max_live_parameters: int = 1_000_000_000  # ZeRO-3's stage3_max_live_parameters
 
 
 def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
@@ -104,10 +108,11 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
     W, P, b = run.num_devices, model.num_parameters, (2 if run.precision == "bf16" else 4)
     zero3 = run.zero_stage == 3
     offload = run.offload
+    bucket = run.reduce_bucket_elements or (50_000_000 if zero3 else 200_000_000)
     resident = {
         "policy_weights": 0 if offload else (P * b // W if zero3 else P * b),
-        "gradients": P * b // W + (0 if zero3 else min(run.reduce_bucket_elements, P) * b),
-        "optimizer": 0 if offload else (12 if b == 2 else 8) * P // W,
+        "gradients": P * b // W + min(bucket, P) * b,
+        "optimizer": 0 if offload else 12 * P // W,
         "reference": 0 if not run.reference or run.reference_offload else (P * b // W if zero3 else P * b),
         "framework": FRAMEWORK_BYTES,
     }
@@ -127,7 +132,10 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
     activations = (model.layers * tokens * H * b + per_layer_full if run.gradient_checkpointing
                    else model.layers * per_layer_full)
     training = {
-        "gathered_layer": (P // model.layers) * b * 2 if zero3 else 0,  # current + prefetched layer
+        # ZeRO-3 keeps what it fetched for the forward/backward up to stage3_max_live_parameters (at least a layer
+        # and the prefetched next one)
+        "gathered_params": (max(min(run.max_live_parameters, P), 2 * (P // model.layers)) * b
+                            - resident["policy_weights"] if zero3 else 0),
         "activations": activations,
         "logits": micro * (C + 1) * model.vocab * b + 8 * C * model.vocab * 4,
     }

@@ -34,6 +34,14 @@ def test_zero3_partitions_what_zero2_replicates():
     assert z3["gathered_policy"] == 2 * P - 2 * P // 4 and z2["gathered_policy"] == 0
     offloaded = estimate(shape, RunShape(num_devices=4, zero_stage=3, offload=True))
     assert offloaded["optimizer"] == 0 and offloaded["policy_weights"] == 0
+    # fp32: DeepSpeed still keeps its own fp32 copy of the partition next to the two moments
+    assert estimate(shape, RunShape(num_devices=4, zero_stage=2, precision="fp32"))["optimizer"] == 12 * P // 4
+    # reduce buckets as in the shipped JSONs (both larger than this model: the bucket holds all its gradients)
+    assert z2["gradients"] == 2 * P // 4 + 2 * P and z3["gradients"] == 2 * P // 4 + 2 * P
+    # ZeRO-3 training keeps fetched parameters up to stage3_max_live_parameters: all of them by default
+    assert z3["gathered_params"] == 2 * P - 2 * P // 4
+    few_live = estimate(shape, RunShape(num_devices=4, zero_stage=3, max_live_parameters=1))
+    assert few_live["gathered_params"] == 2 * 2 * (P // 2) - 2 * P // 4  # two layers' worth, less what is held
 
 
 def test_kv_cache_by_hand():
