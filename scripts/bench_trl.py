@@ -135,6 +135,8 @@ def main() -> int:
     started = time.time()
     trainer = Timed(model=model_path, reward_funcs=reward, args=targs, train_dataset=build_dataset(cfg, cfg.max_steps),
                     callbacks=[StepTimer()])
+    if world > 1 and not on_gpu:  # DeepSpeed's CPU all-reduce buffers in /dev/shm would outlive the job
+        dist._unlink_shm_buffer()
     trainer.train()
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
