@@ -13,8 +13,9 @@ import json
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -28,7 +29,7 @@ AUTO = "auto"
 # ----------------------------------------------------------------------------- process group
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -39,7 +40,7 @@ def init_distributed() -> tuple[int, int]:
     its share of the CPU threads: N ranks on C cores oversubscribe badly with C threads each."""
     if "RANK" not in os.environ:  # no launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -49,13 +50,13 @@ def init_distributed() -> tuple[int, int]:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
         if not on_gpu():
-            _unlink_shm_buffer()
+            unlink_shm_buffer()
     if on_gpu():
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def _unlink_shm_buffer() -> None:
+def unlink_shm_buffer() -> None:
     """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm file per rank and never removes it: every run (killed or
     not) leaked 138 MB of RAM on 2 ranks, 13 GB after a day of tests here. Once every rank has mapped every file
     (true after init, hence the barrier), each rank unlinks its own name; the memory lives until the processes
@@ -76,6 +77,26 @@ def shutdown(synchronize: bool) -> None:
         if synchronize:
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def run(main: Callable[[], int]) -> int:
+    """main()'s exit code, after leaving the process group (waiting for every rank only if main returned)."""
+    code = None
+    try:
+        code = main()
+    finally:
+        shutdown(synchronize=code is not None)
+    return code
+
+
+def launch_command(script: str, nproc: int, flags: list[str], always_launcher: bool = False) -> list[str]:
+    """The command that runs `script` with `nproc` ranks under the deepspeed launcher of this interpreter's
+    environment (found even when its bin/ is not on PATH); one rank runs as a plain process unless
+    `always_launcher`."""
+    if nproc == 1 and not always_launcher:
+        return [sys.executable, script, *flags]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(free_port()), script, *flags]
 
 
 def on_gpu() -> bool:

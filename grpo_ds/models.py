@@ -223,9 +223,9 @@ def pack_by_prompt(sequences_NT: torch.Tensor, attention_mask_NT: torch.Tensor, 
     s = p + k * c
     if u * (6 * hidden_size * s + s * s) >= n * (6 * hidden_size * t + t * t):
         return None
-    prompt_mask_UP = keys_UT[:, p:].to(device)
+    prompt_mask_UP = keys_UT[:, p:]
     ids_US = torch.zeros(u, s, dtype=sequences_NT.dtype, device=device)
-    ids_US[:, :p] = keys_UT[:, :p].to(device)
+    ids_US[:, :p] = keys_UT[:, :p]
     length_U = prompt_mask_UP.sum(dim=1)
     positions_US = torch.zeros(u, s, dtype=torch.long, device=device)
     positions_US[:, :p] = position_ids(prompt_mask_UP)
@@ -249,4 +249,4 @@ def pack_by_prompt(sequences_NT: torch.Tensor, attention_mask_NT: torch.Tensor, 
     keep_K = torch.cat([torch.tensor([p - 1], device=device), (starts + block[:-1]).flatten()])
     logit_index_NC = torch.zeros(n, c, dtype=torch.long, device=device)
     logit_index_NC[:, 1:] = 1 + slot_N.to(device).unsqueeze(1) * (c - 1) + block[:-1]
-    return Packed(ids_US, positions_US, mask_U1SS, keep_K, unique_N.to(device), logit_index_NC)
+    return Packed(ids_US, positions_US, mask_U1SS, keep_K, unique_N, logit_index_NC)

@@ -17,6 +17,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
+from .models import position_ids
+
 
 @dataclass
 class Rollout:
@@ -72,7 +74,7 @@ def _shared_prefill(model, encoded, first: int, count: int, group_size: int) -> 
     ids_BP = encoded["input_ids"][first:first + count, :-1].to(device)
     mask_BP = encoded["attention_mask"][first:first + count, :-1].to(device)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids_BP, attention_mask=mask_BP, position_ids=(mask_BP.long().cumsum(1) - 1).clamp(min=0),
+    model(input_ids=ids_BP, attention_mask=mask_BP, position_ids=position_ids(mask_BP),
           past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(group_size)
     return cache

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,35 @@ from grpo_ds.trainer import train
 PHASES = ("step_s", "rollout_s", "reference_s", "old_logprobs_s", "train_s")
 
 
+def bench_parser(output_dir: str) -> argparse.ArgumentParser:
+    """Every training flag, plus the benchmark's own: --steps, --warmup, --json."""
+    parser = build_parser(Config(save_steps=0, log_completions_steps=0, output_dir=output_dir))
+    parser.add_argument("--steps", type=int, default=4, help="measured steps, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
+    parser.add_argument("--json", default=None, help="where to write the results (default: OUTPUT_DIR/bench.json)")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return parser
+
+
+def summarize(cfg: Config, measured: list[dict], **fields) -> dict:
+    """The JSON of a benchmark run: medians over the measured steps' rows, completions/s and completion tokens/s
+    end to end, the settings, `fields`, and the rows themselves."""
+    keys = (*PHASES, "rollout_tokens_per_s", "completion_len_mean")
+    median = {k: statistics.median(r.get(k, 0.0) for r in measured) for k in keys}
+    completions = cfg.rollouts_per_step * cfg.group_size
+    return {"settings": cfg.to_dict(), **fields, "median": median,
+            "completions_per_s": completions / median["step_s"],
+            "completion_tokens_per_s": completions * median["completion_len_mean"] / median["step_s"],
+            "steps": measured}
+
+
+def write_json(result: dict, json_path: str | None, cfg: Config) -> Path:
+    path = Path(json_path or Path(cfg.output_dir) / "bench.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
 def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
@@ -46,20 +74,6 @@ def peak_memory_bytes() -> int:
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE_FLAGS = ("--vs", "--nproc", "--rounds", "--json")  # this script's own; everything else is passed through
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _job(script: str, nproc: int, flags: list[str]) -> list[str]:
-    path = str(ROOT / "scripts" / script)
-    if nproc == 1:
-        return [sys.executable, path, *flags]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(_free_port()), path, *flags]
 
 
 def _passed_through(argv: list[str]) -> list[str]:
@@ -93,7 +107,8 @@ def side_by_side(vs: str, nproc: int, rounds: int, cfg: Config, json_path: str |
         for impl in order:
             path = out / f"round{r + 1}_{impl}.json"
             script = "bench.py" if impl == "grpo_ds" else "bench_trl.py"
-            job = _job(script, nproc, [*flags, "--output_dir", str(out / f"round{r + 1}_{impl}"), "--json", str(path)])
+            job = dist.launch_command(str(ROOT / "scripts" / script), nproc,
+                                      [*flags, "--output_dir", str(out / f"round{r + 1}_{impl}"), "--json", str(path)])
             print(f"[bench] round {r + 1}/{rounds}: {impl}, {nproc} rank(s)", flush=True)
             proc = subprocess.run(job, env=env)
             if proc.returncode != 0 or not path.exists():
@@ -112,9 +127,7 @@ def side_by_side(vs: str, nproc: int, rounds: int, cfg: Config, json_path: str |
     ratio["completions_per_s"] = median["grpo_ds"]["completions_per_s"] / median["trl"]["completions_per_s"]
     result = {"vs": vs, "nproc": nproc, "rounds": rounds, "flags": flags, "median": median,
               "ratio_trl_over_grpo_ds": ratio, "runs": runs}
-    path = Path(json_path or out / "bench_vs_trl.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_json(result, json_path or str(out / "bench_vs_trl.json"), cfg)
     steps = sum(len(run["steps"]) for run in runs["grpo_ds"])
     print(f"\ngrpo_ds vs TRL {__import__('trl').__version__}: {nproc} rank(s), {cfg.rollouts_per_step} prompts x "
           f"{cfg.group_size}, {cfg.max_new_tokens} new tokens; medians of {steps} measured step(s) each over "
@@ -132,14 +145,10 @@ def side_by_side(vs: str, nproc: int, rounds: int, cfg: Config, json_path: str |
 
 
 def main() -> int:
-    parser = build_parser(Config(save_steps=0, log_completions_steps=0, output_dir="runs/bench"))
-    parser.add_argument("--steps", type=int, default=4, help="measured steps, after the warm-up")
-    parser.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
-    parser.add_argument("--json", default=None, help="where to write the results (default: OUTPUT_DIR/bench.json)")
+    parser = bench_parser("runs/bench")
     parser.add_argument("--vs", default=None, help="'trl': run TRL's GRPOTrainer on the same work, side by side")
     parser.add_argument("--nproc", type=int, default=1, help="with --vs: ranks per job (deepspeed launcher)")
     parser.add_argument("--rounds", type=int, default=1, help="with --vs: grpo_ds/TRL pairs, order flipped each")
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = vars(parser.parse_args())
     steps, warmup, json_path = args.pop("steps"), args.pop("warmup"), args.pop("json")
     vs, nproc, rounds = args.pop("vs"), args.pop("nproc"), args.pop("rounds")
@@ -163,23 +172,13 @@ def main() -> int:
     reserved = dist.all_gather_objects(torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0)
     if torch.distributed.get_rank() != 0:
         return 0
-    measured = history[warmup:]
-    completions = cfg.rollouts_per_step * cfg.group_size
-    median = {k: statistics.median(r[k] for r in measured) for k in (*PHASES, "rollout_tokens_per_s",
-                                                                      "completion_len_mean")}
-    result = {
-        "settings": cfg.to_dict(), "world_size": len(peaks), "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "warmup_steps": warmup, "measured_steps": steps, "wall_s": round(time.time() - started, 1),
-        "median": median,
-        "completions_per_s": completions / median["step_s"],
-        "completion_tokens_per_s": completions * median["completion_len_mean"] / median["step_s"],
-        "peak_memory_gib_per_rank": [round(p / 1024 ** 3, 3) for p in peaks],
-        "peak_reserved_gib_per_rank": [round(p / 1024 ** 3, 3) for p in reserved],  # the CUDA caching allocator's
-        "steps": measured,
-    }
-    path = Path(json_path or Path(cfg.output_dir) / "bench.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    result = summarize(
+        cfg, history[warmup:], world_size=len(peaks), device="cuda" if torch.cuda.is_available() else "cpu",
+        warmup_steps=warmup, measured_steps=steps, wall_s=round(time.time() - started, 1),
+        peak_memory_gib_per_rank=[round(p / 1024 ** 3, 3) for p in peaks],
+        peak_reserved_gib_per_rank=[round(p / 1024 ** 3, 3) for p in reserved])  # the CUDA caching allocator's
+    median = result["median"]
+    path = write_json(result, json_path, cfg)
     rows = [(k, f"{median[k]:.2f}") for k in PHASES]
     rows += [("rollout tokens/s", f"{median['rollout_tokens_per_s']:.1f}"),
              ("completions/s (end to end)", f"{result['completions_per_s']:.3f}"),
@@ -197,9 +196,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = None
-    try:
-        code = main()
-    finally:
-        dist.shutdown(synchronize=code is not None)
-    sys.exit(code)
+    sys.exit(dist.run(main))

@@ -19,18 +19,16 @@ reference_s the reference model's log-prob pass, train_s the rest of the step (s
 optimizer).
 """
 
-import argparse
-import json
 import os
-import statistics
+import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from bench import bench_parser, summarize, write_json  # scripts/bench.py, beside this file
 from grpo_ds import distributed as dist
-from grpo_ds.config import Config, build_parser, validate
+from grpo_ds.config import Config, validate
 from grpo_ds.data import SYSTEM_PROMPT, PromptSampler, load_problems
 from grpo_ds.models import resolve_model
 from grpo_ds.rewards import get_reward_fn
@@ -49,12 +47,7 @@ def build_dataset(cfg: Config, num_steps: int):
 
 
 def main() -> int:
-    parser = build_parser(Config(save_steps=0, log_completions_steps=0, output_dir="runs/bench_trl"))
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    args = vars(parser.parse_args())
+    args = vars(bench_parser("runs/bench_trl").parse_args())
     steps, warmup, json_path = args.pop("steps"), args.pop("warmup"), args.pop("json")
     args.pop("local_rank")
     cfg = Config(**{**args, "max_steps": warmup + steps})
@@ -136,33 +129,22 @@ def main() -> int:
     trainer = Timed(model=model_path, reward_funcs=reward, args=targs, train_dataset=build_dataset(cfg, cfg.max_steps),
                     callbacks=[StepTimer()])
     if world > 1 and not on_gpu:  # DeepSpeed's CPU all-reduce buffers in /dev/shm would outlive the job
-        dist._unlink_shm_buffer()
+        dist.unlink_shm_buffer()
     trainer.train()
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     for r in records:  # rollout tokens over all ranks per second of generation, as grpo_ds reports it
         r["rollout_tokens_per_s"] = (cfg.rollouts_per_step * cfg.group_size * r.get("completion_len_mean", 0)
                                      / r["rollout_s"]) if r["rollout_s"] else 0.0
-    measured = records[warmup:]
-    keys = ("step_s", "rollout_s", "reference_s", "old_logprobs_s", "train_s", "rollout_tokens_per_s",
-            "completion_len_mean")
-    median = {k: statistics.median(r.get(k, 0.0) for r in measured) for k in keys}
-    completions = cfg.rollouts_per_step * cfg.group_size
-    import resource
     zero = trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
-    result = {"implementation": "trl", "trl_version": __import__("trl").__version__, "settings": cfg.to_dict(),
-              "world_size": world, "deepspeed_zero_stage": zero,
-              "device": "cuda" if on_gpu else "cpu", "warmup_steps": warmup, "measured_steps": steps,
-              "wall_s": round(time.time() - started, 1), "median": median,
-              "completions_per_s": completions / median["step_s"],
-              "completion_tokens_per_s": completions * median["completion_len_mean"] / median["step_s"],
-              "peak_memory_gib_rank0": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 3),
-              "steps": measured}
-    path = Path(json_path or Path(cfg.output_dir) / "bench.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    result = summarize(
+        cfg, records[warmup:], implementation="trl", trl_version=__import__("trl").__version__, world_size=world,
+        deepspeed_zero_stage=zero, device="cuda" if on_gpu else "cpu", warmup_steps=warmup, measured_steps=steps,
+        wall_s=round(time.time() - started, 1),
+        peak_memory_gib_rank0=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 3))
+    write_json(result, json_path, cfg)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(dist.run(main))

@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from grpo_ds.distributed import launch_command  # noqa: E402
 from grpo_ds.memory import ModelShape, RunShape, architecture, decode_bound, estimate, qwen2_config_dict  # noqa: E402
 
 GIB = 1024 ** 3
@@ -92,15 +93,14 @@ def run_stage(stage: int, model_dir: Path, work: Path, args, gpus: int) -> dict:
     ds_path = work / f"zero{stage}.json"
     ds_path.write_text(json.dumps(ds))
     out_json = work / f"bench_zero{stage}.json"
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus),
-               "--master_port", str(29500 + stage), str(ROOT / "scripts" / "bench.py"),
-               "--ds_config", str(ds_path), "--model", str(model_dir), "--dataset", "arithmetic",
-               "--difficulty", str(args.difficulty), "--reward", "hash", "--fixed_length", "true",
-               "--rollouts_per_step", str(args.rollouts_per_step), "--group_size", str(args.group_size),
-               "--max_new_tokens", str(args.max_new_tokens), "--train_batch_size", str(args.train_batch_size),
-               "--kl_weight", str(args.kl_weight), "--gradient_checkpointing", "true",
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(out_json),
-               "--output_dir", str(work / f"run_zero{stage}"), "--report_to", "none"]
+    flags = ["--ds_config", str(ds_path), "--model", str(model_dir), "--dataset", "arithmetic",
+             "--difficulty", str(args.difficulty), "--reward", "hash", "--fixed_length", "true",
+             "--rollouts_per_step", str(args.rollouts_per_step), "--group_size", str(args.group_size),
+             "--max_new_tokens", str(args.max_new_tokens), "--train_batch_size", str(args.train_batch_size),
+             "--kl_weight", str(args.kl_weight), "--gradient_checkpointing", "true",
+             "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(out_json),
+             "--output_dir", str(work / f"run_zero{stage}"), "--report_to", "none"]
+    command = launch_command(str(ROOT / "scripts" / "bench.py"), gpus, flags, always_launcher=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     started = time.time()
     proc = subprocess.run(command, cwd=ROOT, env=env)

@@ -14,7 +14,7 @@ Exit codes: 0 done, 2 bad input (one line on stderr), 3 stopped after repeated n
 import sys
 
 from grpo_ds.config import parse_args
-from grpo_ds.distributed import shutdown
+from grpo_ds.distributed import run
 from grpo_ds.trainer import NonFiniteError, Preempted, train
 
 
@@ -35,9 +35,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = None
-    try:
-        code = main()
-    finally:
-        shutdown(synchronize=code is not None)
-    sys.exit(code)
+    sys.exit(run(main))

@@ -1,10 +1,10 @@
 """Start the trainer as users do: under the deepspeed launcher with N CPU ranks, or as one plain process."""
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
+
+from grpo_ds.distributed import free_port, launch_command  # noqa: F401 (free_port: for the tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = ROOT / "tests" / "run_train.py"
@@ -14,18 +14,8 @@ TINY_FLAGS = ["--rollouts_per_step", "4", "--group_size", "4", "--train_batch_si
               "--reward", "learnable:sevens_dense", "--lr", "1e-2", "--kl_weight", "0.05", "--log_completions_steps", "1"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(nprocs: int, flags: list) -> list:
-    if nprocs == 1:
-        return [sys.executable, str(RUNNER), *flags]
-    # the `deepspeed` command of this interpreter's environment, found even when its bin/ is not on PATH
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    return [*launcher, "--num_gpus", str(nprocs), "--master_port", str(free_port()), str(RUNNER), *flags]
+    return launch_command(str(RUNNER), nprocs, flags)
 
 
 def environment(fault: str = "") -> dict:

@@ -91,9 +91,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = None
-    try:
-        code = main()
-    finally:
-        dist.shutdown(synchronize=code is not None)
-    sys.exit(code)
+    sys.exit(dist.run(main))
