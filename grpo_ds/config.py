@@ -41,8 +41,9 @@ class Config:
     num_problems: Optional[int] = _field(None, "Use only the first N training problems (default: all; "
                                          "5000 for arithmetic).")
     bad_answers: str = _field("skip", "Dataset rows without a parsable '#### n' answer: 'skip' (counted) or 'error'.")
-    reward: str = _field("math", "Reward: 'math' (numeric equivalence + 0.1 format), 'math_shaped' (math + 0.05 "
-                         "per answer tag, for models that never close the tags yet), 'seed' (the tutorial's "
+    reward: str = _field("math", "Reward: 'math' (numeric equivalence + 0.1 format), 'math_shaped' (math + "
+                         "0.05 per answer tag + 0.25 when the last number is right, for models that never close "
+                         "the tags yet), 'seed' (the tutorial's "
                          "1/0.5/0.01 scheme), 'hash' (benchmarks only: a pseudo-random score of the text, so groups "
                          "never tie) or 'module:function' taking (completion, gold) -> float.")
     ds_config: str = _field("ds_configs/zero2.json", "DeepSpeed JSON with engine settings (ZeRO stage, bf16, "

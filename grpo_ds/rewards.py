@@ -177,17 +177,22 @@ def math_reward(completion: str, gold: str) -> float:
 
 
 def math_shaped_reward(completion: str, gold: str) -> float:
-    """math_reward plus 0.05 for each answer tag written (opening and closing), up to 1.2 in all.
+    """math_reward plus partial credit for a small model that never closes an <answer> block yet.
 
-    A small model that never closes an <answer> block gets no signal from math_reward at all (every group scores
-    0, so every advantage is 0); the per-tag credit rewards the first steps towards the format, in the spirit of
-    the partial-credit XML rewards of open GRPO recipes. Tags alone are worth at most 0.1, below a correct number.
+    Under math_reward such a model scores 0 on every completion, every group ties and nothing is learned. This
+    preset adds 0.05 for each answer tag written (opening and closing) and 0.25 when the last number anywhere in
+    the completion is the gold one (the lenient check): a gradient towards the format and towards the right number
+    from the first step. The lenient credit is also what keeps the tag credit honest: with tags alone paid,
+    SmolLM2-135M learned to answer "<answer> </answer>" and nothing else within 14 steps; here that scores 0.1,
+    below a right number without tags (0.25).
 
-    >>> [round(math_shaped_reward(c, "72"), 2) for c in ["<answer>72</answer>", "<answer>so", "72"]]
-    [1.2, 0.05, 0.0]
+    >>> [round(math_shaped_reward(c, "72"), 2) for c in
+    ...  ["<answer>72</answer>", "It is 72", "<answer>7</answer>", "<answer> </answer>", "72 <answer></answer>"]]
+    [1.45, 0.25, 0.2, 0.1, 0.35]
     """
     tags = 0.05 * ("<answer>" in completion) + 0.05 * ("</answer>" in completion)
-    return math_reward(completion, gold) + tags
+    lenient = 0.25 if is_correct_lenient(completion, gold) else 0.0
+    return math_reward(completion, gold) + tags + lenient
 
 
 def hash_reward(completion: str, gold: str) -> float:

@@ -89,12 +89,13 @@ def test_presets():
 
 
 @pytest.mark.parametrize("completion, expected", [
-    ("<answer>72</answer>", 1.0 + 0.1 + 0.05 + 0.05),  # correct, formatted, both tags
+    ("<answer>72</answer>", 1.0 + 0.1 + 0.05 + 0.05 + 0.25),  # correct and formatted: every credit
     ("<answer>73</answer>", 0.1 + 0.05 + 0.05),  # formatted but wrong
     ("<answer>\nNow, think", 0.05),  # the opening tag only (what the untrained SmolLM2 writes)
-    ("so the answer is 72</answer>", 0.05),  # the closing tag only
-    ("<answer></answer>", 0.05 + 0.05),  # both tags, no number: no format bonus
-    ("The answer is 72", 0.0),  # right number, no tags: nothing
+    ("so the answer is 72</answer>", 0.05 + 0.25),  # the closing tag, and 72 is the last number
+    ("<answer></answer>", 0.05 + 0.05),  # both tags, no number: below a right number without tags
+    ("The answer is 72", 0.25),  # right number, no tags: the lenient credit
+    ("The answer is 72, no 73", 0.0),  # the lenient check reads the last number
 ])
 def test_math_shaped_reward(completion, expected):
     assert math_shaped_reward(completion, "72") == pytest.approx(expected)
