@@ -64,6 +64,10 @@ class Config:
     epochs_per_step: int = _field(1, "Passes over each step's replay buffer.")
     max_length: int = _field(1024, "Cap on prompt + completion tokens; generation stops there even before "
                              "max_new_tokens.")
+    response_prefix: str = _field("", "Text every answer starts with, appended to the prompt after the chat "
+                                  "template's assistant turn (for example $'<think>\\n' in bash, as R1-Zero style "
+                                  "templates do); not generated, trained on or scored. Evaluate with the same "
+                                  "--response_prefix.")
     temperature: float = _field(1.0, "Sampling temperature; log-probs use the same temperature.")
     top_p: float = _field(1.0, "Nucleus sampling threshold.")
 

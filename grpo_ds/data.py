@@ -355,14 +355,16 @@ def _to_problems(rows: Iterable[tuple[str, Any]], source: str, bad_answers: str)
 
 # ------------------------------------------------------------------------------------------------ prompts
 
-def render_prompt(tokenizer: Any, question: str, system_prompt: str = SYSTEM_PROMPT) -> str:
-    """Prompt text for one question, ending where the model's answer starts."""
+def render_prompt(tokenizer: Any, question: str, system_prompt: str = SYSTEM_PROMPT, response_prefix: str = "") -> str:
+    """Prompt text for one question, ending where the model's answer starts: after the assistant's turn opens and
+    after `response_prefix` (text the answer is made to begin with, such as "<think>\n"; part of the prompt, so it
+    is neither generated, trained on nor scored)."""
     if getattr(tokenizer, "chat_template", None) is None:
         # Base models often ship without a chat template and transformers refuses to guess one, so use a
         # plain transcript that still ends on the assistant's turn.
-        return f"{system_prompt}\n\nUser: {question}\nAssistant:"
+        return f"{system_prompt}\n\nUser: {question}\nAssistant:{response_prefix}"
     messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + response_prefix
 
 
 # ---------------------------------------------------------------------------------------------- data order

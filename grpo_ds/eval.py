@@ -133,7 +133,7 @@ def rank_and_world() -> tuple[int, int]:
 
 def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int = 512, batch_size: int = 16,
              num_samples: int = 1, temperature: float | None = None, top_p: float = 1.0, prompt: str = "train",
-             seed: int = 0) -> tuple[dict, list[dict]]:
+             seed: int = 0, response_prefix: str = "") -> tuple[dict, list[dict]]:
     """Evaluate a loaded model (a plain Hugging Face model, or a DeepSpeed engine's `.module`) on `problems`.
 
     Returns (summary, rows), the same on every rank: rows are one per completion, ordered by problem then sample.
@@ -146,7 +146,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int =
         temperature = 0.0 if num_samples == 1 else 1.0
     check_settings(len(problems), max_new_tokens, batch_size, num_samples, temperature, top_p)
     rank, world = rank_and_world()
-    prompts = [render(tokenizer, p.question, prompt) for p in problems]
+    prompts = [render(tokenizer, p.question, prompt, response_prefix) for p in problems]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     plan = batch_plan(lengths, max(1, batch_size // num_samples))
     device = next(model.parameters()).device
@@ -246,6 +246,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling threshold when sampling.")
     p.add_argument("--prompt", default="train", choices=["train", "plain"],
                    help="'train': chat template + the training system prompt; 'plain': the question alone.")
+    p.add_argument("--response_prefix", default="", help="Text every answer starts with, as the training run's "
+                   "--response_prefix (with --prompt train).")
     p.add_argument("--output_dir", default=None, help="Where predictions.jsonl and summary.json go "
                                                       "(default: runs/eval/<model>).")
     p.add_argument("--seed", type=int, default=0, help="Seed for sampling (per batch, so ranks do not matter).")
@@ -315,8 +317,10 @@ def run(args) -> tuple[dict, list[dict]]:
     model, tokenizer = load(args.model, args.dtype)
     summary, rows = evaluate(model, tokenizer, problems, max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size, num_samples=args.num_samples, temperature=args.temperature,
-                             top_p=args.top_p, prompt=args.prompt, seed=args.seed)
-    summary.update(model=args.model, **settings, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                             top_p=args.top_p, prompt=args.prompt, seed=args.seed,
+                             response_prefix=args.response_prefix)
+    summary.update(model=args.model, **settings, prompt=args.prompt, response_prefix=args.response_prefix,
+                   max_new_tokens=args.max_new_tokens,
                    temperature=default_temperature(args), top_p=args.top_p, seed=args.seed,
                    device=str(next(model.parameters()).device))
     return summary, rows

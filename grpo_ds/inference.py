@@ -109,11 +109,12 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     return [Completion(text, int(n), bool(t)) for text, n, t in zip(texts, mask_NC.sum(dim=1), truncated_N)]
 
 
-def render(tokenizer, question: str, prompt: str = "train") -> str:
+def render(tokenizer, question: str, prompt: str = "train", response_prefix: str = "") -> str:
     """Prompt text for a question. 'train': the chat template with the training system prompt (the tutorial's
-    <think>/<answer> instructions); 'plain': the question alone as the user's turn, as anyone would ask it."""
+    <think>/<answer> instructions) and the training run's `response_prefix`; 'plain': the question alone as the
+    user's turn, as anyone would ask it."""
     if prompt == "train":
-        return render_prompt(tokenizer, question, SYSTEM_PROMPT)
+        return render_prompt(tokenizer, question, SYSTEM_PROMPT, response_prefix)
     if prompt != "plain":
         raise ValueError(f"--prompt '{prompt}': expected 'train' or 'plain'")
     if getattr(tokenizer, "chat_template", None) is None:
@@ -194,6 +195,8 @@ def ask_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling threshold when sampling.")
     parser.add_argument("--prompt", default="train", choices=["train", "plain"],
                         help="'train': chat template + the training system prompt; 'plain': the question alone.")
+    parser.add_argument("--response_prefix", default="", help="Text every answer starts with, as the training "
+                        "run's --response_prefix (with --prompt train).")
     parser.add_argument("--batch_size", type=int, default=16, help="Questions per generate call.")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for sampling.")
@@ -202,7 +205,7 @@ def ask_parser() -> argparse.ArgumentParser:
 
 def answer_all(spec: str, items: list[tuple[str, str | None]], args) -> list[Completion]:
     model, tokenizer = load(spec, args.dtype)
-    prompts = [render(tokenizer, question, args.prompt) for question, _ in items]
+    prompts = [render(tokenizer, question, args.prompt, args.response_prefix) for question, _ in items]
     torch.manual_seed(args.seed)
     out = []
     for start in range(0, len(prompts), args.batch_size):

@@ -160,7 +160,7 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
 
             # 1. sample prompts: every rank draws the same global batch and keeps its own slice
             problems_B = sampler.next_batch(cfg.rollouts_per_step)[rank * B:(rank + 1) * B]
-            prompts_B = [render_prompt(tokenizer, p.question) for p in problems_B]
+            prompts_B = [render_prompt(tokenizer, p.question, response_prefix=cfg.response_prefix) for p in problems_B]
 
             # 2. generate G completions per prompt, batched, parameters gathered once under ZeRO-3
             t0 = time.perf_counter()
@@ -270,7 +270,8 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
                 with dist.gathered_for_generation(policy, True):
                     summary, _ = evaluate(policy.module, tokenizer, eval_problems,
                                           max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                                          batch_size=cfg.rollout_batch_size or 16, seed=cfg.seed)
+                                          batch_size=cfg.rollout_batch_size or 16, seed=cfg.seed,
+                                          response_prefix=cfg.response_prefix)
                 metrics.update(eval_accuracy=summary["accuracy_strict"],
                                eval_accuracy_lenient=summary["accuracy_lenient"],
                                eval_format_rate=summary["format_rate"], eval_s=summary["seconds"])

@@ -298,6 +298,13 @@ def test_render_prompt_without_chat_template():
     assert prompt == f"{SYSTEM_PROMPT}\n\nUser: What is 2 + 2?\nAssistant:"
 
 
+def test_render_prompt_ends_with_the_response_prefix():
+    with_template = render_prompt(tiny_tokenizer(CHATML), "Q?", response_prefix="<think>\n")
+    assert with_template == render_prompt(tiny_tokenizer(CHATML), "Q?") + "<think>\n"
+    assert with_template.endswith("<|im_start|>assistant\n<think>\n")
+    assert render_prompt(tiny_tokenizer(None), "Q?", response_prefix=" <think>").endswith("Assistant: <think>")
+
+
 def test_system_prompt_names_both_tags():
     assert SYSTEM_PROMPT.startswith("A conversation between User and Assistant.")
     assert SYSTEM_PROMPT.endswith("<think> reasoning process here </think>\n<answer> answer here </answer>")

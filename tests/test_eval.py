@@ -174,6 +174,20 @@ def test_eval_end_to_end_files_and_numbers(varied_model, dataset_with_known_answ
     assert "accuracy, strict <answer>" in printed and "tokens/s" in printed
 
 
+def test_response_prefix_starts_every_answer(varied_model, dataset_with_known_answers, tmp_path):
+    """--response_prefix is part of the prompt: each completion is what the model writes after the prefix."""
+    data, _, _ = dataset_with_known_answers
+    out = tmp_path / "eval"
+    assert ev.main([str(varied_model), "--data", str(data), "--limit", "2", "--max_new_tokens", "8",
+                    "--response_prefix", "<think>\n", "--output_dir", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["response_prefix"] == "<think>\n"
+    model, tokenizer = load(str(varied_model))
+    prompts = [render(tokenizer, q, "train") + "<think>\n" for q in QUESTIONS[:2]]
+    assert render(tokenizer, QUESTIONS[0], "train", "<think>\n") == prompts[0]
+    expected = [c.text for p in prompts for c in generate(model, tokenizer, [p], max_new_tokens=8)]
+    assert [r["completion"] for r in read_predictions(out)] == expected
+
+
 @pytest.mark.slow
 def test_two_ranks_reproduce_one_process(varied_model, dataset_with_known_answers, tmp_path):
     data, _, _ = dataset_with_known_answers
