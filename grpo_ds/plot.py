@@ -25,10 +25,15 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
     rows = -(-len(PANELS) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, (key, title) in zip(axes.flat, PANELS):
+        drawn = False
         for label, metrics in runs:
             points = [(m["step"], m[key]) for m in metrics if isinstance(m.get(key), (int, float))]
             if points:
                 ax.plot(*zip(*points), label=label, linewidth=1.2)
+                drawn = True
+        if not drawn:  # say why the panel is empty rather than leave a blank frame
+            hint = " (train with --eval_steps)" if key.startswith("eval_") else ""
+            ax.text(0.5, 0.5, f"not logged{hint}", ha="center", va="center", fontsize=9, transform=ax.transAxes)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
