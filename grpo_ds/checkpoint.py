@@ -25,6 +25,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import distributed
+
 log = logging.getLogger("grpo_ds.checkpoint")
 
 CHECKPOINTS = "checkpoints"
@@ -114,8 +116,6 @@ def save(engine, tokenizer, output_dir: str, step: int, trainer_state: dict, sav
     """Write a checkpoint for `step` on every rank and publish it; returns its path. Every rank must call it.
     A failed write (a full disk, say) leaves the previous checkpoint and `latest` untouched and raises
     CheckpointError on every rank."""
-    from . import distributed as dist
-
     rank = torch.distributed.get_rank()
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
@@ -128,7 +128,7 @@ def save(engine, tokenizer, output_dir: str, step: int, trainer_state: dict, sav
             staging.mkdir(parents=True)
     except OSError as err:
         error = f"{type(err).__name__}: {err}"
-    if dist.any_rank(bool(error)):
+    if distributed.any_rank(bool(error)):
         raise CheckpointError(_failed(step, error or "another rank failed", output_dir))
     try:
         engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step}, save_latest=False)
@@ -139,7 +139,7 @@ def save(engine, tokenizer, output_dir: str, step: int, trainer_state: dict, sav
             (staging / tag / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
         error = f"{type(err).__name__}: {err}"
-    if dist.any_rank(bool(error)):
+    if distributed.any_rank(bool(error)):
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointError(_failed(step, error or "another rank failed", output_dir))
@@ -152,7 +152,7 @@ def save(engine, tokenizer, output_dir: str, step: int, trainer_state: dict, sav
         pointer.write_text(tag + "\n")
         os.replace(pointer, root / LATEST)  # last: `latest` only ever names a complete checkpoint
         rotate(root, save_total_limit, keep=final)
-    dist.barrier()
+    distributed.barrier()
     return root / tag
 
 
@@ -213,7 +213,69 @@ def export_checkpoint(path: str, out: str, dtype: Optional[torch.dtype] = None) 
     if dtype is not None:
         model.to(dtype)
     model.config.use_cache = True
-    out_path = Path(out)
-    model.save_pretrained(out_path)
-    AutoTokenizer.from_pretrained(ckpt / HF_DIR).save_pretrained(out_path)
-    return out_path
+    save_model_folder(model, AutoTokenizer.from_pretrained(ckpt / HF_DIR), Path(out))
+    return Path(out)
+
+
+def folder_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a complete Hugging Face model folder (None when it is): it must hold config.json and every
+    weight file (one safetensors file, or all the shards its index names, or a PyTorch .bin)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "missing"
+    if not (path / "config.json").is_file():
+        return "no config.json"
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            return f"unreadable {index.name}"
+        missing = [name for name in shards if not (path / name).is_file()]
+        return f"no weights ({missing[0]})" if missing else None
+    if (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file():
+        return None
+    return "no weights (model.safetensors)"
+
+
+def untied_state_dict(module, dtype: Optional[torch.dtype] = None) -> dict:
+    """The module's state dict on the CPU with each tied parameter under its first name only (lm_head tied to the
+    embeddings is stored once; from_pretrained re-ties it), as contiguous copies cast to `dtype` if given."""
+    seen, tied = set(), set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.add(id(param))
+    return {k: v.detach().to("cpu", dtype or v.dtype).contiguous().clone() for k, v in module.state_dict().items()
+            if k not in tied}
+
+
+def save_model_folder(model, tokenizer, path: Path, state_dict: Optional[dict] = None) -> None:
+    """A Hugging Face folder (config.json, generation_config.json, model.safetensors, tokenizer) written by whichever
+    process calls it. transformers 5's save_pretrained writes no weights on a rank other than 0 once
+    torch.distributed is initialized (`should_save_on_this_rank`), which made a cache built by rank 1 a
+    tokenizer-only folder; the cache must not depend on which rank builds it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(path)
+    save_file(state_dict if state_dict is not None else untied_state_dict(model), str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def export_hf(engine, tokenizer, path: str, dtype: Optional[torch.dtype] = None) -> None:
+    """Save the live policy as a Hugging Face folder (weights gathered under ZeRO-3, tokenizer and chat template
+    included), written by rank 0; every rank must call it."""
+    module = engine.module
+    with distributed.gathered(engine):
+        if torch.distributed.get_rank() == 0:
+            state = untied_state_dict(module, dtype)
+    if torch.distributed.get_rank() == 0:
+        module.config.use_cache = True
+        save_model_folder(module, tokenizer, Path(path), state)
+    distributed.barrier()

@@ -1,5 +1,5 @@
 """The one door to DeepSpeed and torch.distributed: process-group setup, DeepSpeed config assembly, the policy and
-reference engines, ZeRO-3 gathering, collectives and the Hugging Face export.
+reference engines, ZeRO-3 gathering and collectives.
 
 The same code path serves one plain `python` process, N CPU ranks (gloo) and N GPUs: only the launcher and the JSON
 differ.
@@ -276,22 +276,21 @@ def _load_under(ds: dict, load):
         unset_hf_deepspeed_config()
 
 
-def init_policy(model_path: str, ds: dict, dtype: torch.dtype, gradient_checkpointing: bool):
+def init_policy(load_model: Callable[[], torch.nn.Module], ds: dict):
+    """The policy's training engine around the model that `load_model()` returns (loaded under ZeRO-3's
+    partitioning hook when the config asks for stage 3)."""
     import deepspeed
 
-    from .models import load_model
-
-    model = _load_under(ds, lambda: load_model(model_path, dtype, gradient_checkpointing))
+    model = _load_under(ds, load_model)
     engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=model.parameters())
     return engine
 
 
-def init_reference(model_path: str, ds: dict, dtype: torch.dtype):
+def init_reference(load_model: Callable[[], torch.nn.Module], ds: dict):
+    """A frozen engine (no optimizer, eval mode) around `load_model()`."""
     import deepspeed
 
-    from .models import load_model
-
-    model = _load_under(ds, lambda: load_model(model_path, dtype))
+    model = _load_under(ds, load_model)
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     engine.eval()
@@ -329,26 +328,3 @@ def weights_fingerprint(engine) -> torch.Tensor:
     with gathered(engine), torch.no_grad():
         params = list(engine.module.parameters())
         return torch.stack([p.double().sum() * (i + 1) for i, p in enumerate(params)]).sum().cpu()
-
-
-def export_hf(engine, tokenizer, path: str, dtype: Optional[torch.dtype] = None) -> None:
-    """Save the policy as a Hugging Face folder (weights gathered under ZeRO-3, tokenizer and chat template
-    included), written by rank 0; every rank must call it."""
-    module = engine.module
-    # A tied parameter (lm_head = embeddings) is listed under each name; the copies below would no longer share
-    # storage, so keep its first name only and let from_pretrained re-tie it.
-    seen, tied = set(), set()
-    for name, param in module.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(name)
-        seen.add(id(param))
-    state = None
-    with gathered(engine):
-        if torch.distributed.get_rank() == 0:
-            state = {k: v.detach().to("cpu", dtype or v.dtype).clone() for k, v in module.state_dict().items()
-                     if k not in tied}
-    if torch.distributed.get_rank() == 0:
-        module.config.use_cache = True
-        module.save_pretrained(path, state_dict=state)
-        tokenizer.save_pretrained(path)
-    barrier()

@@ -14,9 +14,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+
+from .checkpoint import export_checkpoint, folder_problem, is_deepspeed_checkpoint, save_model_folder
 
 log = logging.getLogger("grpo_ds.models")
 
@@ -58,8 +60,6 @@ def resolve_model(spec: str) -> str:
             raise ValueError(f"--model '{spec}': GGUF file not found")
         return str(convert_gguf(path))
     if path.exists():
-        from .checkpoint import export_checkpoint, is_deepspeed_checkpoint
-
         if is_deepspeed_checkpoint(path):
             return str(_cached_export(path, export_checkpoint))
         if not (path / "config.json").is_file():
@@ -73,30 +73,22 @@ def resolve_model(spec: str) -> str:
 def _cached_export(ckpt: Path, export) -> Path:
     """A DeepSpeed checkpoint exported once to a cached Hugging Face folder (keyed by path and mtime)."""
     key = hashlib.sha256(f"{ckpt.resolve()}:{ckpt.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "exports" / f"{ckpt.name}-{key}"
-    if not (target / "config.json").is_file():
-        staging = target.with_name(target.name + f".tmp{os.getpid()}")
-        export(str(ckpt), str(staging))
-        os.replace(staging, target)
-    return target
+    return cached_folder(cache_dir() / "exports" / f"{ckpt.name}-{key}", lambda staging: export(str(ckpt), str(staging)))
+
+
+def gguf_cache_path(gguf_path: Path) -> Path:
+    """Where the conversion of `gguf_path` lives: keyed by the file's path, size and mtime."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
 
 
 def convert_gguf(gguf_path: Path) -> Path:
     """Convert a GGUF file to a Hugging Face folder (fp32 safetensors, tokenizer, chat template) under the cache,
-    once: transformers de-quantizes GGUF in about 20 s, a safetensors folder then loads in about one. The folder is
-    keyed by the file's path, size and mtime, written aside and renamed into place, and guarded by a file lock so
-    that ranks starting together convert it only once."""
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").is_file():  # another rank finished while we waited
-            return target
-        log.info("converting %s to a Hugging Face folder in %s (once)", gguf_path, target)
+    once: transformers de-quantizes GGUF in about 20 s, a safetensors folder then loads in about one."""
+
+    def build(staging: Path) -> None:
+        log.info("converting %s to a Hugging Face folder in %s (once)", gguf_path, staging.parent)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -106,10 +98,39 @@ def convert_gguf(gguf_path: Path) -> Path:
         del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
-        staging = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        save_model_folder(model, tokenizer, staging)
+
+    return cached_folder(gguf_cache_path(gguf_path), build)
+
+
+def cached_folder(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, built once by `build(staging)` and published only when complete.
+
+    A host's processes (ranks started together) serialize on a file lock beside the entry; the first to take it
+    builds into a hidden staging folder, the folder is verified (folder_problem) and only then renamed into place,
+    so no process ever sees a partial entry. Which process builds does not matter: every writer used here writes
+    its files on any rank (save_model_folder). An entry that is there but incomplete (left by an older version, or
+    by a crash that bypassed the rename) is rebuilt, with a warning, rather than trusted."""
+    if folder_problem(target) is None:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if folder_problem(target) is None:  # another process finished while we waited
+            return target
+        for stale in target.parent.glob(f".{target.name}.tmp*"):  # holding the lock: nobody else is writing
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = target.parent / f".{target.name}.tmp{os.getpid()}"
+        build(staging)
+        problem = folder_problem(staging)
+        if problem is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RuntimeError(f"building the cache entry {target} produced an incomplete folder ({problem}); "
+                               f"nothing was published")
+        if target.exists():
+            log.warning("cache entry %s was incomplete (%s): replaced by a fresh build", target,
+                        folder_problem(target))
+            shutil.rmtree(target)
         os.replace(staging, target)
     return target
 

@@ -31,7 +31,7 @@ from .experience import Experience, ReplayBuffer
 from .loss import BatchTotals, GRPOLoss, group_advantages, uniform_groups
 from .metrics import MetricsLogger, setup_logging
 from .plot import plot_runs
-from .models import completion_logprobs, load_tokenizer, resolve_model
+from .models import completion_logprobs, load_model, load_tokenizer, resolve_model
 from .rewards import get_reward_fn, score_completions
 from .rollout import generate_groups
 
@@ -122,8 +122,8 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     export_dtype = {"auto": dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype]
     tokenizer = load_tokenizer(model_path)
-    policy = dist.init_policy(model_path, ds_config, dtype, cfg.gradient_checkpointing)
-    reference = (dist.init_reference(model_path, dist.reference_ds_config(ds_config, cfg), dtype)
+    policy = dist.init_policy(lambda: load_model(model_path, dtype, cfg.gradient_checkpointing), ds_config)
+    reference = (dist.init_reference(lambda: load_model(model_path, dtype), dist.reference_ds_config(ds_config, cfg))
                  if cfg.kl_weight > 0 else None)
     loss_fn = GRPOLoss(cfg.clip_eps, cfg.kl_weight, cfg.loss_type, cfg.clip_eps_high)
     sampler = PromptSampler(problems, cfg.seed)
@@ -292,14 +292,14 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
             if cfg.save_steps and (step % cfg.save_steps == 0 or step == cfg.max_steps):
                 save_checkpoint(step)
             if cfg.export_steps and step % cfg.export_steps == 0 and step != cfg.max_steps:
-                dist.export_hf(policy, tokenizer, str(output_dir / "exports" / f"step_{step}"), export_dtype)
+                checkpoint.export_hf(policy, tokenizer, str(output_dir / "exports" / f"step_{step}"), export_dtype)
             if dist.any_rank(stop.received is not None):
                 _preempt(stop.received or "a signal on another rank", step, saved_step, save_checkpoint, cfg)
 
     logger.close()
     if rank == 0:
         plot_runs([cfg.output_dir], str(output_dir / "metrics.png"))
-    dist.export_hf(policy, tokenizer, str(output_dir / "final"), export_dtype)
+    checkpoint.export_hf(policy, tokenizer, str(output_dir / "final"), export_dtype)
     log.info("saved the final policy to %s", output_dir / "final")
     return history
 
