@@ -14,18 +14,20 @@ complete checkpoint. DeepSpeed writes the files; this module decides where and w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from . import distributed
+from .config import LoraSettings
 
 log = logging.getLogger("grpo_ds.checkpoint")
 
@@ -92,8 +94,14 @@ def resolve_resume(output_dir: str, resume_from: Optional[str]) -> Optional[Path
     return path
 
 
-def check_compatible(state: dict, world_size: int, zero_stage: int, path: Path) -> None:
+def check_compatible(state: dict, world_size: int, zero_stage: int, path: Path, lora_r: int = 0) -> None:
     """Refuse, before any model loads, a resume that DeepSpeed cannot do from these files."""
+    saved_lora = state.get("config", {}).get("lora_r", 0)
+    if (saved_lora > 0) != (lora_r > 0):
+        hint = f"add --lora_r {saved_lora}" if saved_lora else "drop --lora_r"
+        raise ValueError(f"--lora_r {lora_r}: the checkpoint '{path}' holds "
+                         f"{'LoRA adapters (rank ' + str(saved_lora) + ')' if saved_lora else 'a full fine-tune'}; "
+                         f"{hint} to resume it")
     saved = (state["world_size"], state["zero_stage"])
     if saved != (world_size, zero_stage):
         raise ValueError(
@@ -131,10 +139,13 @@ def save(engine, tokenizer, output_dir: str, step: int, trainer_state: dict, sav
     if distributed.any_rank(bool(error)):
         raise CheckpointError(_failed(step, error or "another rank failed", output_dir))
     try:
-        engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step}, save_latest=False)
+        # With LoRA, only the adapters and their optimizer state: the frozen base is the model the run started from
+        with _frozen_aliases_excluded(engine):
+            engine.save_checkpoint(str(staging), tag=tag, client_state={"step": step}, save_latest=False,
+                                   exclude_frozen_parameters=is_peft(engine.module))
         torch.save(rng_state(), staging / tag / f"rng_state_rank{rank}.pt")
         if rank == 0:
-            engine.module.config.save_pretrained(staging / tag / HF_DIR)
+            base_model(engine.module).config.save_pretrained(staging / tag / HF_DIR)
             tokenizer.save_pretrained(staging / tag / HF_DIR)
             (staging / tag / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
@@ -156,6 +167,30 @@ def save(engine, tokenizer, output_dir: str, step: int, trainer_state: dict, sav
     return root / tag
 
 
+@contextlib.contextmanager
+def _frozen_aliases_excluded(engine):
+    """DeepSpeed's exclude_frozen_parameters drops frozen parameters by their first name only, so an output layer
+    tied to the embeddings (a second name for a frozen tensor as large as the vocabulary) was still saved with
+    every LoRA checkpoint; drop every frozen name while saving."""
+    if not is_peft(engine.module):
+        yield
+        return
+    original = engine.module_state_dict
+
+    def adapters_only(*args, **kwargs):
+        state = original(*args, **kwargs)
+        for name, param in engine.module.named_parameters(remove_duplicate=False):
+            if not param.requires_grad:
+                state.pop(name, None)
+        return state
+
+    engine.module_state_dict = adapters_only
+    try:
+        yield
+    finally:
+        del engine.module_state_dict  # the class's method again
+
+
 def _failed(step: int, error: str, output_dir: str) -> str:
     previous = latest_checkpoint(output_dir)
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
@@ -174,7 +209,8 @@ def rotate(root: Path, limit: int, keep: Path) -> None:
 def load(engine, path: Path) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG states from `path`; returns the trainer state."""
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True,
+                                          load_module_strict=not is_peft(engine.module))
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
     rank = torch.distributed.get_rank()
@@ -190,9 +226,12 @@ def is_deepspeed_checkpoint(path: Path) -> bool:
     return path.is_dir() and ((path / STATE_FILE).is_file() or (path / LATEST).is_file())
 
 
-def export_checkpoint(path: str, out: str, dtype: Optional[torch.dtype] = None) -> Path:
+def export_checkpoint(path: str, out: str, dtype: Optional[torch.dtype] = None,
+                      resolve_base: Optional[Callable[[str], str]] = None) -> Path:
     """Convert a DeepSpeed checkpoint (ZeRO-1/2/3, any number of ranks) to a Hugging Face folder: DeepSpeed's
-    zero_to_fp32 reassembles the fp32 master weights; the config and tokenizer come from the checkpoint's hf/."""
+    zero_to_fp32 reassembles the fp32 master weights; the config and tokenizer come from the checkpoint's hf/. A
+    LoRA checkpoint holds the adapters only: they are merged into the run's base model (its --model, found with
+    `resolve_base`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -202,11 +241,18 @@ def export_checkpoint(path: str, out: str, dtype: Optional[torch.dtype] = None) 
     if not (ckpt / HF_DIR / "config.json").is_file():
         raise ValueError(f"'{path}': not a grpo_ds checkpoint (no {HF_DIR}/config.json beside the DeepSpeed files)")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    config = AutoConfig.from_pretrained(ckpt / HF_DIR)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    run_config = read_state(ckpt).get("config", {})
+    if run_config.get("lora_r"):
+        if resolve_base is None:
+            raise ValueError(f"'{path}': a LoRA checkpoint; exporting it needs its base model ({run_config['model']})")
+        model = merge_lora(AutoModelForCausalLM.from_pretrained(resolve_base(run_config["model"]),
+                                                                dtype=torch.float32), state, run_config)
+    else:
+        config = AutoConfig.from_pretrained(ckpt / HF_DIR)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise CheckpointError(f"'{path}': the checkpoint lacks weights for {', '.join(missing[:5])}")
@@ -215,6 +261,27 @@ def export_checkpoint(path: str, out: str, dtype: Optional[torch.dtype] = None) 
     model.config.use_cache = True
     save_model_folder(model, AutoTokenizer.from_pretrained(ckpt / HF_DIR), Path(out))
     return Path(out)
+
+
+def is_peft(module) -> bool:
+    return hasattr(module, "peft_config")
+
+
+def base_model(module):
+    """The model under a peft wrapper (its config is the base model's), or the module itself."""
+    return module.get_base_model() if is_peft(module) else module
+
+
+def merge_lora(base, adapter_state: dict, run_config: dict):
+    """`base` (a loaded model) with the run's LoRA adapters (peft state-dict keys, as the engine names them) merged
+    in by peft itself."""
+    from peft import get_peft_model
+
+    model = get_peft_model(base, LoraSettings.from_config(run_config).peft_config())
+    result = model.load_state_dict(adapter_state, strict=False)
+    if result.unexpected_keys or not any("lora_" in key for key in adapter_state):
+        raise CheckpointError(f"the LoRA weights do not fit the base model (unexpected: {result.unexpected_keys[:3]})")
+    return model.merge_and_unload()
 
 
 def folder_problem(path: Path) -> Optional[str]:
@@ -268,14 +335,62 @@ def save_model_folder(model, tokenizer, path: Path, state_dict: Optional[dict] =
         tokenizer.save_pretrained(path)
 
 
-def export_hf(engine, tokenizer, path: str, dtype: Optional[torch.dtype] = None) -> None:
+def export_hf(engine, tokenizer, path: str, dtype: Optional[torch.dtype] = None,
+              adapter_path: Optional[str] = None, base_name: Optional[str] = None) -> None:
     """Save the live policy as a Hugging Face folder (weights gathered under ZeRO-3, tokenizer and chat template
-    included), written by rank 0; every rank must call it."""
+    included), written by rank 0; every rank must call it. A LoRA policy is saved merged (a plain model that loads
+    with transformers alone) and, at `adapter_path`, as a peft adapter folder whose base model is `base_name`."""
     module = engine.module
+    state = None
     with distributed.gathered(engine):
         if torch.distributed.get_rank() == 0:
             state = untied_state_dict(module, dtype)
     if torch.distributed.get_rank() == 0:
-        module.config.use_cache = True
-        save_model_folder(module, tokenizer, Path(path), state)
+        if is_peft(module):
+            save_model_folder(merged_copy(module, state), tokenizer, Path(path))
+            if adapter_path is not None:
+                save_adapter_folder(module, state, tokenizer, Path(adapter_path), base_name)
+        else:
+            module.config.use_cache = True
+            save_model_folder(module, tokenizer, Path(path), state)
     distributed.barrier()
+
+
+def merged_copy(module, state: dict):
+    """A plain model with the peft `module`'s adapters merged, built on the CPU from its full `state` (the live
+    module stays as it is, adapters and all)."""
+    import copy
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        copy_ = get_peft_model(AutoModelForCausalLM.from_config(base_model(module).config),
+                               copy.deepcopy(module.peft_config["default"]))
+    copy_.load_state_dict(state, strict=False, assign=True)
+    copy_.get_base_model().tie_weights()
+    merged = copy_.merge_and_unload()
+    missing = [n for n, p in merged.named_parameters() if p.is_meta]
+    if missing:
+        raise CheckpointError(f"merging the adapters: no weights for {', '.join(missing[:5])}")
+    merged.config.use_cache = True
+    return merged
+
+
+def save_adapter_folder(module, state: dict, tokenizer, path: Path, base_name: Optional[str]) -> None:
+    """A peft adapter folder (adapter_config.json, adapter_model.safetensors) and the tokenizer; its
+    base_model_name_or_path is the run's --model as given, so it resolves wherever the base does."""
+    import copy
+
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(module.peft_config["default"])
+    if base_name:
+        config.base_model_name_or_path = base_name
+    config.save_pretrained(path)
+    adapter = get_peft_model_state_dict(module, state_dict=state)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(path / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    tokenizer.save_pretrained(path)

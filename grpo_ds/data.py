@@ -355,16 +355,30 @@ def _to_problems(rows: Iterable[tuple[str, Any]], source: str, bad_answers: str)
 
 # ------------------------------------------------------------------------------------------------ prompts
 
-def render_prompt(tokenizer: Any, question: str, system_prompt: str = SYSTEM_PROMPT, response_prefix: str = "") -> str:
-    """Prompt text for one question, ending where the model's answer starts: after the assistant's turn opens and
-    after `response_prefix` (text the answer is made to begin with, such as "<think>\n"; part of the prompt, so it
-    is neither generated, trained on nor scored)."""
+def render_chat(tokenizer: Any, messages: list[dict], response_prefix: str = "") -> str:
+    """Prompt text for a conversation (dicts with 'role' and 'content'), ending where the model's answer starts:
+    after the assistant's turn opens and after `response_prefix` (text the answer is made to begin with, such as
+    "<think>\n"; part of the prompt, so it is neither generated, trained on nor scored).
+
+    Models without a chat template (base models often ship none, and transformers refuses to guess one) get a plain
+    transcript that still ends on the assistant's turn:
+
+    >>> class Plain: chat_template = None
+    >>> render_chat(Plain(), [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"}])
+    'System: Be brief.\nUser: 2+3?\nAssistant:'
+    """
     if getattr(tokenizer, "chat_template", None) is None:
-        # Base models often ship without a chat template and transformers refuses to guess one, so use a
-        # plain transcript that still ends on the assistant's turn.
-        return f"{system_prompt}\n\nUser: {question}\nAssistant:{response_prefix}"
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+        turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+        return f"{turns}Assistant:{response_prefix}"
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + response_prefix
+
+
+def render_prompt(tokenizer: Any, question: str, system_prompt: str | None = SYSTEM_PROMPT,
+                  response_prefix: str = "") -> str:
+    """Prompt text for one question: the system prompt (None: none) and the question as the user's turn; see
+    render_chat. Training, evaluation, ask and serve all build their prompts here."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return render_chat(tokenizer, messages + [{"role": "user", "content": question}], response_prefix)
 
 
 # ---------------------------------------------------------------------------------------------- data order

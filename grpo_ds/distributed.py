@@ -122,6 +122,13 @@ def all_reduce_sum(values_K: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_dict(values: dict[str, float]) -> dict[str, float]:
+    """Sum each named value over ranks in one all-reduce (float64; every rank must pass the same keys)."""
+    keys = sorted(values)
+    summed = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device()))
+    return dict(zip(keys, summed.cpu().tolist()))
+
+
 def all_gather_cat(values_K: torch.Tensor) -> torch.Tensor:
     """Concatenate equally sized 1-D tensors from every rank, in rank order."""
     parts = [torch.empty_like(values_K) for _ in range(torch.distributed.get_world_size())]
@@ -183,7 +190,7 @@ def build_ds_config(raw: dict, cfg: Config, layout: BatchLayout, gpu: bool, sour
           f"--gradient_accumulation_steps {layout.gradient_accumulation_steps}", source)
     _fill(ds, "train_batch_size", cfg.train_batch_size * layout.gradient_accumulation_steps * layout.world_size,
           "--train_batch_size x gradient_accumulation_steps x ranks", source)
-    _fill(ds, "gradient_clipping", cfg.max_grad_norm, f"--max_grad_norm {cfg.max_grad_norm}", source)
+    _fill(ds, "gradient_clipping", cfg.max_norm, f"--max_norm {cfg.max_norm}", source)
 
     zero = ds.setdefault("zero_optimization", {})
     if zero_stage(ds) not in (0, 1, 2, 3):
@@ -282,7 +289,8 @@ def init_policy(load_model: Callable[[], torch.nn.Module], ds: dict):
     import deepspeed
 
     model = _load_under(ds, load_model)
-    engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters only
+    engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=trainable)
     return engine
 
 

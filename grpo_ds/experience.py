@@ -1,4 +1,5 @@
-"""The `Experience` record, micro-batching with padding trimmed, and the replay buffer.
+"""The `Experience` record: one rank's rows of a step (sequences, masks, rewards, advantages, old and reference
+log-probs), cut into micro-batches with padding trimmed.
 
 Shape legend: N completions, T = P + C total positions (P prompt, left-padded; C completion, right-padded).
 Every per-token tensor over completions (`*_NC`) is aligned with the last C columns of `sequences_NT`.
@@ -22,6 +23,7 @@ class Experience:
     advantages_N: torch.Tensor
     old_logprobs_NC: Optional[torch.Tensor] = None  # None when on-policy: the detached current log-probs serve
     ref_logprobs_NC: Optional[torch.Tensor] = None  # None when kl_weight == 0
+    has_signal: bool = True  # some group on some rank has non-zero advantages (the same on every rank)
 
     def __len__(self) -> int:
         return self.sequences_NT.shape[0]
@@ -33,8 +35,8 @@ class Experience:
     def select(self, index: torch.Tensor) -> "Experience":
         """The rows in `index`, with the padding columns that every selected row shares removed: leading prompt
         columns where no row has a real token, trailing completion columns where no row has a completion token."""
-        rows = {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
-                for f in dataclasses.fields(self)}
+        rows = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        rows.update({name: value[index] for name, value in rows.items() if isinstance(value, torch.Tensor)})
         num_prompt = self.sequences_NT.shape[1] - self.num_completion_positions
         prompt_used = rows["attention_mask_NT"][:, :num_prompt].any(dim=0).nonzero()
         start = int(prompt_used[0]) if len(prompt_used) else num_prompt
@@ -48,24 +50,13 @@ class Experience:
                 rows[name] = rows[name][:, :keep_c]
         return Experience(**rows)
 
-
-class ReplayBuffer:
-    """One rank's experiences of the current step. It never leaves the rank that generated it; each epoch walks it
-    in micro-batches of `micro_batch_size` in a seeded random order."""
-
-    def __init__(self, experience: Experience):
-        self.experience = experience
-
-    def __len__(self) -> int:
-        return len(self.experience)
-
     def micro_batches(self, micro_batch_size: int, generator: Optional[torch.Generator] = None,
-                      group_size: int = 1) -> Iterator[Experience]:
-        """Micro-batches of exactly `micro_batch_size` rows (the config guarantees it divides the buffer); a
-        random permutation from `generator`, or the stored order when None. With `group_size` G dividing the
-        micro-batch (rows [g*G, (g+1)*G) being prompt g's group), whole groups are shuffled instead of rows, so a
-        micro-batch holds whole prompts: no prompt is padded to another's length."""
-        n = len(self.experience)
+                      group_size: int = 1) -> Iterator["Experience"]:
+        """Micro-batches of exactly `micro_batch_size` rows (the config guarantees it divides the rows): a random
+        permutation from `generator`, or the stored order when None. With `group_size` G dividing the micro-batch
+        (rows [g*G, (g+1)*G) being prompt g's group), whole groups are shuffled instead of rows, so a micro-batch
+        holds whole prompts: no prompt is padded to another's length, and its rows share one packed forward."""
+        n = len(self)
         assert n % micro_batch_size == 0, (n, micro_batch_size)
         if generator is None:
             order = torch.arange(n)
@@ -75,4 +66,4 @@ class ReplayBuffer:
         else:
             order = torch.randperm(n, generator=generator)
         for start in range(0, n, micro_batch_size):
-            yield self.experience.select(order[start:start + micro_batch_size])
+            yield self.select(order[start:start + micro_batch_size])

@@ -1,29 +1,28 @@
-"""Inference with a trained model: loading a model or a run for generation, batched greedy or sampled generation
-with completion masks, and the quick `ask` command (one question, a file of them, or base vs trained side by side).
+"""Using a trained model: loading a model or a training run for generation, asking it the way it was trained (the
+run's system prompt and response prefix, read from its config.json), and the pieces of the `ask` command.
 
     python scripts/ask.py runs/quickstart "Tom has 3 apples and buys 4 more. How many apples does he have?"
     python scripts/ask.py runs/quickstart --compare embedded --file questions.jsonl
-
-Shape legend: N rows (prompts x samples), P prompt length (left-padded), C completion length.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
-import shutil
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from .data import SYSTEM_PROMPT, render_prompt
+from .data import SYSTEM_PROMPT, gsm8k_final_answer, render_prompt
+from .generation import Sampling, generate
 from .models import load_model, load_tokenizer, resolve_model
 from .rewards import extract_answer, extract_last_number, is_correct, is_correct_lenient
-from .rollout import completion_mask, eos_token_ids
+
+log = logging.getLogger("grpo_ds.inference")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -45,16 +44,74 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
+def _is_run_config(path: Path) -> bool:
+    """A grpo_ds run's config.json (not a Hugging Face model's, which shares the name)."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and "rollouts_per_step" in values and "group_size" in values
+
+
+def training_config(spec: str) -> Optional[dict]:
+    """The training config of the run behind `spec`, or None: for a run's output folder, its final/ or exports/step_N
+    folder, its checkpoints folder or one checkpoint (whose trainer_state.json holds the config)."""
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return None
+    for candidate in (path, path.parent, path.parent.parent):
+        if _is_run_config(candidate / "config.json"):
+            return json.loads((candidate / "config.json").read_text())
+    if (path / "latest").is_file():  # a checkpoints folder: its newest checkpoint
+        path = path / (path / "latest").read_text().strip()
+    state = path / "trainer_state.json"
+    if state.is_file():
+        try:
+            return json.loads(state.read_text()).get("config")
+        except ValueError:
+            return None
+    return None
+
+
 def resolve_run(spec: str) -> str:
     """A training run's output folder stands for its exported policy (`OUTPUT_DIR/final`); anything else goes to
     models.resolve_model (hub id, Hugging Face folder, DeepSpeed checkpoint, .gguf, 'embedded')."""
     path = Path(spec).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
+    if path.is_dir() and _is_run_config(path / "config.json"):
+        if not (path / "final" / "config.json").is_file():
+            raise ValueError(f"MODEL '{spec}': a training run without final/ (not finished?); pass one of its "
+                             f"checkpoints, {path / 'checkpoints'}")
         spec = str(path / "final")
     return resolve_model(spec)
 
 
-def load(spec: str, dtype: str = "auto", device: torch.device | None = None):
+@dataclass(frozen=True)
+class PromptFormat:
+    """How questions are put to a model: its system prompt (None: none) and the response prefix its answers start
+    with. A trained model is asked the way it was trained: the defaults come from its run's config.json."""
+
+    system_prompt: Optional[str] = SYSTEM_PROMPT
+    response_prefix: str = ""
+    source: str = "defaults"
+
+    def render(self, tokenizer, question: str) -> str:
+        return render_prompt(tokenizer, question, self.system_prompt, self.response_prefix)
+
+
+def prompt_format(spec: Optional[str], system_prompt: Optional[str] = None,
+                  response_prefix: Optional[str] = None) -> PromptFormat:
+    """The prompt format for model `spec`: what is given here ('default', 'none' or text for the system prompt),
+    else the training run's settings, else the training defaults."""
+    trained = training_config(spec) if spec else None
+    if system_prompt is None:
+        system_prompt = (trained or {}).get("system_prompt", "default")
+    if response_prefix is None:
+        response_prefix = (trained or {}).get("response_prefix", "")
+    text = {"default": SYSTEM_PROMPT, "none": None}.get(system_prompt, system_prompt)
+    return PromptFormat(text, response_prefix, "the training run's config.json" if trained else "defaults")
+
+
+def load(spec: str, dtype: str = "auto", device: Optional[torch.device] = None):
     """(model, tokenizer) ready for generation: eval mode, KV cache on, on `device` (default: pick_device())."""
     device = device or pick_device()
     path = resolve_run(spec)
@@ -65,72 +122,19 @@ def load(spec: str, dtype: str = "auto", device: torch.device | None = None):
     return model, tokenizer
 
 
-# ----------------------------------------------------------------------------- generation
-
-
-@dataclass
-class Completion:
-    text: str        # decoded completion up to its first EOS (the EOS itself is a special token, not text)
-    num_tokens: int  # completion tokens, the EOS included (what the training metrics count)
-    truncated: bool  # no EOS within max_new_tokens
-
-
-def sampling_kwargs(temperature: float, top_p: float) -> dict:
-    """generate() arguments for greedy decoding (temperature 0) or for sampling from the plain softmax. top_k=0 and
-    repetition_penalty=1.0 override whatever the model's generation_config suggests, as in training, so a sampled
-    evaluation draws from the distribution that GRPO trained."""
-    if temperature < 0:
-        raise ValueError(f"--temperature {temperature}: expected >= 0 (0 is greedy)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"--top_p {top_p}: expected a value in (0, 1]")
-    if temperature == 0:
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "repetition_penalty": 1.0}
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0, "repetition_penalty": 1.0}
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0) -> list[Completion]:
-    """One completion per prompt, in a single left-padded `generate` call. The completion mask comes from
-    rollout.completion_mask (positions up to the first EOS), never from token values: the pad token is often the
-    EOS itself. Callers batch and sort; this does neither."""
-    assert tokenizer.padding_side == "left", "generation needs left padding"
-    device = next(model.parameters()).device
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    prompt_ids_NP = encoded["input_ids"].to(device)
-    eos_ids = eos_token_ids(model, tokenizer)
-    out_NT = model.generate(input_ids=prompt_ids_NP, attention_mask=encoded["attention_mask"].to(device),
-                            max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                            use_cache=True, **sampling_kwargs(temperature, top_p))
-    completion_ids_NC = out_NT[:, prompt_ids_NP.shape[1]:].cpu()
-    mask_NC, truncated_N = completion_mask(completion_ids_NC, eos_ids)
-    texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids_NC, mask_NC)],
-                                   skip_special_tokens=True)
-    return [Completion(text, int(n), bool(t)) for text, n, t in zip(texts, mask_NC.sum(dim=1), truncated_N)]
-
-
-def render(tokenizer, question: str, prompt: str = "train", response_prefix: str = "") -> str:
-    """Prompt text for a question. 'train': the chat template with the training system prompt (the tutorial's
-    <think>/<answer> instructions) and the training run's `response_prefix`; 'plain': the question alone as the
-    user's turn, as anyone would ask it."""
-    if prompt == "train":
-        return render_prompt(tokenizer, question, SYSTEM_PROMPT, response_prefix)
-    if prompt != "plain":
-        raise ValueError(f"--prompt '{prompt}': expected 'train' or 'plain'")
-    if getattr(tokenizer, "chat_template", None) is None:
-        return f"Question: {question}\nAnswer:"
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
 # ----------------------------------------------------------------------------- the ask command
 
 
-def read_questions(path: str) -> list[tuple[str, str | None]]:
+@dataclass
+class Answer:
+    text: str
+    num_tokens: int
+    truncated: bool
+
+
+def read_questions(path: str) -> list[tuple[str, Optional[str]]]:
     """(question, gold or None) from a .jsonl file ('question' and optional 'answer' fields, GSM8K's '#### n'
     accepted) or a text file with one question per line."""
-    from .data import gsm8k_final_answer
-
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"--file '{path}': file not found")
@@ -153,7 +157,21 @@ def read_questions(path: str) -> list[tuple[str, str | None]]:
     return items
 
 
-def verdict(text: str, gold: str | None) -> str:
+def answer_all(spec: str, questions: list[str], sampling: Sampling, fmt: PromptFormat, *, batch_size: int = 16,
+               dtype: str = "auto", seed: int = 0) -> list[Answer]:
+    """One answer per question from model `spec`, in batches."""
+    model, tokenizer = load(spec, dtype)
+    prompts = [fmt.render(tokenizer, q) for q in questions]
+    torch.manual_seed(seed)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rollout = generate(model, tokenizer, prompts[start:start + batch_size], sampling)
+        out += [Answer(text, int(n), bool(t)) for text, n, t in
+                zip(rollout.texts(tokenizer), rollout.completion_mask_NC.sum(dim=1), rollout.truncated_N)]
+    return out
+
+
+def verdict(text: str, gold: Optional[str]) -> str:
     """One line: the strict <answer> content, the last number, and, with a gold answer, whether each is right."""
     strict, lenient = extract_answer(text), extract_last_number(text)
     line = f"answer: {strict!r}   last number: {lenient:g}" if lenient is not None else f"answer: {strict!r}"
@@ -178,64 +196,3 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str, width
     left_lines += [""] * (height - len(left_lines))
     right_lines += [""] * (height - len(right_lines))
     return "\n".join(f"{a:<{column}} | {b}".rstrip() for a, b in zip(left_lines, right_lines))
-
-
-def ask_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ask.py", description="Answer one question (or a file of them) with a model or a training run; "
-                                   "--compare BASE shows the base model's answers beside it.")
-    parser.add_argument("model", help="Hub id, Hugging Face folder, a run's output folder (its final/), DeepSpeed "
-                                      "checkpoint, .gguf file or 'embedded'.")
-    parser.add_argument("question", nargs="?", help="The question (or use --file).")
-    parser.add_argument("--file", help="A .jsonl file with 'question' (and optional 'answer') fields, or a text "
-                                       "file with one question per line.")
-    parser.add_argument("--compare", metavar="BASE", help="A second model, shown on the left (e.g. the base model).")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="Most tokens per answer.")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default).")
-    parser.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling threshold when sampling.")
-    parser.add_argument("--prompt", default="train", choices=["train", "plain"],
-                        help="'train': chat template + the training system prompt; 'plain': the question alone.")
-    parser.add_argument("--response_prefix", default="", help="Text every answer starts with, as the training "
-                        "run's --response_prefix (with --prompt train).")
-    parser.add_argument("--batch_size", type=int, default=16, help="Questions per generate call.")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed for sampling.")
-    return parser
-
-
-def answer_all(spec: str, items: list[tuple[str, str | None]], args) -> list[Completion]:
-    model, tokenizer = load(spec, args.dtype)
-    prompts = [render(tokenizer, question, args.prompt, args.response_prefix) for question, _ in items]
-    torch.manual_seed(args.seed)
-    out = []
-    for start in range(0, len(prompts), args.batch_size):
-        out += generate(model, tokenizer, prompts[start:start + args.batch_size], max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p)
-    return out
-
-
-def ask_main(argv: list[str] | None = None) -> int:
-    args = ask_parser().parse_args(argv)
-    try:
-        if (args.question is None) == (args.file is None):
-            raise ValueError("ask.py: give either a question or --file, not both or neither")
-        if args.max_new_tokens < 1 or args.batch_size < 1:
-            raise ValueError("--max_new_tokens and --batch_size: expected positive integers")
-        items = read_questions(args.file) if args.file else [(args.question, None)]
-        answers = answer_all(args.model, items, args)
-        base = answer_all(args.compare, items, args) if args.compare else None
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    width = shutil.get_terminal_size((160, 24)).columns
-    for i, (question, gold) in enumerate(items):
-        print(f"\n=== Q{i + 1}: {question}" + (f"   [gold: {gold}]" if gold is not None else ""))
-        if base is None:
-            print(answers[i].text.strip())
-            print(f"--> {verdict(answers[i].text, gold)}")
-            continue
-        print(side_by_side(f"BASE {args.compare}", base[i].text.strip(), f"MODEL {args.model}",
-                           answers[i].text.strip(), width))
-        print(f"BASE  --> {verdict(base[i].text, gold)}")
-        print(f"MODEL --> {verdict(answers[i].text, gold)}")
-    return 0

@@ -67,11 +67,47 @@ def uniform_groups(rewards_BG: torch.Tensor) -> torch.Tensor:
     return (rewards_BG == rewards_BG[:, :1]).all(dim=1)
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(policy || reference) (Schulman, "Approximating KL divergence", 2020):
-    `exp(ref - logp) - (ref - logp) - 1`. Unbiased, always >= 0, and exactly 0 where the two models agree."""
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimators of KL(policy || reference) from the sampled token's log-probs (Schulman, "Approximating
+    KL divergence", 2020), with log r = ref - logp:
+
+    - k1: `-log r`, unbiased, high variance, can be negative for a token;
+    - k2: `(log r)^2 / 2`, biased, low variance, >= 0;
+    - k3: `r - 1 - log r`, unbiased, low variance, >= 0, exactly 0 where the models agree (GRPO's, TRL's).
+
+    >>> [round(float(kl_estimate(torch.tensor(0.0), torch.tensor(-1.0), e)), 4) for e in KL_ESTIMATORS]
+    [1.0, 0.5, 0.3679]
+    """
     log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        return torch.exp(log_ratio) - log_ratio - 1
+    raise ValueError(f"unknown kl_estimator {estimator!r}")
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """The k3 estimator (see kl_estimate): `exp(ref - logp) - (ref - logp) - 1`."""
+    return kl_estimate(logprobs, ref_logprobs, "k3")
+
+
+def entropy_threshold(entropies_NC: torch.Tensor, mask_NC: torch.Tensor, top_entropy_quantile: float) -> float:
+    """The entropy above which a token is among the top `top_entropy_quantile` of these tokens (TRL's
+    get_high_entropy_mask on one process: the (1 - q) quantile of the masked entropies). The trainer computes it
+    over every rank's tokens of the micro-batch and passes it in BatchTotals.
+
+    >>> entropy_threshold(torch.tensor([[0.1, 0.5, 0.9, 7.0]]), torch.tensor([[1, 1, 1, 0]]), 0.5)
+    0.5
+    """
+    values = entropies_NC[mask_NC.bool()].float()
+    if values.numel() == 0:
+        return float("inf")
+    return float(torch.quantile(values, 1 - top_entropy_quantile))
 
 
 @dataclass(frozen=True)
@@ -82,6 +118,7 @@ class BatchTotals:
     num_tokens: int  # completion tokens (completion mask == 1)
     num_micro_batches: int  # gradient_accumulation_steps x data-parallel ranks
     max_new_tokens: int  # the dr_grpo constant
+    entropy_threshold: Optional[float] = None  # top_entropy_quantile's cut over every rank's micro-batch tokens
 
     @classmethod
     def single(cls, completion_mask_NC: torch.Tensor, max_new_tokens: int) -> "BatchTotals":
@@ -101,31 +138,54 @@ def aggregate(per_token_NC: torch.Tensor, mask_NC: torch.Tensor, loss_type: str,
         return masked_sum / mask_NC.sum().clamp(min=1) / totals.num_micro_batches
     if loss_type == "dr_grpo":
         return masked_sum / (totals.num_sequences * totals.max_new_tokens)
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return masked_sum / max(totals.num_tokens, 1)
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
 class GRPOLoss:
-    """The PPO-clipped GRPO objective with a k3 KL penalty (DeepSeekMath eq. 3), negated for minimization:
+    """The PPO-clipped GRPO objective with a KL penalty (DeepSeekMath eq. 3), negated for minimization, and the
+    variants peers offer, each as TRL 1.16's GRPOTrainer computes it (tests/test_trl_equality.py):
 
-        per_token = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) * A) + kl_weight * k3
+        per_token = -min(w * A, clip(w, 1 - clip_eps, 1 + clip_eps_high) * A) + kl_weight * KL
 
-    with `ratio = exp(logp - old_logp)`. On-policy (old = logp.detach()) the ratio is 1 and the gradient is the
-    plain policy gradient `-A * grad logp`. Positions where completion_mask is 0 (prompt, padding, anything after
-    the first EOS) contribute nothing.
+    - `w`, the importance weight: `exp(logp - old_logp)` per token (importance_sampling_level "token"), or one per
+      sequence, `exp(mean over its tokens of logp - old_logp)`, clipped per sequence (GSPO, arXiv:2507.18071);
+    - `delta`: two-sided clipping, the unclipped `w` capped at delta too, so a negative advantage cannot make a
+      token's loss grow without bound (TRL's delta);
+    - loss_type "cispo" (MiniMax-M1, arXiv:2506.13585): `-min(w, clip_eps_high).detach() * A * logp`, a clipped,
+      detached importance weight on a REINFORCE term, so clipped tokens still pass a gradient; aggregated as dapo;
+    - `top_entropy_quantile` q < 1: only the tokens whose policy entropy is in the top q of the micro-batch's tokens
+      (over all ranks) carry the policy term (Beyond the 80/20 rule, arXiv:2506.01939); the KL term keeps all;
+    - `kl_estimator`: k1, k2 or k3 (kl_estimate).
+
+    On-policy (old = logp.detach()) the ratio is 1 and the gradient is the plain policy gradient `-A * grad logp`.
+    Positions where completion_mask is 0 (prompt, padding, anything after the first EOS) contribute nothing.
     """
 
     def __init__(self, clip_eps: float = 0.2, kl_weight: float = 0.01, loss_type: str = "grpo",
-                 clip_eps_high: Optional[float] = None):
+                 clip_eps_high: Optional[float] = None, *, importance_sampling_level: str = "token",
+                 delta: Optional[float] = None, top_entropy_quantile: float = 1.0, kl_estimator: str = "k3"):
+        if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}")
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown kl_estimator {kl_estimator!r}")
         self.clip_low = clip_eps
         self.clip_high = clip_eps if clip_eps_high is None else clip_eps_high
         self.kl_weight = kl_weight
         self.loss_type = loss_type
+        self.importance_sampling_level = importance_sampling_level
+        self.delta = delta
+        self.top_entropy_quantile = top_entropy_quantile
+        self.kl_estimator = kl_estimator
 
     def __call__(self, logprobs_NC: torch.Tensor, old_logprobs_NC: torch.Tensor,
                  ref_logprobs_NC: Optional[torch.Tensor], advantages_N: torch.Tensor,
-                 completion_mask_NC: torch.Tensor, totals: BatchTotals) -> tuple[torch.Tensor, dict]:
+                 completion_mask_NC: torch.Tensor, totals: BatchTotals,
+                 entropies_NC: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         """Returns (loss contribution, metrics). Metrics are sums over this micro-batch's completion tokens, so
         the caller can add them over micro-batches and ranks before dividing by `num_tokens`."""
         mask_NC = completion_mask_NC.to(logprobs_NC.dtype)
@@ -136,13 +196,32 @@ class GRPOLoss:
         old_logprobs_NC = torch.where(keep_NC, old_logprobs_NC, 0.0)
         if ref_logprobs_NC is not None:
             ref_logprobs_NC = torch.where(keep_NC, ref_logprobs_NC, 0.0)
-        ratio_NC = torch.exp(logprobs_NC - old_logprobs_NC)
+        log_ratio_NC = logprobs_NC - old_logprobs_NC
+        if self.importance_sampling_level == "sequence":  # one weight per sequence, broadcast over its tokens
+            log_weight = ((log_ratio_NC * mask_NC).sum(dim=1) / mask_NC.sum(dim=1).clamp(min=1.0)).unsqueeze(1)
+        else:
+            log_weight = log_ratio_NC
+        weight = torch.exp(log_weight)  # N x C, or N x 1 at the sequence level
         advantages_N1 = advantages_N.to(logprobs_NC.dtype).unsqueeze(1)
-        unclipped_NC = ratio_NC * advantages_N1
-        clipped_NC = torch.clamp(ratio_NC, 1 - self.clip_low, 1 + self.clip_high) * advantages_N1
-        per_token_NC = -torch.min(unclipped_NC, clipped_NC)
+        if self.loss_type == "cispo":
+            per_token = -torch.clamp(weight, max=self.clip_high).detach() * advantages_N1 * logprobs_NC
+            clipped = (weight > self.clip_high) & (advantages_N1 > 0)
+        else:
+            clipped_weight = torch.clamp(weight, 1 - self.clip_low, 1 + self.clip_high)
+            unclipped_weight = weight if self.delta is None else torch.clamp(weight, max=self.delta)
+            unclipped, clipped_term = unclipped_weight * advantages_N1, clipped_weight * advantages_N1
+            per_token = -torch.min(unclipped, clipped_term)
+            clipped = clipped_term < unclipped
+        if self.top_entropy_quantile < 1.0:
+            if entropies_NC is None:
+                raise ValueError("top_entropy_quantile < 1 needs the tokens' entropies")
+            threshold = (totals.entropy_threshold if totals.entropy_threshold is not None
+                         else entropy_threshold(entropies_NC, completion_mask_NC, self.top_entropy_quantile))
+            high_entropy_NC = ((entropies_NC * mask_NC) >= threshold) & keep_NC
+            per_token = per_token * high_entropy_NC
+        per_token_NC = per_token.expand_as(logprobs_NC) if per_token.shape != logprobs_NC.shape else per_token
         if ref_logprobs_NC is not None and self.kl_weight > 0:
-            kl_NC = kl_k3(logprobs_NC, ref_logprobs_NC)
+            kl_NC = kl_estimate(logprobs_NC, ref_logprobs_NC, self.kl_estimator)
             per_token_NC = per_token_NC + self.kl_weight * kl_NC
         else:
             kl_NC = torch.zeros_like(logprobs_NC)
@@ -150,7 +229,9 @@ class GRPOLoss:
         with torch.no_grad():
             metrics = {
                 "kl_sum": (kl_NC * mask_NC).sum(),
-                "clipped_tokens": ((clipped_NC < unclipped_NC).to(mask_NC.dtype) * mask_NC).sum(),
+                "clipped_tokens": (clipped.expand_as(mask_NC).to(mask_NC.dtype) * mask_NC).sum(),
                 "num_tokens": mask_NC.sum(),
             }
+            if entropies_NC is not None:
+                metrics["entropy_sum"] = (entropies_NC.to(mask_NC.dtype) * mask_NC).sum()
         return loss, metrics

@@ -16,6 +16,15 @@ The pieces (bytes per device, P parameters, W devices, b bytes per compute eleme
   ZeRO-3 the parameters fetched for the forward and backward stay until stage3_max_live_parameters (1e9 in
   zero3.json, so the whole policy for models below 1B parameters).
 Attention is taken as memory-efficient (SDPA / flash: no T x T matrix is stored).
+
+With LoRA (rank r on every linear layer of the blocks) the trainable parameters are the adapters' L: gradients and
+optimizer state shrink to L's, the base weights stay whole (frozen; ZeRO-3 still partitions them), and there is no
+reference (the policy with its adapters off).
+
+Host memory (with offload, and always on a CPU-only host where the "device" is the host): the offloaded optimizer
+(fp32 master, two moments and the fp32 gradient partition DeepSpeed's CPU Adam steps on, 16 bytes per trainable
+parameter / W), the offloaded parameters (their fp32 partition, 4P/W; the device keeps none), and the process
+itself (Python, torch, DeepSpeed, the tokenizer: PROCESS_BYTES).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from dataclasses import dataclass
 
 GIB = 1024 ** 3
 FRAMEWORK_BYTES = int(1.0 * GIB)  # CUDA context, allocator slack, libraries: a measured order of magnitude
+PROCESS_BYTES = int(1.0 * GIB)  # host memory of a rank's Python process before any model (torch, DeepSpeed, ...)
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,14 @@ class ModelShape:
         per_layer = attention + mlp + 2 * self.hidden
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
         return self.layers * per_layer + embeddings + self.hidden
+
+    def lora_parameters(self, r: int) -> int:
+        """Adapter parameters at rank r on every linear layer of the blocks (peft's 'all-linear'): r x (in + out)
+        for q, k, v, o, gate, up and down."""
+        q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        per_layer = ((self.hidden + q_out) + 2 * (self.hidden + kv_out) + (q_out + self.hidden)
+                     + 2 * (self.hidden + self.intermediate) + (self.intermediate + self.hidden))
+        return r * per_layer * self.layers
 
 
 # Qwen2.5 (vocab 151936 for the tied small models, 152064 for the others), as in their published config.json files.
@@ -100,20 +118,23 @@ class RunShape:
     gather_for_generation: bool = True  # --zero3_gather_for_generation: whole policy gathered while generating
     reduce_bucket_elements: int | None = None  # None: the shipped JSON's (2e8 for ZeRO-2, 5e7 for ZeRO-3)
     max_live_parameters: int = 1_000_000_000  # ZeRO-3's stage3_max_live_parameters
+    lora_r: int = 0  # LoRA rank on every linear layer of the blocks (0: full fine-tuning)
 
 
 def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
     """Bytes per device for each piece, and `total` (the peak: the larger of the generation and training phases
     on top of what stays resident)."""
     W, P, b = run.num_devices, model.num_parameters, (2 if run.precision == "bf16" else 4)
+    T = model.lora_parameters(run.lora_r) if run.lora_r else P  # trainable parameters
     zero3 = run.zero_stage == 3
     offload = run.offload
     bucket = run.reduce_bucket_elements or (50_000_000 if zero3 else 200_000_000)
+    has_reference = run.reference and not run.lora_r  # with LoRA: the policy with its adapters off
     resident = {
-        "policy_weights": 0 if offload else (P * b // W if zero3 else P * b),
-        "gradients": P * b // W + min(bucket, P) * b,
-        "optimizer": 0 if offload else 12 * P // W,
-        "reference": 0 if not run.reference or run.reference_offload else (P * b // W if zero3 else P * b),
+        "policy_weights": 0 if offload else ((P + T * (run.lora_r > 0)) * b // (W if zero3 else 1)),
+        "gradients": T * b // W + min(bucket, T) * b,
+        "optimizer": 0 if offload else 12 * T // W,
+        "reference": 0 if not has_reference or run.reference_offload else (P * b // W if zero3 else P * b),
         "framework": FRAMEWORK_BYTES,
     }
     total_tokens = run.prompt_tokens + run.max_new_tokens
@@ -144,6 +165,21 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
     return out
 
 
+def host_estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
+    """Bytes of host memory per rank beyond the device's: the offloaded optimizer and parameters, and the process
+    itself. On a CPU-only host the device IS the host: add estimate()'s total for the rank's whole footprint."""
+    W, P = run.num_devices, model.num_parameters
+    T = model.lora_parameters(run.lora_r) if run.lora_r else P
+    out = {
+        "offloaded_optimizer": 16 * T // W if run.offload else 0,
+        "offloaded_parameters": 4 * P // W if run.offload else 0,
+        "offloaded_reference": (4 * P // W if run.reference_offload and run.reference and not run.lora_r else 0),
+        "process": PROCESS_BYTES,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
 def decode_bound(model: ModelShape, params: int, rows: int, prompt_tokens: float, new_tokens: int,
                  bytes_per_s: float, elem_bytes: int = 2) -> float:
     """Tokens/s that decoding `rows` sequences together on one device cannot exceed: each decoding step reads
@@ -153,12 +189,20 @@ def decode_bound(model: ModelShape, params: int, rows: int, prompt_tokens: float
     return rows * bytes_per_s / bytes_per_step
 
 
-def report(model: ModelShape, run: RunShape, device_gib: float) -> str:
-    parts = estimate(model, run)
+def report(model: ModelShape, run: RunShape, device_gib: float, cpu_only: bool = False) -> str:
+    parts, host = estimate(model, run), host_estimate(model, run)
+    lora = f", LoRA r={run.lora_r} ({model.lora_parameters(run.lora_r) / 1e6:.1f}M trainable)" if run.lora_r else ""
     lines = [f"{model.num_parameters / 1e9:.2f}B parameters, {run.num_devices} device(s), ZeRO-{run.zero_stage}"
-             f"{' + offload' if run.offload else ''}, {run.precision}",
+             f"{' + offload' if run.offload else ''}, {run.precision}{lora}",
              "| piece | GiB per device |", "| --- | --- |"]
     lines += [f"| {name} | {value / GIB:.2f} |" for name, value in parts.items() if name != "total"]
     verdict = "fits" if parts["total"] <= device_gib * GIB else "does NOT fit"
     lines.append(f"| **peak** | **{parts['total'] / GIB:.2f}** ({verdict} in {device_gib:g} GiB) |")
+    lines += ["", "| host memory per rank | GiB |", "| --- | --- |"]
+    lines += [f"| {name} | {value / GIB:.2f} |" for name, value in host.items() if name != "total"]
+    if cpu_only:  # the device is the host: one footprint
+        lines.append(f"| device pieces above (a CPU-only host) | {parts['total'] / GIB:.2f} |")
+        lines.append(f"| **peak per rank** | **{(host['total'] + parts['total'] - FRAMEWORK_BYTES) / GIB:.2f}** |")
+    else:
+        lines.append(f"| **peak per rank** | **{host['total'] / GIB:.2f}** |")
     return "\n".join(lines)

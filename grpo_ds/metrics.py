@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 # The order of the console summary; every key is also in metrics.jsonl.
-CONSOLE_KEYS = ("reward_mean", "success_rate", "format_rate", "kl", "loss", "completion_len_mean", "step_s")
+CONSOLE_KEYS = ("reward_mean", "success_rate", "clean_rate", "kl", "loss", "completion_len_mean", "step_s")
 
 
 def setup_logging(rank: int) -> None:
@@ -28,11 +28,12 @@ def setup_logging(rank: int) -> None:
 
 
 def _plain(value):
-    """JSON-friendly numbers: tensors to floats, non-finite floats to null-safe strings."""
+    """JSON-friendly numbers: tensors to floats; a non-finite float becomes null (None), so every column of
+    metrics.jsonl holds numbers or null and reads as a number column in pandas or jq."""
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return None
     return value
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .metrics import read_metrics
 
-PANELS = (("reward_mean", "reward mean"), ("success_rate", "success rate (strict)"), ("format_rate", "format rate"),
+PANELS = (("reward_mean", "reward mean"), ("success_rate", "success rate (strict)"),
+          ("clean_rate", "clean answer block rate"),
           ("kl", "KL to reference"), ("completion_len_mean", "completion length (tokens)"),
           ("clip_frac", "clip fraction"), ("step_s", "seconds per step"),
           ("eval_accuracy", "held-out accuracy (strict)"))

@@ -5,9 +5,14 @@ Presets (``--reward NAME``):
 * ``math`` (default): 1.0 when the number in the first ``<answer>`` block equals the gold number after numeric
   normalization ("$1,234.00" == "1234", "5/2" == "2.5", "6 apples" == "6"), plus a 0.1 format bonus when that block
   holds a number at all. Scores: 1.1 correct, 0.1 formatted but wrong, 0.0 without a parseable answer block.
+* ``math_clean``: for small models learning the format (the CPU recipe): 1.2 for a clean answer block (just the
+  number, or an equation ending in it, and nothing after the block) holding the gold, 0.2 for a clean one holding
+  another number, 0.25 without a clean block when the last number in the text is the gold, else 0.
+* ``math_shaped``: math plus 0.05 per answer tag and 0.25 for a right last number (gameable: recited tags pay).
 * ``seed``: the tiny-grpo tutorial's string matching, kept to reproduce it: 1.0 exact match, 0.5 when the gold
   string appears inside the answer (gameable: "72 or 73 or 74" gets 0.5), 0.01 for any other answer block, 0.0
   without one.
+* ``hash``: benchmarks only, a pseudo-random score of the text, so groups never tie.
 
 Anything else is loaded with ``--reward package.module:function`` (see `get_reward_fn`).
 
@@ -23,6 +28,7 @@ import numbers
 import os
 import re
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 RewardFn = Callable[[str, str], float]
@@ -195,6 +201,58 @@ def math_shaped_reward(completion: str, gold: str) -> float:
     return math_reward(completion, gold) + tags + lenient
 
 
+_CLEAN_CONTENT_RE = re.compile(r"[\d\s.,$()+\-*/×÷x=]*\d")  # a number, or an equation ending in one
+
+
+def clean_answer(completion: str, after_reasoning: bool = False) -> str | None:
+    r"""The content of the completion's answer block when the block holds just the answer and nothing follows it;
+    None otherwise. Just the answer: a number, or an equation ending in the number ("5 + 17 = 22"), no words or
+    units. Nothing follows: only whitespace after `</answer>` (the end of turn is a special token, not text), and
+    no second block. Reciting a prompt that quotes the tags ("... <answer> </answer> tags") is never clean. With
+    `after_reasoning`, the block must also come right after the reasoning's closing `</think>` (the format the
+    R1-style prompts ask for: `<think> reasoning </think> <answer> answer </answer>`).
+
+    >>> [clean_answer(c) for c in ["<think>5 + 17</think>\n<answer>22</answer>", "<answer>5 + 17 = 22</answer>\n",
+    ...                            "<answer>22 stickers</answer>", "<answer>22</answer> The answer is 22."]]
+    ['22', '5 + 17 = 22', None, None]
+    >>> clean_answer("5 + 17 = 22\n<answer>22</answer>", after_reasoning=True) is None
+    True
+    """
+    if not isinstance(completion, str) or completion.count("<answer>") != 1 or completion.count("</answer>") != 1:
+        return None
+    head, _, rest = completion.partition("<answer>")
+    content, found, tail = rest.partition("</answer>")
+    content = content.strip()
+    if not found or tail.strip() or not _CLEAN_CONTENT_RE.fullmatch(content) or content.startswith("="):
+        return None
+    if after_reasoning and (completion.count("</think>") != 1 or not head.rstrip().endswith("</think>")):
+        return None
+    return content
+
+
+def math_clean_reward(completion: str, gold: str) -> float:
+    r"""For small models learning the format: the format pays only for a clean answer block right after the
+    closed reasoning (clean_answer with after_reasoning), so a block stuffed with words, followed by chatter,
+    recited from the prompt, or written without closing the `<think>` block earns no format credit.
+
+    Clean: 0.2, plus 1.0 when its number (the last number of an equation) is the gold. Not clean: 0.25 when the
+    last number anywhere is the gold (a correctness signal before the format is learned), else 0. The tag credit
+    of math_shaped is gone: SmolLM2-135M learned to recite "<answer> answer here </answer>" from the system prompt
+    for it; and the closed reasoning is required because, paid without it, the model dropped `</think>`, a token
+    the reference model expects there, and half the KL to the reference came from that one change
+    (docs/RECIPE_CPU.md).
+
+    >>> [math_clean_reward(c, "22") for c in ["5 + 17 = 22</think>\n<answer>22</answer>",
+    ...  "<think>5 + 17</think><answer>5 + 17 = 22</answer>", "</think><answer>21</answer>", "So 22.",
+    ...  "</think><answer>22</answer> Yes, 22.", "5 + 17 = 22\n<answer>22</answer>", "21"]]
+    [1.2, 1.2, 0.2, 0.25, 0.25, 0.25, 0.0]
+    """
+    content = clean_answer(completion, after_reasoning=True)
+    if content is not None:
+        return 0.2 + (1.0 if numbers_equal(parse_number(content), parse_number(gold)) else 0.0)
+    return 0.25 if is_correct_lenient(completion, gold) else 0.0
+
+
 def hash_reward(completion: str, gold: str) -> float:
     """For benchmarks, not learning: a score in [0, 1) drawn from the SHA-256 of the completion's text.
 
@@ -205,11 +263,108 @@ def hash_reward(completion: str, gold: str) -> float:
     >>> hash_reward("abc", "1") == hash_reward("abc", "2"), 0 <= hash_reward("abc", "1") < 1
     (True, True)
     """
-    return int.from_bytes(hashlib.sha256(completion.encode()).digest()[:8], "big") / 2 ** 64
+    return int.from_bytes(hashlib.sha256(completion.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2 ** 64
+
+
+def correct_reward(completion: str, gold: str) -> float:
+    """1.0 when the number in the first answer block is the gold (is_correct), else 0.0; for weighted sums.
+
+    >>> correct_reward("<answer>72</answer>", "72"), correct_reward("72", "72")
+    (1.0, 0.0)
+    """
+    return float(is_correct(completion, gold))
+
+
+def format_reward(completion: str, gold: str) -> float:
+    """1.0 for a clean answer block (clean_answer: just the answer, nothing after), else 0.0; for weighted sums.
+
+    >>> format_reward("<answer>3 + 4 = 7</answer>", "7"), format_reward("<answer>7</answer> done", "7")
+    (1.0, 0.0)
+    """
+    return float(clean_answer(completion) is not None)
+
+
+def lenient_reward(completion: str, gold: str) -> float:
+    """1.0 when the last number anywhere is the gold (is_correct_lenient), else 0.0; for weighted sums.
+
+    >>> lenient_reward("so it is 72", "72")
+    1.0
+    """
+    return float(is_correct_lenient(completion, gold))
+
+
+def math_verify_reward(completion: str, gold: str) -> float:
+    """1.0 when the first answer block's content and the gold are the same mathematical object by the math-verify
+    package (expressions, fractions, LaTeX: "\\frac{1}{2}" == "0.5" == "1/2"), plus 0.1 when a block exists; the
+    numeric extractor of `math` reads only numbers. Needs `pip install math-verify` (the [math] extra).
+
+    >>> math_verify_reward("<answer>\\frac{1}{2}</answer>", "0.5")  # doctest: +SKIP
+    1.1
+    """
+    answer = extract_answer(completion)
+    if answer is None:
+        return 0.0
+    return 0.1 + (1.0 if math_equal(answer, gold) else 0.0)
+
+
+def math_equal(answer: str, gold: str, whole_text: bool = False) -> bool:
+    """math-verify's verdict that `answer` (an answer block's content, read as LaTeX; or, with `whole_text`, a
+    whole completion, searched for its answer) equals `gold`; False for anything it cannot parse. Its
+    signal-based timeout only works on the main thread, so elsewhere (a server's worker) it runs without one."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as err:
+        raise ImportError("the math_verify reward needs the math-verify package: pip install math-verify") from err
+    import threading
+
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        parsed_gold = parse(str(gold), parsing_timeout=timeout)
+        wrapped = answer if whole_text or "$" in answer else f"${answer}$"  # LaTeX is read between $ signs
+        parsed = parse(wrapped, parsing_timeout=timeout)
+        return bool(parsed_gold and parsed and verify(parsed_gold, parsed, timeout_seconds=timeout))
+    except Exception:  # noqa: BLE001 - unparsable model output is simply not equal
+        return False
 
 
 REWARDS: dict[str, RewardFn] = {"math": math_reward, "seed": seed_reward, "math_shaped": math_shaped_reward,
+                                "math_clean": math_clean_reward, "math_verify": math_verify_reward,
+                                "correct": correct_reward, "format": format_reward, "lenient": lenient_reward,
                                 "hash": hash_reward}
+
+
+@dataclass(frozen=True)
+class WeightedReward:
+    name: str  # as written in --reward: a preset or module:function
+    fn: RewardFn
+    weight: float
+
+
+def parse_reward(spec: str) -> list[WeightedReward]:
+    """`--reward` as a weighted sum: comma-separated terms, each a preset or module:function with an optional
+    ":weight" (default 1.0). The advantages use the sum; each term is logged as reward/<name>.
+
+    >>> [(r.name, r.weight) for r in parse_reward("correct:1.0,format:0.2")]
+    [('correct', 1.0), ('format', 0.2)]
+    >>> [(r.name, r.weight) for r in parse_reward("math")]
+    [('math', 1.0)]
+    """
+    terms = []
+    for item in str(spec).split(","):
+        item = item.strip()
+        name, weight = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and head:
+            try:
+                name, weight = head, float(tail)
+            except ValueError:
+                pass  # module:function without a weight
+        if not math.isfinite(weight):
+            raise ValueError(f"--reward {spec!r}: the weight of {name!r} is not a finite number")
+        if name in [t.name for t in terms]:
+            raise ValueError(f"--reward {spec!r}: {name!r} appears twice")
+        terms.append(WeightedReward(name, get_reward_fn(name), weight))
+    return terms
 
 
 def get_reward_fn(spec: str) -> RewardFn:
@@ -221,7 +376,7 @@ def get_reward_fn(spec: str) -> RewardFn:
     >>> get_reward_fn("foo")
     Traceback (most recent call last):
     ...
-    ValueError: --reward 'foo': not a preset (math, seed, math_shaped, hash) and not module:function
+    ValueError: --reward 'foo': not a preset (math, seed, math_shaped, math_clean, math_verify, correct, format, lenient, hash) and not module:function
     """
     if spec in REWARDS:
         return REWARDS[spec]
@@ -243,6 +398,20 @@ def get_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
+def overlong_penalties(lengths: list[int], max_new_tokens: int, buffer: int, penalty: float) -> list[float]:
+    """DAPO's soft overlong punishment (arXiv:2503.14476, eq. 13), one value per completion to add to its reward:
+    0 up to max_new_tokens - buffer tokens, then falling linearly to -penalty at max_new_tokens. `lengths` count
+    completion tokens, the EOS included; a truncated completion has length max_new_tokens.
+
+    >>> overlong_penalties([10, 12, 14, 16], max_new_tokens=16, buffer=4, penalty=1.0)
+    [0.0, 0.0, -0.5, -1.0]
+    """
+    if buffer <= 0:
+        return [0.0] * len(lengths)
+    free = max_new_tokens - buffer
+    return [-penalty * min(length - free, buffer) / buffer if length > free else 0.0 for length in lengths]
+
+
 def _safe_reward(reward_fn: RewardFn, completion: str, gold: str) -> tuple[float | None, str]:
     """(reward as a finite float, "") or (None, why it failed)."""
     try:
@@ -256,29 +425,39 @@ def _safe_reward(reward_fn: RewardFn, completion: str, gold: str) -> tuple[float
 
 
 def score_completions(completions: list[str], golds: list[str],
-                      reward_fn: RewardFn) -> tuple[list[float], dict[str, float]]:
-    """Rewards for each (completion, gold), plus success_rate, format_rate and reward_errors.
+                      rewards: RewardFn | list[WeightedReward]) -> tuple[list[float], dict[str, float]]:
+    """Rewards for each (completion, gold), and stats: success_rate, format_rate, clean_rate, reward_errors and,
+    for a weighted sum of terms (parse_reward), each term's mean as reward/<name> (unweighted).
 
     A reward that raises or is not a finite number scores 0.0 and is counted in reward_errors.
 
     >>> score_completions(["<answer>72</answer>", "72"], ["72", "72"], math_reward)
-    ([1.1, 0.0], {'success_rate': 0.5, 'format_rate': 0.5, 'reward_errors': 0})
+    ([1.1, 0.0], {'success_rate': 0.5, 'format_rate': 0.5, 'clean_rate': 0.5, 'reward_errors': 0})
     """
     if len(completions) != len(golds):
         raise ValueError(f"score_completions: {len(completions)} completions but {len(golds)} golds")
-    rewards, failures = [], []
-    for completion, gold in zip(completions, golds):
-        value, why = _safe_reward(reward_fn, completion, gold)
-        if value is None:
-            failures.append(why)
-        rewards.append(0.0 if value is None else value)
+    terms = rewards if isinstance(rewards, list) else [WeightedReward("", rewards, 1.0)]
+    totals = [0.0] * len(completions)
+    failures, components = [], {}
+    for term in terms:
+        values = []
+        for completion, gold in zip(completions, golds):
+            value, why = _safe_reward(term.fn, completion, gold)
+            if value is None:
+                failures.append(f"{term.name or 'reward'} {why}")
+            values.append(0.0 if value is None else value)
+        totals = [t + term.weight * v for t, v in zip(totals, values)]
+        components[term.name] = values
     if failures:  # one line per batch, not per completion, so a broken reward does not flood the log
         log.warning("reward function failed on %d/%d completions (scored 0.0); first: %s",
-                    len(failures), len(rewards), failures[0])
+                    len(failures), len(completions) * len(terms), failures[0])
     n = max(len(completions), 1)  # an empty batch has rates of 0, not a ZeroDivisionError
     stats = {
         "success_rate": sum(is_correct(c, g) for c, g in zip(completions, golds)) / n,
         "format_rate": sum(has_format(c) for c in completions) / n,
+        "clean_rate": sum(clean_answer(c) is not None for c in completions) / n,
         "reward_errors": len(failures),
     }
-    return rewards, stats
+    if isinstance(rewards, list) and len(terms) > 1:
+        stats.update({f"reward/{name}": sum(values) / n for name, values in components.items()})
+    return totals, stats

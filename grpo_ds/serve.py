@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server for a trained model (FastAPI + uvicorn), with request batching.
 
-    bash scripts/serve.sh start runs/quickstart/final --port 8000      # or: python -m grpo_ds.serve MODEL
+    bash scripts/serve.sh start runs/quickstart --port 8000      # or: python scripts/serve.py MODEL
     curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
         -d '{"model": "runs/quickstart/final", "messages": [{"role": "user", "content": "What is 6 * 7?"}]}'
 
@@ -22,12 +22,10 @@ batch); no continuous batching (a batch runs until its longest row is done); no 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -40,12 +38,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria
 
-from .data import SYSTEM_PROMPT
-from .inference import load, render, sampling_kwargs
+from .data import render_chat
+from .generation import Sampling, eos_token_ids, generate
+from .inference import PromptFormat
 from .rewards import extract_answer, parse_number
-from .rollout import eos_token_ids
 
 log = logging.getLogger("grpo_ds.serve")
 
@@ -255,21 +253,13 @@ class Batcher:
                     job.send("error", ApiError(500, f"generation failed: {type(err).__name__}: {err}",
                                                kind="server_error"))
 
-    @torch.no_grad()
     def run(self, batch: list[Job]) -> None:
         rows = [Row(job, c, self.tokenizer, set(self.eos_ids)) for job in batch for c in range(job.n)]
-        width = max(len(job.prompt_ids) for job in batch)
-        pad = self.tokenizer.pad_token_id
-        ids_NP = torch.tensor([[pad] * (width - len(r.job.prompt_ids)) + r.job.prompt_ids for r in rows])
-        mask_NP = torch.tensor([[0] * (width - len(r.job.prompt_ids)) + [1] * len(r.job.prompt_ids) for r in rows])
-        device = next(self.model.parameters()).device
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
-        self.model.generate(input_ids=ids_NP.to(device), attention_mask=mask_NP.to(device),
-                            max_new_tokens=max(job.max_tokens for job in batch), eos_token_id=self.eos_ids,
-                            pad_token_id=pad, use_cache=True,
-                            stopping_criteria=StoppingCriteriaList([RowTracker(rows)]),
-                            **sampling_kwargs(batch[0].temperature, batch[0].top_p))
+        sampling = Sampling(max(job.max_tokens for job in batch), batch[0].temperature, batch[0].top_p)
+        generate(self.model, self.tokenizer, [row.job.prompt_ids for row in rows], sampling,
+                 stopping=RowTracker(rows))
         for row in rows:  # generate() stops at max_new_tokens; every row has reached its own limit by then
             if not row.done:
                 row.finish("length")
@@ -282,12 +272,10 @@ class Server:
     """What the endpoints share: the model, its name and context, the batcher, and request building."""
 
     def __init__(self, model, tokenizer, name: str, *, max_batch_size: int = 16, batch_wait_ms: float = 10,
-                 default_max_tokens: int = 512, system_prompt: str = "train", max_queue: int = 256):
-        if system_prompt not in ("train", "none"):
-            raise ValueError(f"--system_prompt '{system_prompt}': expected 'train' or 'none'")
+                 default_max_tokens: int = 512, prompt_format: PromptFormat = PromptFormat(), max_queue: int = 256):
         self.tokenizer, self.name = tokenizer, name
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-        self.default_max_tokens, self.system_prompt = default_max_tokens, system_prompt
+        self.default_max_tokens, self.prompt_format = default_max_tokens, prompt_format
         self.max_n = max_batch_size
         self.batcher = Batcher(model, tokenizer, max_batch_size, batch_wait_ms, max_queue)
         self.created = int(time.time())
@@ -298,13 +286,14 @@ class Server:
                            param="model", code="model_not_found")
 
     def chat_prompt(self, messages: list[Message]) -> str:
+        """The conversation as the model was trained to see it: the training system prompt when the chat has none,
+        and the training response prefix opening the answer (returned as part of the answer's text)."""
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-        if self.system_prompt == "train" and turns[0]["role"] != "system":
-            turns.insert(0, {"role": "system", "content": SYSTEM_PROMPT})  # what the model was trained with
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            return "".join(f"{t['role'].capitalize()}: {t['content']}\n" for t in turns) + "Assistant:"
+        system_prompt = self.prompt_format.system_prompt
+        if system_prompt is not None and turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": system_prompt})
         try:
-            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            return render_chat(self.tokenizer, turns, self.prompt_format.response_prefix)
         except Exception as err:  # templates raise on orders they refuse (e.g. two system turns)
             raise ApiError(400, f"messages: the chat template refused them ({err})", param="messages") from None
 
@@ -414,21 +403,23 @@ def create_app(server: Server) -> FastAPI:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if job.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(sse(job, head, usage), media_type="text/event-stream")
+            return StreamingResponse(sse(job, head, usage, server.prompt_format.response_prefix),
+                                     media_type="text/event-stream")
         try:
             choices = await results(job)
         finally:
             job.cancelled = True  # a client that left stops its rows; a finished job ignores it
         completion_tokens = sum(num for _, _, num in choices)
+        prefix = server.prompt_format.response_prefix  # part of the answer, though the prompt wrote it
         return {**head, "object": "chat.completion",
-                "choices": [{"index": c, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "choices": [{"index": c, "message": {"role": "assistant", "content": prefix + text}, "logprobs": None,
                              "finish_reason": reason} for c, (text, reason, _) in enumerate(choices)],
                 "usage": usage_of(job, completion_tokens)}
 
     @app.post("/v1/solve")
     async def solve(request: Request):
         req = await parse_body(request, SolveRequest)
-        prompt = render(server.tokenizer, req.question, "train")
+        prompt = server.prompt_format.render(server.tokenizer, req.question)
         job = server.job(prompt, n=1, max_tokens=req.max_tokens, temperature=req.temperature or 0.0, top_p=1.0,
                          stop=[], stream=False)
         server.batcher.submit(job)
@@ -436,6 +427,7 @@ def create_app(server: Server) -> FastAPI:
             [(text, reason, num_tokens)] = await results(job)
         finally:
             job.cancelled = True
+        text = server.prompt_format.response_prefix + text
         return {**solve_fields(text), "completion": text, "finish_reason": reason, "model": server.name,
                 "usage": usage_of(job, num_tokens)}
 
@@ -447,15 +439,15 @@ def usage_of(job: Job, completion_tokens: int) -> dict:
             "total_tokens": len(job.prompt_ids) + completion_tokens}
 
 
-async def sse(job: Job, head: dict, include_usage: bool):
-    """Server-sent events as OpenAI streams them: a role chunk per choice, content deltas, a finish_reason chunk
-    per choice, optionally a usage chunk, then `data: [DONE]`."""
+async def sse(job: Job, head: dict, include_usage: bool, prefix: str = ""):
+    """Server-sent events as OpenAI streams them: a role chunk per choice (its content the response prefix),
+    content deltas, a finish_reason chunk per choice, optionally a usage chunk, then `data: [DONE]`."""
     def chunk(choices: list[dict], **extra) -> str:
         return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': choices, **extra})}\n\n"
 
     try:
         for c in range(job.n):
-            yield chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            yield chunk([{"index": c, "delta": {"role": "assistant", "content": prefix}, "finish_reason": None}])
         finished, completion_tokens = 0, 0
         while finished < job.n:
             event = await job.events.get()
@@ -473,51 +465,3 @@ async def sse(job: Job, head: dict, include_usage: bool):
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled = True  # also when the client disconnects mid-stream: its rows stop
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m grpo_ds.serve", description="OpenAI-compatible server for a model.")
-    p.add_argument("model", help="Hub id, Hugging Face folder, a run's output folder, DeepSpeed checkpoint, .gguf "
-                                 "file or 'embedded'.")
-    p.add_argument("--host", default="127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 exposes it).")
-    p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
-    p.add_argument("--served_model_name", default=None, help="The model id clients send (default: MODEL as given).")
-    p.add_argument("--max_batch_size", type=int, default=16, help="Most completions per generate call.")
-    p.add_argument("--batch_wait_ms", type=float, default=10.0,
-                   help="How long the first request of a batch waits for others to join it.")
-    p.add_argument("--max_tokens", type=int, default=512, help="Completion budget when a request gives none.")
-    p.add_argument("--system_prompt", default="train", choices=["train", "none"],
-                   help="'train': add the training system prompt to chats that have no system message.")
-    p.add_argument("--max_queue", type=int, default=256, help="Queued requests beyond which new ones get a 503.")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
-    p.add_argument("--seed", type=int, default=0, help="Seed for sampling.")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[serve] %(asctime)s %(message)s")
-    try:
-        if args.max_batch_size < 1 or args.max_tokens < 1 or args.max_queue < 1 or args.batch_wait_ms < 0:
-            raise ValueError("--max_batch_size, --max_tokens, --max_queue: expected positive; --batch_wait_ms >= 0")
-        torch.manual_seed(args.seed)
-        model, tokenizer = load(args.model, args.dtype)
-        server = Server(model, tokenizer, args.served_model_name or args.model, max_batch_size=args.max_batch_size,
-                        batch_wait_ms=args.batch_wait_ms, default_max_tokens=args.max_tokens,
-                        system_prompt=args.system_prompt, max_queue=args.max_queue)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    log.info("serving %s (context %d tokens) on http://%s:%d", server.name, server.context, args.host, args.port)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=5)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

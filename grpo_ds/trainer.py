@@ -1,14 +1,17 @@
-"""`train(cfg)`: GRPO on DeepSpeed, one step at a time, in numbered phases.
+"""`train(cfg)`: GRPO on DeepSpeed. Setup once, then per step: rollout -> experience -> update -> log.
 
 Each rank owns whole groups: it samples its own slice of the step's prompts, generates all G completions of each,
-scores them and computes their advantages without talking to other ranks. Ranks meet only inside DeepSpeed
-(gradient reduction, ZeRO-3 gathering) and in two small all-reduces per step (token totals for the loss, metrics).
+scores them and computes their advantages without talking to other ranks. Ranks meet inside DeepSpeed (gradient
+reduction, ZeRO-3 gathering) and in a few small collectives per step: whether any rank has a learning signal or a
+stop signal, the token count of each optimizer step (the loss's normalization), and one all-reduce of the step's
+metrics.
 
 Shape legend: B prompts on this rank, G group_size, N = B * G completions, C completion positions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -16,24 +19,25 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from . import checkpoint
-from . import distributed as dist
-from .config import Config, dumps, validate
-from .data import PromptSampler, load_problems, render_prompt
+from . import checkpoint, distributed
+from .config import BatchLayout, Config, LoraSettings, dumps, validate
+from .data import Problem, PromptSampler, load_problems, render_prompt
 from .eval import evaluate
-from .experience import Experience, ReplayBuffer
-from .loss import BatchTotals, GRPOLoss, group_advantages, uniform_groups
+from .experience import Experience
+from .generation import Rollout, Sampling, StaticDecoder, generate
+from .logprobs import completion_logprobs
+from .loss import BatchTotals, GRPOLoss, entropy_threshold, group_advantages, kl_estimate, uniform_groups
 from .metrics import MetricsLogger, setup_logging
+from .models import check_lora_targets, load_model, load_tokenizer, resolve_model
 from .plot import plot_runs
-from .models import completion_logprobs, load_model, load_tokenizer, resolve_model
-from .rewards import get_reward_fn, score_completions
-from .rollout import generate_groups
+from .rewards import overlong_penalties, parse_reward, score_completions
 
 log = logging.getLogger("grpo_ds.trainer")
 
@@ -83,234 +87,201 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+# ----------------------------------------------------------------------------- the step
+
+
 def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
     """Run GRPO as configured; returns the per-step metrics of this invocation (identical on every rank).
     `on_step_end(step=, policy=, reference=, metrics=)` is called on every rank after each step (tests use it)."""
-    # 0. setup: everything that can be refused is checked before any model is loaded
-    rank, world = dist.init_distributed()
+    run = setup(cfg)
+    history = []
+    with StopSignal() as stop:
+        for step in range(run.start_step + 1, cfg.max_steps + 1):
+            started = time.perf_counter()
+            groups = rollout(run, step, stop)  # 1. prompts -> G completions each -> rewards
+            experience, timings = make_experience(run, groups)  # 2. advantages, reference and old log-probs
+            stats = (update(run.policy, experience, run.loss_fn, run.update_plan(step))  # 3. optimizer steps,
+                     if experience.has_signal else UpdateStats())  # none when no group on any rank has a signal
+            metrics = log_step(run, step, groups, experience, stats, timings, time.perf_counter() - started)  # 4.
+            history.append({"step": step, **metrics})
+            if on_step_end is not None:
+                on_step_end(step=step, policy=run.policy, reference=run.reference, metrics=metrics)
+            run.check_nonfinite(stats, step)
+            run.save_and_export(step)  # 5. checkpoint, exports
+            if distributed.any_rank(stop.received is not None):
+                run.preempt(stop.received or "a signal on another rank", step)
+    return finish(run, history)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Run:
+    """Everything a step needs, built once by setup()."""
+
+    cfg: Config
+    layout: BatchLayout
+    rank: int
+    world: int
+    tokenizer: object
+    policy: object  # the DeepSpeed engine being trained
+    reference: Optional[object]  # a frozen engine, or None when kl_weight is 0
+    loss_fn: GRPOLoss
+    rewards: list  # the weighted reward terms (rewards.parse_reward)
+    sampler: PromptSampler
+    sampling: Sampling
+    eval_problems: list[Problem]
+    logger: MetricsLogger
+    output_dir: Path
+    export_dtype: torch.dtype
+    engine: Optional[StaticDecoder] = None  # the compiled rollout engine, or None for Hugging Face's generate
+    start_step: int = 0
+    saved_step: int = 0
+    consecutive_skips: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def prompt(self, question: str) -> str:
+        return render_prompt(self.tokenizer, question, self.cfg.system_prompt_text(), self.cfg.response_prefix)
+
+    def update_plan(self, step: int) -> "UpdatePlan":
+        return UpdatePlan(micro_batch_size=self.cfg.train_batch_size,
+                          accumulation=self.layout.gradient_accumulation_steps, epochs=self.cfg.epochs_per_step,
+                          world_size=self.world, max_new_tokens=self.cfg.max_new_tokens,
+                          temperature=self.cfg.temperature, group_size=self.cfg.group_size,
+                          shuffle_seed=(self.cfg.seed, step, self.rank))
+
+    def save(self, step: int) -> None:
+        state = {"step": step, "sampler": self.sampler.state_dict(), "consecutive_skips": self.consecutive_skips,
+                 "world_size": self.world, "zero_stage": distributed.zero_stage(self.policy.config),
+                 "config": self.cfg.to_dict()}
+        t0 = time.perf_counter()
+        try:
+            path = checkpoint.save(self.policy, self.tokenizer, self.cfg.output_dir, step, state,
+                                   self.cfg.save_total_limit)
+        except checkpoint.CheckpointError as err:  # e.g. a full disk: keep training, the next save may succeed
+            log.error("%s", err)
+            return
+        self.saved_step = step
+        log.info("checkpoint %s written in %.1f s", path, time.perf_counter() - t0)
+
+    def save_and_export(self, step: int) -> None:
+        cfg = self.cfg
+        if cfg.save_steps and (step % cfg.save_steps == 0 or step == cfg.max_steps):
+            self.save(step)
+        if cfg.export_steps and step % cfg.export_steps == 0 and step != cfg.max_steps:
+            checkpoint.export_hf(self.policy, self.tokenizer, str(self.output_dir / "exports" / f"step_{step}"),
+                                 self.export_dtype)
+
+    def preempt(self, signal_name: str, step: int) -> None:
+        """Write the checkpoint of `step` (unless it exists) and raise Preempted on every rank."""
+        if step > self.saved_step:
+            self.save(step)
+        raise Preempted(f"stopped by {signal_name} after step {step}; checkpoint "
+                        f"{checkpoint.latest_checkpoint(self.cfg.output_dir)}. Resume with the same command plus "
+                        f"--resume_from latest")
+
+    def check_nonfinite(self, stats: "UpdateStats", step: int) -> None:
+        for finite in stats.finite_steps:
+            self.consecutive_skips = 0 if finite else self.consecutive_skips + 1
+        if self.consecutive_skips >= self.cfg.max_nonfinite_skips:
+            raise NonFiniteError(f"{self.consecutive_skips} consecutive optimizer steps skipped for non-finite "
+                                 f"gradients (last at step {step}); lower --lr or check the data. The last good "
+                                 f"checkpoint is {checkpoint.latest_checkpoint(self.cfg.output_dir)}")
+
+
+def setup(cfg: Config) -> Run:
+    """Check everything that can be refused, then load the models and engines, and resume if asked."""
+    rank, world = distributed.init_distributed()
     setup_logging(rank)
     layout = validate(cfg, world)
-    ds_config, precision = dist.build_ds_config(dist.load_ds_json(cfg.ds_config), cfg, layout, dist.on_gpu())
-    reward_fn = get_reward_fn(cfg.reward)
+    ds_config, precision = distributed.build_ds_config(distributed.load_ds_json(cfg.ds_config), cfg, layout,
+                                                       distributed.on_gpu())
+    rewards = parse_reward(cfg.reward)
     problems = load_problems(cfg.dataset, "train", num_problems=cfg.num_problems, difficulty=cfg.difficulty,
                              seed=cfg.seed, bad_answers=cfg.bad_answers)
     eval_problems = (load_problems(cfg.eval_dataset or cfg.dataset, "test", num_problems=cfg.eval_limit,
                                    difficulty=cfg.difficulty, seed=cfg.seed, bad_answers=cfg.bad_answers)
                      if cfg.eval_steps else [])
     resume_path = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from)
-    resume_step = 0
+    resume_state = None
     if resume_path is not None:
         resume_state = checkpoint.read_state(resume_path)
-        checkpoint.check_compatible(resume_state, world, dist.zero_stage(ds_config), resume_path)
-        resume_step = resume_state["step"]
-    _prepare_output_dir(cfg, rank, resume_path, resume_step)
+        checkpoint.check_compatible(resume_state, world, distributed.zero_stage(ds_config), resume_path, cfg.lora_r)
+    _prepare_output_dir(cfg, rank, resume_path, resume_state["step"] if resume_state else 0)
     model_path = resolve_model(cfg.model)
-    if cfg.report_to == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
-        os.environ["WANDB_MODE"] = "offline"
-        log.info("wandb: no WANDB_API_KEY, logging offline under %s (sync later with 'wandb sync')", cfg.output_dir)
-    os.environ.setdefault("WANDB_DIR", cfg.output_dir)
+    lora = LoraSettings.from_config(cfg)
+    if lora is not None:
+        check_lora_targets(model_path, lora)
+    _configure_wandb(cfg)
     output_dir = Path(cfg.output_dir)
     if rank == 0:
         (output_dir / "config.json").write_text(dumps(cfg) + "\n")
         (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     log.info("%d rank(s), ZeRO-%d, %s; %d prompts x %d completions per step (%d per rank), micro-batch %d, "
-             "%d optimizer step(s) per step%s", world, dist.zero_stage(ds_config), precision, cfg.rollouts_per_step,
-             cfg.group_size, layout.completions_per_rank, cfg.train_batch_size, layout.optimizer_steps_per_step,
-             " (on-policy: no old-log-prob pass)" if layout.on_policy else "")
+             "%d optimizer step(s) per step%s", world, distributed.zero_stage(ds_config), precision,
+             cfg.rollouts_per_step, cfg.group_size, layout.completions_per_rank, cfg.train_batch_size,
+             layout.optimizer_steps_per_step, " (on-policy: no old-log-prob pass)" if layout.on_policy else "")
 
     torch.manual_seed(cfg.seed)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    export_dtype = {"auto": dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype]
     tokenizer = load_tokenizer(model_path)
-    policy = dist.init_policy(lambda: load_model(model_path, dtype, cfg.gradient_checkpointing), ds_config)
-    reference = (dist.init_reference(lambda: load_model(model_path, dtype), dist.reference_ds_config(ds_config, cfg))
-                 if cfg.kl_weight > 0 else None)
-    loss_fn = GRPOLoss(cfg.clip_eps, cfg.kl_weight, cfg.loss_type, cfg.clip_eps_high)
-    sampler = PromptSampler(problems, cfg.seed)
-    start_step, consecutive_skips = 0, 0
+    policy = distributed.init_policy(lambda: load_model(model_path, dtype, cfg.gradient_checkpointing, lora),
+                                     ds_config)
+    # With LoRA the reference is the policy with its adapters off: no second model, engine or copy of the weights
+    reference = (distributed.init_reference(lambda: load_model(model_path, dtype),
+                                            distributed.reference_ds_config(ds_config, cfg))
+                 if cfg.kl_weight > 0 and lora is None else None)
+    run = Run(cfg=cfg, layout=layout, rank=rank, world=world, tokenizer=tokenizer, policy=policy,
+              reference=reference, loss_fn=loss_from(cfg),
+              rewards=rewards, sampler=PromptSampler(problems, cfg.seed),
+              sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.fixed_length),
+              eval_problems=eval_problems, logger=None, output_dir=output_dir,
+              export_dtype={"auto": dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype])
+    run.engine = rollout_engine(cfg, policy)
     if resume_path is not None:
         state = checkpoint.load(policy, resume_path)
         _warn_config_changes(state["config"], cfg)
-        start_step, consecutive_skips = state["step"], state["consecutive_skips"]
-        sampler.load_state_dict(state["sampler"])
-        log.info("resumed from %s at step %d", resume_path, start_step)
-    logger = MetricsLogger(cfg.output_dir, rank, cfg.max_steps, monitor=policy.monitor, first_step=start_step + 1)
-    device = policy.device
-    B, G, mb = layout.prompts_per_rank, cfg.group_size, cfg.train_batch_size
-    history = []
-    saved_step = start_step
-
-    def save_checkpoint(at_step: int) -> None:
-        nonlocal saved_step
-        state = {"step": at_step, "sampler": sampler.state_dict(), "consecutive_skips": consecutive_skips,
-                 "world_size": world, "zero_stage": dist.zero_stage(ds_config), "config": cfg.to_dict()}
-        t0 = time.perf_counter()
-        try:
-            path = checkpoint.save(policy, tokenizer, cfg.output_dir, at_step, state, cfg.save_total_limit)
-        except checkpoint.CheckpointError as err:  # e.g. a full disk: keep training, the next save may succeed
-            log.error("%s", err)
-            return
-        saved_step = at_step
-        log.info("checkpoint %s written in %.1f s", path, time.perf_counter() - t0)
-
-    with StopSignal() as stop:
-        for step in range(start_step + 1, cfg.max_steps + 1):
-            t_step = time.perf_counter()
-            sampler_before = sampler.state_dict()
-
-            # 1. sample prompts: every rank draws the same global batch and keeps its own slice
-            problems_B = sampler.next_batch(cfg.rollouts_per_step)[rank * B:(rank + 1) * B]
-            prompts_B = [render_prompt(tokenizer, p.question, response_prefix=cfg.response_prefix) for p in problems_B]
-
-            # 2. generate G completions per prompt, batched, parameters gathered once under ZeRO-3
-            t0 = time.perf_counter()
-            torch.manual_seed(seed_for(cfg.seed, step, rank))
-            policy.eval()
-            with dist.gathered_for_generation(policy, cfg.zero3_gather_for_generation):
-                rollout = generate_groups(
-                    policy.module, tokenizer, prompts_B, group_size=G, max_new_tokens=cfg.max_new_tokens,
-                    temperature=cfg.temperature, top_p=cfg.top_p, rollout_batch_size=cfg.rollout_batch_size,
-                    max_length=cfg.max_length, fixed_length=cfg.fixed_length, share_prefill=cfg.share_prefill,
-                    should_stop=lambda: stop.received is not None,
-                    synced_gpus=dist.is_zero3(policy) and not cfg.zero3_gather_for_generation)
-            rollout_s = time.perf_counter() - t0
-            if dist.any_rank(stop.received is not None):  # nothing updated yet: abandon this step on all ranks
-                sampler.load_state_dict(sampler_before)
-                _preempt(stop.received or "a signal on another rank", step - 1, saved_step, save_checkpoint, cfg)
-
-            # 3. score: decode exactly the masked completion tokens, reward each against its prompt's answer
-            ids_NC, mask_NC = rollout.completion_ids_NC.cpu(), rollout.completion_mask_NC.cpu()
-            texts_N = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(ids_NC, mask_NC)],
-                                             skip_special_tokens=True)
-            golds_N = [p.answer for p in problems_B for _ in range(G)]
-            rewards, reward_stats = score_completions(texts_N, golds_N, reward_fn)
-            rewards_BG = torch.tensor(rewards, dtype=torch.float32).view(B, G)
-
-            # 4. advantages within each group (the batch std, if asked for, spans all ranks)
-            batch_std = (float(dist.all_gather_cat(rewards_BG.flatten().to(device)).std())
-                         if cfg.scale_rewards == "batch" else None)
-            advantages_N = group_advantages(rewards_BG, cfg.scale_rewards, batch_std).flatten()
-            # A step in which every group on every rank tied carries no policy-gradient signal. Its update would
-            # still move the weights: AdamW scales the float noise of a near-zero KL gradient up to a full lr-sized
-            # step (seen here: KL 0 -> 0.08 after one such step at lr 1e-4). So skip it, and its reference pass.
-            has_signal = dist.any_rank(bool(advantages_N.any()))
-
-            # 5. reference (and, off-policy, old) log-probs, micro-batch by micro-batch without gradients
-            t0 = time.perf_counter()
-            experience = Experience(rollout.sequences_NT.cpu(), rollout.attention_mask_NT.cpu(), mask_NC,
-                                    rewards_BG.flatten(), advantages_N)
-            if reference is not None and has_signal:
-                experience.ref_logprobs_NC = _logprobs_by_micro_batch(reference, experience, mb, cfg.temperature)
-            reference_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            if not layout.on_policy and has_signal:
-                experience.old_logprobs_NC = _logprobs_by_micro_batch(policy, experience, mb, cfg.temperature)
-            old_logprobs_s = time.perf_counter() - t0
-
-            # 6. fill the buffer; 7. update: epochs_per_step seeded passes, one optimizer step per
-            #    gradient_accumulation_steps micro-batches
-            t0 = time.perf_counter()
-            buffer = ReplayBuffer(experience)
-            policy.train()
-            accum = layout.gradient_accumulation_steps
-            sums = torch.zeros(5, dtype=torch.float64)  # loss, kl_sum, clipped_tokens, num_tokens, skipped steps
-            grad_norms, nonfinite = [], []
-            for epoch in range(cfg.epochs_per_step if has_signal else 0):
-                shuffle = torch.Generator().manual_seed(seed_for(cfg.seed, step, rank, epoch))
-                micro_batches = list(buffer.micro_batches(mb, shuffle, group_size=G))
-                # dapo divides by the token count of the whole optimizer step on all ranks: one all-reduce per epoch
-                local_tokens = torch.tensor([sum(float(m.completion_mask_NC.sum()) for m in micro_batches[i:i + accum])
-                                             for i in range(0, len(micro_batches), accum)], dtype=torch.float64)
-                step_tokens = dist.all_reduce_sum(local_tokens.to(device)).cpu()
-                for i, batch in enumerate(micro_batches):
-                    totals = BatchTotals(num_sequences=mb * accum * world, num_tokens=int(step_tokens[i // accum]),
-                                         num_micro_batches=accum * world, max_new_tokens=cfg.max_new_tokens)
-                    logprobs_NC = completion_logprobs(policy, batch.sequences_NT.to(device),
-                                                      batch.attention_mask_NT.to(device),
-                                                      batch.num_completion_positions, cfg.temperature)
-                    old_NC = (logprobs_NC.detach() if batch.old_logprobs_NC is None
-                              else batch.old_logprobs_NC.to(device))
-                    ref_NC = None if batch.ref_logprobs_NC is None else batch.ref_logprobs_NC.to(device)
-                    loss, stats = loss_fn(logprobs_NC, old_NC, ref_NC, batch.advantages_N.to(device),
-                                          batch.completion_mask_NC.to(device), totals)
-                    finite = bool(torch.isfinite(loss))
-                    if not finite:
-                        nonfinite.append(f"step {step} rank {rank} epoch {epoch} micro-batch {i}")
-                    # DeepSpeed divides by gradient_accumulation_steps and averages gradients over ranks; the loss
-                    # is already this micro-batch's share of the step's total, so undo both (loss.py, "contract").
-                    policy.backward(loss * totals.num_micro_batches)
-                    # An optimizer step only at the accumulation boundary. DeepSpeed skips it on every rank alike
-                    # when the all-reduced gradient norm is not finite (a NaN on one rank poisons the sum).
-                    policy.step()
-                    if (i + 1) % accum == 0:
-                        grad_norm = float(policy.get_global_grad_norm() or 0.0)
-                        if math.isfinite(grad_norm):
-                            grad_norms.append(grad_norm)
-                            consecutive_skips = 0
-                        else:
-                            sums[4] += 1
-                            consecutive_skips += 1
-                    if finite:
-                        sums[:4] += torch.stack([loss.detach().double().cpu(), stats["kl_sum"].double().cpu(),
-                                                 stats["clipped_tokens"].double().cpu(),
-                                                 stats["num_tokens"].double().cpu()])
-            train_s = time.perf_counter() - t0
-
-            # 8. log: one all-reduce of sums, then ratios
-            metrics = _reduce_metrics(sums, rewards_BG, reward_stats, mask_NC, rollout.truncated_N, layout,
-                                      grad_norms, device)
-            metrics.update(update_skipped=int(not has_signal), lr=policy.get_lr()[0], rollout_s=rollout_s, reference_s=reference_s,
-                           old_logprobs_s=old_logprobs_s, train_s=train_s, step_s=time.perf_counter() - t_step,
-                           rollout_tokens_per_s=metrics.pop("completion_tokens") / max(rollout_s, 1e-9))
-            if metrics["skipped_steps"]:
-                where = [w for rank_list in dist.all_gather_objects(nonfinite) for w in rank_list]
-                log.warning("step %d: %d optimizer step(s) skipped for a non-finite gradient norm (non-finite loss "
-                            "at: %s)", step, metrics["skipped_steps"], "; ".join(where) or "none")
-            if cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
-                with dist.gathered_for_generation(policy, True):
-                    summary, _ = evaluate(policy.module, tokenizer, eval_problems,
-                                          max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                                          batch_size=cfg.rollout_batch_size or 16, seed=cfg.seed,
-                                          response_prefix=cfg.response_prefix)
-                metrics.update(eval_accuracy=summary["accuracy_strict"],
-                               eval_accuracy_lenient=summary["accuracy_lenient"],
-                               eval_format_rate=summary["format_rate"], eval_s=summary["seconds"])
-            history.append({"step": step, **metrics})
-            logger.log(step, metrics)
-            if cfg.log_completions_steps and (step == 1 or step % cfg.log_completions_steps == 0):
-                logger.completions(step, [{"question": problems_B[0].question, "gold": golds_N[i],
-                                           "completion": texts_N[i], "reward": rewards[i]}
-                                          for i in range(min(NUM_LOGGED_COMPLETIONS, G))])
-            if on_step_end is not None:
-                on_step_end(step=step, policy=policy, reference=reference, metrics=metrics)
-            if consecutive_skips >= cfg.max_nonfinite_skips:
-                raise NonFiniteError(f"{consecutive_skips} consecutive optimizer steps skipped for non-finite "
-                                   f"gradients (last at step {step}); lower --lr or check the data. The last good "
-                                   f"checkpoint is {checkpoint.latest_checkpoint(cfg.output_dir)}")
-
-            # 9. checkpoint and export
-            if cfg.save_steps and (step % cfg.save_steps == 0 or step == cfg.max_steps):
-                save_checkpoint(step)
-            if cfg.export_steps and step % cfg.export_steps == 0 and step != cfg.max_steps:
-                checkpoint.export_hf(policy, tokenizer, str(output_dir / "exports" / f"step_{step}"), export_dtype)
-            if dist.any_rank(stop.received is not None):
-                _preempt(stop.received or "a signal on another rank", step, saved_step, save_checkpoint, cfg)
-
-    logger.close()
-    if rank == 0:
-        plot_runs([cfg.output_dir], str(output_dir / "metrics.png"))
-    checkpoint.export_hf(policy, tokenizer, str(output_dir / "final"), export_dtype)
-    log.info("saved the final policy to %s", output_dir / "final")
-    return history
+        run.start_step = run.saved_step = state["step"]
+        run.consecutive_skips = state["consecutive_skips"]
+        run.sampler.load_state_dict(state["sampler"])
+        log.info("resumed from %s at step %d", resume_path, run.start_step)
+    run.logger = MetricsLogger(cfg.output_dir, rank, cfg.max_steps, monitor=policy.monitor,
+                               first_step=run.start_step + 1)
+    return run
 
 
-def _preempt(signal_name: str, step: int, saved_step: int, save_checkpoint, cfg: Config) -> None:
-    """Write the checkpoint of `step` (unless it exists) and raise Preempted on every rank."""
-    if step > saved_step:
-        save_checkpoint(step)
-    raise Preempted(f"stopped by {signal_name} after step {step}; checkpoint "
-                    f"{checkpoint.latest_checkpoint(cfg.output_dir)}. Resume with the same command plus "
-                    f"--resume_from latest")
+def rollout_engine(cfg: Config, policy) -> Optional[StaticDecoder]:
+    """The static, compiled decoding engine where it pays (GPUs), or None for Hugging Face's generate; the choice
+    is logged. ZeRO-3 without gathering for generation fetches each layer per token on every rank in step, which
+    only generate's synced_gpus does."""
+    gathers = not distributed.is_zero3(policy) or cfg.zero3_gather_for_generation
+    choice = cfg.rollout_engine
+    if choice == "auto":
+        choice = "compiled" if distributed.on_gpu() and gathers else "hf"
+    if choice == "compiled" and not gathers:
+        raise ValueError("--rollout_engine compiled: needs the policy gathered for generation under ZeRO-3 "
+                         "(--zero3_gather_for_generation true); use --rollout_engine hf")
+    log.info("rollout engine: %s%s", choice, {
+        "compiled": " (static KV cache, on-device sampling" + (", CUDA-graph decode step)" if distributed.on_gpu()
+                                                                else "; eager on a CPU)"),
+        "hf": " (Hugging Face generate" + ("; auto picks it on a CPU-only host)" if cfg.rollout_engine == "auto"
+                                           else ")")}[choice])
+    return StaticDecoder(policy.module) if choice == "compiled" else None
+
+
+def loss_from(cfg: Config) -> GRPOLoss:
+    """The loss the flags ask for; with --kl_in_reward the KL is in the rewards, not in the loss."""
+    return GRPOLoss(cfg.clip_eps, 0.0 if cfg.kl_in_reward else cfg.kl_weight, cfg.loss_type, cfg.clip_eps_high,
+                    importance_sampling_level=cfg.importance_sampling_level, delta=cfg.delta,
+                    top_entropy_quantile=cfg.top_entropy_quantile, kl_estimator=cfg.kl_estimator)
+
+
+def _configure_wandb(cfg: Config) -> None:
+    if cfg.report_to == "wandb" and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+        log.info("wandb: no WANDB_API_KEY, logging offline under %s (sync later with 'wandb sync')", cfg.output_dir)
+    os.environ.setdefault("WANDB_DIR", cfg.output_dir)
 
 
 def _prepare_output_dir(cfg: Config, rank: int, resume_path: Optional[Path], resume_step: int) -> None:
@@ -323,7 +294,7 @@ def _prepare_output_dir(cfg: Config, rank: int, resume_path: Optional[Path], res
     if rank != 0:
         return
     if cfg.overwrite and resume_path is None:
-        for name in (checkpoint.CHECKPOINTS, "exports", "final"):
+        for name in (checkpoint.CHECKPOINTS, "exports", "final", "final_adapter"):
             shutil.rmtree(output_dir / name, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.jsonl", "completions.jsonl"):
@@ -335,49 +306,180 @@ def _prepare_output_dir(cfg: Config, rank: int, resume_path: Optional[Path], res
 
 def _warn_config_changes(saved: dict, cfg: Config) -> None:
     harmless = {"max_steps", "resume_from", "overwrite", "save_steps", "save_total_limit", "export_steps",
-                "report_to", "log_completions_steps", "run_name", "output_dir"}
+                "report_to", "log_completions_steps", "run_name", "output_dir", "config"}
     changed = sorted(k for k, v in cfg.to_dict().items() if k not in harmless and saved.get(k) != v)
     if changed:
         log.warning("resuming with changed settings: %s (the trajectory will differ from an uninterrupted run)",
                     ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed))
 
 
-def _reduce_metrics(sums: torch.Tensor, rewards_BG: torch.Tensor, reward_stats: dict, mask_NC: torch.Tensor,
-                    truncated_N: torch.Tensor, layout, grad_norms: list, device) -> dict:
-    """Step metrics over all ranks, from one all-reduce of local sums."""
-    B, G = rewards_BG.shape
-    n_local = float(B * G)
-    local = torch.cat([sums, torch.tensor([
-        rewards_BG.sum(), (rewards_BG.double() ** 2).sum(), n_local, reward_stats["success_rate"] * n_local,
-        reward_stats["format_rate"] * n_local, reward_stats["reward_errors"], float(uniform_groups(rewards_BG).sum()),
-        float(B), float(mask_NC.sum()), float(truncated_N.sum()), sum(grad_norms), float(len(grad_norms))],
-        dtype=torch.float64)])
-    (loss_sum, kl_sum, clipped, tokens, skipped, r_sum, r_sq, n, correct, formatted, reward_errors, zero_std, groups,
-     completion_tokens, truncated, norm_sum, norm_count) = dist.all_reduce_sum(local.to(device)).cpu().tolist()
-    world = layout.world_size
-    reward_mean = r_sum / n
-    return {
-        "loss": loss_sum / layout.optimizer_steps_per_step,
-        "kl": kl_sum / tokens if tokens else float("nan"),  # nan: no update, so nothing was measured
-        # every rank reports the same global norm, so the sum over ranks counts each one world times
-        "grad_norm": norm_sum / norm_count if norm_count else float("nan"),
-        "skipped_steps": int(skipped / world),
-        "reward_mean": reward_mean,
-        "reward_std": max(r_sq / n - reward_mean ** 2, 0.0) ** 0.5,
-        "success_rate": correct / n,
-        "format_rate": formatted / n,
-        "reward_errors": int(reward_errors),
-        "frac_zero_std_groups": zero_std / groups,
-        "clip_frac": clipped / tokens if tokens else float("nan"),
-        "completion_len_mean": completion_tokens / n,
-        "truncated_frac": truncated / n,
-        "completion_tokens": completion_tokens,
-    }
+# ----------------------------------------------------------------------------- 1. rollout
+
+
+@dataclass
+class Groups:
+    """This rank's B groups for the update: their prompts, G completions each and the completions' rewards; and
+    what the rollout cost to get them (`drawn`: sums over every completion generated this step, for the logs)."""
+
+    problems_B: list[Problem]
+    rollout: Rollout
+    texts_N: list[str]
+    rewards_BG: torch.Tensor
+    drawn: dict
+    seconds: float
+    rounds: int = 1
+
+
+def rollout(run: Run, step: int, stop: StopSignal) -> Groups:
+    """Sample the step's prompts (every rank draws the same global batch and keeps its slice), generate G
+    completions per prompt with the policy's live weights (gathered once under ZeRO-3), and score them.
+
+    With --dynamic_sampling (DAPO), groups whose rewards all tie are set aside and further rounds of prompts are
+    drawn until every rank holds B groups with a signal, or --max_sampling_rounds is reached; ranks decide together,
+    so they stay in lockstep. Every round advances the data cursor, so a resumed run draws what this one drew."""
+    cfg, B = run.cfg, run.layout.prompts_per_rank
+    sampler_before = run.sampler.state_dict()
+    started = time.perf_counter()
+    with_signal, tied, drawn = [], [], {}
+    for round_ in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+        batch = sample_round(run, step, round_, stop, sampler_before)
+        for name, value in batch.drawn.items():
+            drawn[name] = drawn.get(name, 0.0) + value
+        for b in range(B):
+            (tied if bool(uniform_groups(batch.rewards_BG[b:b + 1])) else with_signal).append((batch, b))
+        if not cfg.dynamic_sampling or not distributed.any_rank(len(with_signal) < B):
+            break
+    if not cfg.dynamic_sampling:
+        chosen = [(batch, b) for b in range(B)]  # every group, in order
+    else:
+        chosen = with_signal[:B] + tied[:max(0, B - len(with_signal))]
+        if len(with_signal) < B:
+            log.warning("step %d: dynamic sampling found %d of %d groups with a signal on rank %d in %d rounds "
+                        "(--max_sampling_rounds); training on them and %d tied groups", step, len(with_signal), B,
+                        run.rank, round_ + 1, B - len(with_signal))
+    drawn["groups_kept"] = float(min(len(with_signal), B))
+    groups = take_groups(chosen, cfg.group_size, run.tokenizer.pad_token_id)
+    groups.drawn, groups.seconds, groups.rounds = drawn, time.perf_counter() - started, round_ + 1
+    return groups
+
+
+def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_before: dict) -> Groups:
+    """One draw of the step's rollouts_per_step prompts: this rank's B prompts, G completions each, scored."""
+    cfg, B, G = run.cfg, run.layout.prompts_per_rank, run.cfg.group_size
+    problems_B = run.sampler.next_batch(cfg.rollouts_per_step)[run.rank * B:(run.rank + 1) * B]
+    torch.manual_seed(seed_for(cfg.seed, step, run.rank, *([round_] if round_ else [])))
+    run.policy.eval()
+    t0 = time.perf_counter()
+    with distributed.gathered_for_generation(run.policy, cfg.zero3_gather_for_generation):
+        result = generate(run.policy.module, run.tokenizer, [run.prompt(p.question) for p in problems_B],
+                          run.sampling, group_size=G, batch_size=cfg.rollout_batch_size, max_length=cfg.max_length,
+                          share_prefill=cfg.share_prefill, should_stop=lambda: stop.received is not None,
+                          synced_gpus=distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation,
+                          engine=run.engine)
+    seconds = time.perf_counter() - t0
+    if distributed.any_rank(stop.received is not None):  # nothing updated yet: abandon this step on all ranks
+        run.sampler.load_state_dict(sampler_before)
+        run.preempt(stop.received or "a signal on another rank", step - 1)
+    texts_N = result.texts(run.tokenizer)
+    rewards, stats = score_completions(texts_N, [p.answer for p in problems_B for _ in range(G)], run.rewards)
+    lengths_N = result.completion_mask_NC.sum(dim=1).tolist()
+    if cfg.overlong_buffer:
+        penalties = overlong_penalties(lengths_N, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        rewards = [r + penalty for r, penalty in zip(rewards, penalties)]
+        stats["overlong_penalty"] = sum(penalties) / len(penalties)
+    rewards_BG = torch.tensor(rewards, dtype=torch.float32).view(B, G)
+    n = float(B * G)
+    drawn = {"completions": n, "groups": float(B), "reward_sum": float(rewards_BG.double().sum()),
+             "reward_sq_sum": float((rewards_BG.double() ** 2).sum()),
+             "zero_std_groups": float(uniform_groups(rewards_BG).sum()), "completion_tokens": float(sum(lengths_N)),
+             "truncated": float(result.truncated_N.sum()), "generation_s": seconds,
+             **{name: value * n for name, value in stats.items() if name != "reward_errors"},
+             "reward_errors": float(stats["reward_errors"])}
+    return Groups(problems_B, result, texts_N, rewards_BG, drawn, seconds)
+
+
+def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) -> Groups:
+    """One batch of the chosen groups (group b of a round's batch each), prompts re-padded on the left and
+    completions on the right to the widest among them."""
+    if len({id(batch) for batch, _ in chosen}) == 1 and [b for _, b in chosen] == list(range(len(chosen))):
+        return dataclasses.replace(chosen[0][0])  # one round, every group in order: nothing to re-pad
+    G = group_size
+    widths = [(batch.rollout.sequences_NT.shape[1] - batch.rollout.completion_mask_NC.shape[1],
+               batch.rollout.completion_mask_NC.shape[1]) for batch, _ in chosen]
+    P, C = max(p for p, _ in widths), max(c for _, c in widths)
+    sequences, attention, masks, truncated = [], [], [], []
+    for (batch, b), (p, c) in zip(chosen, widths):
+        rows = slice(b * G, (b + 1) * G)
+        seq, att = batch.rollout.sequences_NT[rows].cpu(), batch.rollout.attention_mask_NT[rows].cpu()
+        mask = batch.rollout.completion_mask_NC[rows].cpu()
+        pad = lambda t, left, right, value: torch.nn.functional.pad(t, (left, right), value=value)  # noqa: E731
+        sequences.append(pad(seq, P - p, C - c, pad_id))
+        attention.append(pad(att, P - p, C - c, 0))
+        masks.append(pad(mask, 0, C - c, 0))
+        truncated.append(batch.rollout.truncated_N[rows].cpu())
+    rollout_ = Rollout(torch.cat(sequences), torch.cat(attention), torch.cat(masks), torch.cat(truncated))
+    return Groups([batch.problems_B[b] for batch, b in chosen], rollout_,
+                  [t for batch, b in chosen for t in batch.texts_N[b * G:(b + 1) * G]],
+                  torch.stack([batch.rewards_BG[b] for batch, b in chosen]), {}, 0.0)
+
+
+# ----------------------------------------------------------------------------- 2. experience
+
+
+def make_experience(run: Run, groups: Groups) -> tuple[Experience, dict]:
+    """Advantages within each group (a batch std, if asked for, spans all ranks), then the reference and, when the
+    update is off-policy, the old log-probs, micro-batch by micro-batch without gradients.
+
+    A step in which every group on every rank tied carries no policy-gradient signal. Its update would still move
+    the weights: AdamW scales the float noise of a near-zero KL gradient up to a full lr-sized step (seen here: KL
+    0 -> 0.08 after one such step at lr 1e-4). So it skips the log-prob passes and the update.
+
+    With --kl_in_reward the reference and old log-probs come first: each completion's reward loses kl_weight x its
+    summed KL before the advantages are taken (OpenRLHF, verl). With --mask_truncated_completions, completions
+    without an EOS leave the loss after the advantages (TRL)."""
+    cfg, rollout_ = run.cfg, groups.rollout
+    rewards_BG = groups.rewards_BG
+    experience = Experience(rollout_.sequences_NT.cpu(), rollout_.attention_mask_NT.cpu(),
+                            rollout_.completion_mask_NC.cpu(), rewards_BG.flatten(), torch.zeros(rewards_BG.numel()))
+    timings = {"reference_s": 0.0, "old_logprobs_s": 0.0}
+    if cfg.kl_in_reward:
+        experience.ref_logprobs_NC, experience.old_logprobs_NC = logprob_passes(run, experience, timings, old=True)
+        kl_N = (kl_estimate(experience.old_logprobs_NC, experience.ref_logprobs_NC, cfg.kl_estimator)
+                * experience.completion_mask_NC).sum(dim=1)
+        groups.drawn["kl_reward"] = float(-cfg.kl_weight * kl_N.sum())
+        rewards_BG = rewards_BG - cfg.kl_weight * kl_N.view_as(rewards_BG)
+    batch_std = (float(distributed.all_gather_cat(rewards_BG.flatten().to(run.policy.device)).std())
+                 if cfg.scale_rewards == "batch" else None)
+    experience.advantages_N = group_advantages(rewards_BG, cfg.scale_rewards, batch_std).flatten()
+    experience.has_signal = distributed.any_rank(bool(experience.advantages_N.any()))
+    if experience.has_signal and not cfg.kl_in_reward:
+        experience.ref_logprobs_NC, experience.old_logprobs_NC = logprob_passes(
+            run, experience, timings, old=not run.layout.on_policy)
+    if cfg.mask_truncated_completions:
+        experience.completion_mask_NC = experience.completion_mask_NC * ~rollout_.truncated_N.cpu().unsqueeze(1)
+    return experience, timings
+
+
+def logprob_passes(run: Run, experience: Experience, timings: dict, old: bool):
+    """(reference log-probs or None, old log-probs or None), timed."""
+    cfg, mb = run.cfg, run.cfg.train_batch_size
+    t0 = time.perf_counter()
+    ref = None
+    if run.reference is not None:
+        ref = logprobs_by_micro_batch(run.reference, experience, mb, cfg.temperature)
+    elif cfg.lora_r and cfg.kl_weight > 0:  # the base model is the policy with its adapters off
+        with run.policy.module.disable_adapter():
+            ref = logprobs_by_micro_batch(run.policy, experience, mb, cfg.temperature)
+    timings["reference_s"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    old_NC = logprobs_by_micro_batch(run.policy, experience, mb, cfg.temperature) if old else None
+    timings["old_logprobs_s"] += time.perf_counter() - t0
+    return ref, old_NC
 
 
 @torch.no_grad()
-def _logprobs_by_micro_batch(engine, experience: Experience, micro_batch_size: int,
-                             temperature: float) -> torch.Tensor:
+def logprobs_by_micro_batch(engine, experience: Experience, micro_batch_size: int,
+                            temperature: float) -> torch.Tensor:
     """Log-probs of every completion token under `engine`, N x C, computed per micro-batch with padding trimmed.
     Every rank runs the same number of forwards, as ZeRO-3's parameter gathering requires."""
     was_training = engine.training
@@ -391,3 +493,205 @@ def _logprobs_by_micro_batch(engine, experience: Experience, micro_batch_size: i
                                                 batch.attention_mask_NT.to(engine.device), c, temperature).cpu()
     engine.train(was_training)
     return out_NC
+
+
+# ----------------------------------------------------------------------------- 3. update
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """How one rank's experience becomes optimizer steps."""
+
+    micro_batch_size: int
+    accumulation: int  # micro-batches per optimizer step, on each rank
+    epochs: int
+    world_size: int
+    max_new_tokens: int  # the dr_grpo constant
+    temperature: float
+    group_size: int  # whole groups are shuffled together, so a micro-batch holds whole prompts
+    shuffle_seed: Optional[tuple] = None  # None: the stored order (tests)
+
+
+@dataclass
+class UpdateStats:
+    """Sums over this rank's micro-batches (ratios are taken after the all-reduce)."""
+
+    loss: float = 0.0  # sum of loss contributions: the step's loss summed over its optimizer steps
+    kl_sum: float = 0.0
+    clipped_tokens: float = 0.0
+    num_tokens: float = 0.0
+    entropy_sum: float = 0.0  # the policy's entropy at each completion token, summed
+    grad_norms: list = field(default_factory=list)  # one per finite optimizer step (the global norm)
+    finite_steps: list = field(default_factory=list)  # one bool per optimizer step
+    nonfinite_losses: list = field(default_factory=list)  # where a micro-batch's loss was not finite
+
+
+def update(policy, experience: Experience, loss_fn: GRPOLoss, plan: UpdatePlan) -> UpdateStats:
+    """`plan.epochs` passes over the experience in micro-batches; one optimizer step per `plan.accumulation`
+    micro-batches. Every rank must call it with the same number of micro-batches.
+
+    The normalization contract (loss.py): GRPOLoss returns each micro-batch's share of its optimizer step's loss,
+    given the step's totals over every rank (one all-reduce of token counts per epoch, for dapo). DeepSpeed divides
+    each backward by gradient_accumulation_steps and averages gradients over ranks; multiplying the share by
+    accumulation x ranks undoes exactly that, so W ranks with A micro-batches each give the gradient of the whole
+    step computed in one piece."""
+    stats = UpdateStats()
+    policy.train()
+    device = policy.device
+    for epoch in range(plan.epochs):
+        shuffle = (torch.Generator().manual_seed(seed_for(*plan.shuffle_seed, epoch))
+                   if plan.shuffle_seed is not None else None)
+        micro_batches = list(experience.micro_batches(plan.micro_batch_size, shuffle, plan.group_size))
+        local_tokens = torch.tensor([sum(float(m.completion_mask_NC.sum()) for m in
+                                         micro_batches[i:i + plan.accumulation])
+                                     for i in range(0, len(micro_batches), plan.accumulation)], dtype=torch.float64)
+        step_tokens = distributed.all_reduce_sum(local_tokens.to(device)).cpu()
+        for i, batch in enumerate(micro_batches):
+            totals = BatchTotals(num_sequences=plan.micro_batch_size * plan.accumulation * plan.world_size,
+                                 num_tokens=int(step_tokens[i // plan.accumulation]),
+                                 num_micro_batches=plan.accumulation * plan.world_size,
+                                 max_new_tokens=plan.max_new_tokens)
+            logprobs_NC, entropies_NC = completion_logprobs(
+                policy, batch.sequences_NT.to(device), batch.attention_mask_NT.to(device),
+                batch.num_completion_positions, plan.temperature, with_entropy=True)
+            mask_NC = batch.completion_mask_NC.to(device)
+            if loss_fn.top_entropy_quantile < 1:  # the cut is taken over this micro-batch's tokens on every rank
+                tokens = torch.cat(distributed.all_gather_objects(entropies_NC[mask_NC.bool()].cpu()))
+                totals = dataclasses.replace(totals, entropy_threshold=entropy_threshold(
+                    tokens.unsqueeze(0), torch.ones_like(tokens.unsqueeze(0)), loss_fn.top_entropy_quantile))
+            old_NC = logprobs_NC.detach() if batch.old_logprobs_NC is None else batch.old_logprobs_NC.to(device)
+            ref_NC = None if batch.ref_logprobs_NC is None else batch.ref_logprobs_NC.to(device)
+            loss, metrics = loss_fn(logprobs_NC, old_NC, ref_NC, batch.advantages_N.to(device), mask_NC, totals,
+                                    entropies_NC=entropies_NC)
+            finite = bool(torch.isfinite(loss))
+            if not finite:
+                stats.nonfinite_losses.append(f"rank {torch.distributed.get_rank()} epoch {epoch} micro-batch {i}")
+            policy.backward(loss * totals.num_micro_batches)
+            # An optimizer step only at the accumulation boundary. DeepSpeed skips it on every rank alike when the
+            # all-reduced gradient norm is not finite (a NaN on one rank poisons the sum).
+            policy.step()
+            if (i + 1) % plan.accumulation == 0:
+                grad_norm = float(policy.get_global_grad_norm() or 0.0)
+                stats.finite_steps.append(math.isfinite(grad_norm))
+                if math.isfinite(grad_norm):
+                    stats.grad_norms.append(grad_norm)
+            if finite:
+                stats.loss += loss.item()
+                stats.kl_sum += float(metrics["kl_sum"])
+                stats.clipped_tokens += float(metrics["clipped_tokens"])
+                stats.num_tokens += float(metrics["num_tokens"])
+                stats.entropy_sum += float(metrics["entropy_sum"])
+    return stats
+
+
+# ----------------------------------------------------------------------------- 4. log
+
+
+def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats: UpdateStats, timings: dict,
+             step_s: float) -> dict:
+    """The step's metrics over all ranks (one all-reduce of named sums), written to metrics.jsonl and the
+    monitors; sample completions; evaluation on the held-out split when due. Rewards and rates describe every
+    completion the rollout drew (with dynamic sampling, more than were trained on); the loss, KL, clipping and
+    entropy describe the update."""
+    total = distributed.all_reduce_dict({
+        **groups.drawn, "loss": stats.loss, "kl_sum": stats.kl_sum, "clipped_tokens": stats.clipped_tokens,
+        "num_tokens": stats.num_tokens, "entropy_sum": stats.entropy_sum,
+        "skipped_steps": float(stats.finite_steps.count(False)), "grad_norm_sum": sum(stats.grad_norms),
+        "grad_norm_count": float(len(stats.grad_norms)),
+    })
+    tokens, n, world = total["num_tokens"], total["completions"], run.world
+    reward_mean = total["reward_sum"] / n
+    measured = bool(tokens)  # None (null in metrics.jsonl): no update this step, so nothing was measured
+    metrics = {
+        "loss": total["loss"] / run.layout.optimizer_steps_per_step,
+        "kl": total["kl_sum"] / tokens if measured else None,
+        "entropy": total["entropy_sum"] / tokens if measured else None,
+        # every rank reports the same global norm, so the sum over ranks counts each one `world` times
+        "grad_norm": total["grad_norm_sum"] / total["grad_norm_count"] if total["grad_norm_count"] else None,
+        "skipped_steps": int(total["skipped_steps"] / world),
+        "reward_mean": reward_mean,
+        "reward_std": max(total["reward_sq_sum"] / n - reward_mean ** 2, 0.0) ** 0.5,
+        "success_rate": total["success_rate"] / n,
+        "format_rate": total["format_rate"] / n,
+        "clean_rate": total["clean_rate"] / n,
+        **{name: total[name] / n for name in sorted(total) if name.startswith("reward/")},
+        **({"overlong_penalty": total["overlong_penalty"] / n} if "overlong_penalty" in total else {}),
+        **({"kl_reward": total["kl_reward"] / n} if "kl_reward" in total else {}),
+        "reward_errors": int(total["reward_errors"]),
+        "frac_zero_std_groups": total["zero_std_groups"] / total["groups"],
+        "clip_frac": total["clipped_tokens"] / tokens if measured else None,
+        "completion_len_mean": total["completion_tokens"] / n,
+        "truncated_frac": total["truncated"] / n,
+        "update_skipped": int(not experience.has_signal),
+        "lr": run.policy.get_lr()[0],
+        "rollout_s": groups.seconds, **timings,
+        "train_s": step_s - groups.seconds - sum(timings.values()),
+        "step_s": step_s,
+        "rollout_tokens_per_s": total["completion_tokens"] / max(total["generation_s"] / world, 1e-9),
+    }
+    if run.cfg.dynamic_sampling:
+        metrics.update(groups_drawn=int(total["groups"]), groups_kept=int(total["groups_kept"]),
+                       sampling_rounds=groups.rounds)
+    if metrics["skipped_steps"]:
+        where = [w for rank_list in distributed.all_gather_objects(stats.nonfinite_losses) for w in rank_list]
+        log.warning("step %d: %d optimizer step(s) skipped for a non-finite gradient norm (non-finite loss at: %s)",
+                    step, metrics["skipped_steps"], "; ".join(where) or "none")
+    if run.cfg.eval_steps and (step % run.cfg.eval_steps == 0 or step == run.cfg.max_steps):
+        metrics.update(evaluate_policy(run))
+    run.logger.log(step, metrics)
+    if run.cfg.log_completions_steps and (step == 1 or step % run.cfg.log_completions_steps == 0):
+        problem = groups.problems_B[0]
+        run.logger.completions(step, [{"question": problem.question, "gold": problem.answer,
+                                       "completion": groups.texts_N[i], "reward": float(groups.rewards_BG[0, i])}
+                                      for i in range(min(NUM_LOGGED_COMPLETIONS, run.cfg.group_size))])
+    return metrics
+
+
+def evaluate_policy(run: Run) -> dict:
+    """Greedy accuracy on the held-out problems, every rank a share (RNG and train mode restored afterwards)."""
+    cfg = run.cfg
+    with distributed.gathered_for_generation(run.policy, True):
+        summary, _ = evaluate(run.policy.module, run.tokenizer, run.eval_problems,
+                              max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                              batch_size=cfg.rollout_batch_size or 16, seed=cfg.seed,
+                              system_prompt=cfg.system_prompt_text(), response_prefix=cfg.response_prefix)
+    return {"eval_accuracy": summary["accuracy_strict"], "eval_accuracy_lenient": summary["accuracy_lenient"],
+            "eval_format_rate": summary["format_rate"], "eval_clean_rate": summary["clean_rate"],
+            "eval_s": summary["seconds"]}
+
+
+# ----------------------------------------------------------------------------- the end
+
+
+def finish(run: Run, history: list[dict]) -> list[dict]:
+    """Export the final policy and the plot, and say in a few lines what happened and what to run next."""
+    run.logger.close()
+    output_dir = run.output_dir
+    if run.rank == 0:
+        plot_runs([str(output_dir)], str(output_dir / "metrics.png"))
+    checkpoint.export_hf(run.policy, run.tokenizer, str(output_dir / "final"), run.export_dtype,
+                         adapter_path=str(output_dir / "final_adapter"), base_name=_base_name(run.cfg.model))
+    if run.rank == 0:
+        log.info("%s", summary(run.cfg, history, time.perf_counter() - run.started))
+    return history
+
+
+def summary(cfg: Config, history: list[dict], seconds: float) -> str:
+    """The closing lines of a run: reward at its first and last step, where the model and plot are, what next."""
+    out = Path(cfg.output_dir)
+    lines = [f"done: {len(history)} step(s) in {seconds / 60:.1f} min"]
+    if history:
+        first, last = history[0], history[-1]
+        updated = sum(1 for h in history if not h["update_skipped"])
+        lines.append(f"  reward     {first['reward_mean']:.3f} at step {first['step']} -> {last['reward_mean']:.3f} "
+                     f"at step {last['step']} ({updated} of {len(history)} steps updated the policy)")
+    data = "" if Path(cfg.dataset).suffix else f" --data {cfg.dataset}"
+    lines += [f"  model      {out / 'final'}", f"  plot       {out / 'metrics.png'}",
+              f"  metrics    {out / 'metrics.jsonl'}",
+              f"  next       bash scripts/eval_gsm8k.sh {out}{data} --limit 200"]
+    return "\n".join(lines)
+
+
+def _base_name(model: str) -> str:
+    """--model as an adapter folder should name its base: local paths made absolute, the rest as given."""
+    return str(Path(model).resolve()) if Path(model).expanduser().exists() else model

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from grpo_ds import distributed as dist
+from grpo_ds import distributed
 from grpo_ds.config import build_parser, Config
 from grpo_ds.trainer import train
 
@@ -107,7 +107,7 @@ def side_by_side(vs: str, nproc: int, rounds: int, cfg: Config, json_path: str |
         for impl in order:
             path = out / f"round{r + 1}_{impl}.json"
             script = "bench.py" if impl == "grpo_ds" else "bench_trl.py"
-            job = dist.launch_command(str(ROOT / "scripts" / script), nproc,
+            job = distributed.launch_command(str(ROOT / "scripts" / script), nproc,
                                       [*flags, "--output_dir", str(out / f"round{r + 1}_{impl}"), "--json", str(path)])
             print(f"[bench] round {r + 1}/{rounds}: {impl}, {nproc} rank(s)", flush=True)
             proc = subprocess.run(job, env=env)
@@ -168,8 +168,8 @@ def main() -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    peaks = dist.all_gather_objects(peak_memory_bytes())
-    reserved = dist.all_gather_objects(torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0)
+    peaks = distributed.all_gather_objects(peak_memory_bytes())
+    reserved = distributed.all_gather_objects(torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0)
     if torch.distributed.get_rank() != 0:
         return 0
     result = summarize(
@@ -196,4 +196,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(dist.run(main))
+    sys.exit(distributed.run(main))

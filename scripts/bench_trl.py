@@ -27,7 +27,7 @@ import time
 import torch
 
 from bench import bench_parser, summarize, write_json  # scripts/bench.py, beside this file
-from grpo_ds import distributed as dist
+from grpo_ds import distributed
 from grpo_ds.config import Config, validate
 from grpo_ds.data import SYSTEM_PROMPT, PromptSampler, load_problems
 from grpo_ds.models import resolve_model
@@ -70,7 +70,7 @@ def main() -> int:
 
     ds_config = None
     if world > 1:
-        ds_config = dist.load_ds_json(cfg.ds_config)
+        ds_config = distributed.load_ds_json(cfg.ds_config)
         ds_config.pop("optimizer", None)  # transformers builds its own AdamW from the arguments below
         ds_config.pop("scheduler", None)
     on_gpu = torch.cuda.is_available()
@@ -83,7 +83,7 @@ def main() -> int:
         num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.kl_weight, epsilon=cfg.clip_eps,
         epsilon_high=cfg.clip_high(), loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
-        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_norm,
         lr_scheduler_type="constant", warmup_steps=cfg.warmup_steps,
         gradient_checkpointing=cfg.gradient_checkpointing, bf16=bf16, fp16=False, use_cpu=not on_gpu,
         generation_kwargs={"min_new_tokens": cfg.max_new_tokens} if cfg.fixed_length else None,
@@ -129,7 +129,7 @@ def main() -> int:
     trainer = Timed(model=model_path, reward_funcs=reward, args=targs, train_dataset=build_dataset(cfg, cfg.max_steps),
                     callbacks=[StepTimer()])
     if world > 1 and not on_gpu:  # DeepSpeed's CPU all-reduce buffers in /dev/shm would outlive the job
-        dist.unlink_shm_buffer()
+        distributed.unlink_shm_buffer()
     trainer.train()
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
@@ -147,4 +147,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(dist.run(main))
+    sys.exit(distributed.run(main))

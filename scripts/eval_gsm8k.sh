@@ -28,7 +28,7 @@ fi
 
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$nproc" -eq 1 ]; then
-  exec "$python" -m grpo_ds.eval "${args[@]}"
+  exec "$python" "$root/scripts/eval.py" "${args[@]}"
 fi
 # torch's launcher starts the ranks (GPUs when present, gloo CPU processes otherwise) on a free local port.
-exec "$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m grpo_ds.eval "${args[@]}"
+exec "$python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$root/scripts/eval.py" "${args[@]}"

@@ -3,7 +3,11 @@
 
     python scripts/plan_memory.py --model Qwen/Qwen2.5-7B-Instruct --num_gpus 8 --zero 3
     python scripts/plan_memory.py --model qwen2.5-32b --num_gpus 8 --zero 3 --offload
-    python scripts/plan_memory.py --model embedded --num_gpus 2 --zero 2 --precision fp32 --gpu_gib 24
+    python scripts/plan_memory.py --model embedded --num_gpus 2 --zero 2 --precision fp32 --cpu   # 2 CPU ranks
+    python scripts/plan_memory.py --model qwen2.5-7b --num_gpus 8 --zero 2 --lora_r 16             # LoRA
+
+The device table is per GPU; the host table is the host memory each rank needs beyond it (offloaded optimizer and
+parameters, the process). With --cpu (a CPU-only host, where the device is the host) the two add up.
 
 --model takes a config.json, a model folder, 'embedded', a hub id (needs the hub), or one of the built-in
 architectures below (their published config.json numbers), so the planner works offline.
@@ -15,6 +19,7 @@ import sys
 from pathlib import Path
 
 from grpo_ds.memory import ARCHITECTURES, ModelShape, RunShape, architecture, report
+
 
 def model_shape(spec: str) -> ModelShape:
     if architecture(spec) is not None:
@@ -39,6 +44,8 @@ def main() -> int:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--gpu_gib", type=float, default=80.0, help="device memory to fit in")
     parser.add_argument("--no_reference", action="store_true", help="kl_weight 0: no reference model")
+    parser.add_argument("--lora_r", type=int, default=0, help="LoRA rank on every linear layer (0: full fine-tuning)")
+    parser.add_argument("--cpu", action="store_true", help="a CPU-only host: the device is the host")
     parser.add_argument("--reference_offload", action="store_true")
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
     parser.add_argument("--no_gather_for_generation", action="store_true",
@@ -58,8 +65,8 @@ def main() -> int:
                    prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
                    train_batch_size=args.train_batch_size, rollout_batch_size=args.rollout_batch_size,
                    gradient_checkpointing=not args.no_gradient_checkpointing,
-                   gather_for_generation=not args.no_gather_for_generation)
-    print(report(shape, run, args.gpu_gib))
+                   gather_for_generation=not args.no_gather_for_generation, lora_r=args.lora_r)
+    print(report(shape, run, args.gpu_gib, cpu_only=args.cpu))
     return 0
 
 

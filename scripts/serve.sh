@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the OpenAI-compatible server (grpo_ds/serve.py) in the background.
 #
-#   bash scripts/serve.sh start MODEL [--port N] [--host ADDR] [more flags of python -m grpo_ds.serve]
+#   bash scripts/serve.sh start MODEL [--port N] [--host ADDR] [more flags of scripts/serve.py]
 #   bash scripts/serve.sh status      # "running (pid P, port N)" and exit 0, or "not running" and exit 3
 #   bash scripts/serve.sh stop
 #
@@ -27,7 +27,7 @@ live_pid() {
   [ -f "$pid_file" ] || return 0
   local pid
   pid="$(cat "$pid_file")"
-  if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && ps -p "$pid" -o args= | grep -q "grpo_ds.serve"; then
+  if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && ps -p "$pid" -o args= | grep -q "scripts/serve.py"; then
     echo "$pid"
   fi
 }
@@ -63,7 +63,7 @@ start() {
     exit 1
   fi
   mkdir -p "$dir"
-  PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" nohup "$python" -m grpo_ds.serve "$model" "${args[@]}" \
+  PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" nohup "$python" "$root/scripts/serve.py" "$model" "${args[@]}" \
     >"$log_file" 2>&1 </dev/null &
   pid=$!
   echo "$pid" >"$pid_file"

@@ -23,3 +23,12 @@ def sevens_dense(completion: str, gold: str) -> float:
 def constant(completion: str, gold: str) -> float:
     """The same reward for everything: no group ever carries a signal."""
     return 1.0
+
+
+def has_seven(completion: str, gold: str) -> float:
+    """1 when the completion holds a '7', else 0: with 8 random tokens many groups tie (all 0), others do not.
+
+    >>> has_seven("a7", "0"), has_seven("ab", "0")
+    (1.0, 0.0)
+    """
+    return float("7" in completion)

@@ -6,6 +6,7 @@ GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
 - nan_always:      every loss is NaN
 - disk_full_save2: the second checkpoint's writes fail with ENOSPC
 - kill_in_save2:   the process is SIGKILLed in the middle of writing the second checkpoint
+- sigterm_mid_step3: rank 0 receives SIGTERM while step 3 generates (a preemption in the middle of a step)
 """
 
 import errno
@@ -20,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # for the learnable reward module
 
 from grpo_ds import checkpoint as ckpt  # noqa: E402
-from grpo_ds import distributed as dist  # noqa: E402
+from grpo_ds import distributed  # noqa: E402
 from grpo_ds import loss as loss_module  # noqa: E402
+from grpo_ds import trainer  # noqa: E402
 from grpo_ds.config import parse_args  # noqa: E402
 from grpo_ds.trainer import NonFiniteError, Preempted, train  # noqa: E402
 
@@ -29,6 +31,15 @@ FAULT = os.environ.get("GRPO_DS_TEST_FAULT", "")
 
 
 def inject_faults(current_step: list) -> None:
+    if FAULT == "sigterm_mid_step3":
+        real_generate = trainer.generate
+
+        def interrupted(*args, **kwargs):
+            if current_step[0] == 3 and torch.distributed.get_rank() == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_generate(*args, **kwargs)
+
+        trainer.generate = interrupted
     if FAULT.startswith("nan"):
         original = loss_module.GRPOLoss.__call__
 
@@ -72,7 +83,7 @@ def main() -> int:
             # a partitioned ZeRO-3 parameter's data is empty and its shard lives in ds_tensor; a persistent or
             # replicated one holds all of its data
             held += p.data.numel() or p.ds_tensor.numel()
-        records.append({"step": step, "fingerprint": float(dist.weights_fingerprint(policy)),
+        records.append({"step": step, "fingerprint": float(distributed.weights_fingerprint(policy)),
                         "reference_held": held, "reference_full": full, "metrics": metrics})
         current_step[0] = step + 1
 
@@ -85,10 +96,13 @@ def main() -> int:
     except NonFiniteError as err:
         print(f"non-finite: {err}", flush=True)
         code = 3
+    except ValueError as err:  # bad input, as scripts/train.py reports it
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     rank = torch.distributed.get_rank()
     Path(cfg.output_dir, f"rank{rank}.json").write_text(json.dumps(records))
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(dist.run(main))
+    sys.exit(distributed.run(main))

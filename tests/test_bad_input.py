@@ -1,41 +1,10 @@
 """Bad input is refused with one clear line naming the file (and line) or the flag, before any model is loaded."""
 
 import json
-import os
 import subprocess
 import sys
 
-import pytest
-
-from grpo_ds import distributed
-from grpo_ds.config import Config
-from grpo_ds.trainer import train
-from launch import ROOT, environment, free_port
-
-
-@pytest.fixture
-def refuse(monkeypatch, tmp_path, tiny_model):
-    """train() in this process (a world of one), with model loading forbidden: every refusal must come first."""
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(key, value)
-
-    def no_model(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr(distributed, "init_policy", no_model)
-    monkeypatch.setattr(distributed, "init_reference", no_model)
-
-    def check(expected: str, **overrides) -> None:
-        fields = dict(model=str(tiny_model), output_dir=str(tmp_path / "run"), max_steps=1, rollouts_per_step=2,
-                      group_size=2, train_batch_size=2)
-        fields.update(overrides)
-        with pytest.raises(ValueError) as info:
-            train(Config(**fields))
-        assert str(info.value) == expected
-        assert "\n" not in str(info.value)
-
-    return check
+from helpers import ROOT, environment
 
 
 def write(path, text: str) -> str:

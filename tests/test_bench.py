@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from launch import ROOT, environment
+from helpers import ROOT, environment
 
 pytestmark = pytest.mark.slow
 

@@ -2,17 +2,16 @@
 disk, preemption by SIGTERM, rotation, the Hugging Face export, and non-finite steps skipped on all ranks alike."""
 
 import json
-import math
 import os
 import signal
+import subprocess
 import time
 
 import pytest
 import torch
 
 from grpo_ds import checkpoint
-from launch import TINY_FLAGS, run, start
-from test_distributed import records, zero_config
+from helpers import TINY_FLAGS, records, run, start, zero_config
 
 pytestmark = pytest.mark.slow
 
@@ -100,11 +99,18 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, tiny_model):
     flags = ["--model", str(tiny_model), "--output_dir", str(out), "--save_steps", "0", *TINY_FLAGS]
     proc = start([*flags, "--max_steps", "500"], tmp_path)
     deadline = time.time() + 240
-    while time.time() < deadline and not ((out / "metrics.jsonl").is_file()
-                                          and len(metrics(out)) >= 2):
+    while not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2):
+        if time.time() > deadline or proc.poll() is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the run did not log 2 steps within 240 s (exit code {proc.poll()}); its output ends: "
+                        f"{proc.communicate()[0][-2000:]}")
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGTERM)  # to the launcher and both ranks, as a scheduler does
-    output, _ = proc.communicate(timeout=120)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the run did not stop within 120 s of SIGTERM; its output ends: {proc.communicate()[0][-2000:]}")
     assert proc.returncode != 0
     assert "Resume with the same command plus --resume_from latest" in output
     saved = checkpoint.latest_checkpoint(str(out))
@@ -132,4 +138,26 @@ def test_repeated_non_finite_steps_stop_the_run(tmp_path, tiny_model):
     proc = run(["--model", str(tiny_model), "--output_dir", str(out), "--max_steps", "10", "--save_steps", "0",
                 "--max_nonfinite_skips", "2", *TINY_FLAGS], tmp_path, nprocs=1, fault="nan_always", expect=3)
     assert "non-finite: 2 consecutive optimizer steps skipped for non-finite gradients (last at step 2)" in proc.stdout
-    assert math.isnan(records(out, nprocs=1)[0][0]["metrics"]["grad_norm"])
+    assert records(out, nprocs=1)[0][0]["metrics"]["grad_norm"] is None  # nothing measured: null in the log
+
+
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
+def test_a_preemption_in_the_middle_of_a_step_resumes_exactly(tmp_path, tiny_model, ds_config):
+    """SIGTERM while step 3 generates: the step is abandoned (nothing was updated), step 2's checkpoint is written,
+    and the resumed run redoes step 3 exactly as the uninterrupted run did it."""
+    flags = ["--ds_config", zero_config(tmp_path, ds_config), "--model", str(tiny_model), *TINY_FLAGS,
+             "--save_steps", "0"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run([*flags, "--output_dir", str(straight), "--max_steps", "4"], tmp_path)
+    proc = run([*flags, "--output_dir", str(split), "--max_steps", "4"], tmp_path, fault="sigterm_mid_step3",
+               expect=143)
+    assert "stopped by SIGTERM after step 2" in proc.stdout
+    assert checkpoint.latest_checkpoint(str(split)).name == "step_0000002"
+    assert [r["step"] for r in metrics(split)] == [1, 2]  # the abandoned step logged nothing
+    run([*flags, "--output_dir", str(split), "--max_steps", "4", "--resume_from", "latest"], tmp_path)
+    a, b = metrics(straight), metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a, b):
+        for key in ("loss", "reward_mean", "kl", "grad_norm", "completion_len_mean"):
+            assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-7), (row_a["step"], key)
+    assert records(split)[0][-1]["fingerprint"] == pytest.approx(records(straight)[0][-1]["fingerprint"], rel=1e-6)

@@ -7,9 +7,12 @@ import json
 
 import pytest
 
-from grpo_ds.config import (LOSS_TYPES, BatchLayout, Config, build_parser, config_from_dict, dumps, parse_args,
-                            validate)
-from grpo_ds.distributed import build_ds_config, load_ds_json, on_gpu, reference_ds_config, resolve_precision
+import yaml
+
+from grpo_ds.config import (EMBEDDED_RECIPE, LOSS_TYPES, BatchLayout, Config, build_parser, dumps,
+                            parse_args, validate)
+from grpo_ds import distributed
+from grpo_ds.distributed import build_ds_config, load_ds_json, reference_ds_config, resolve_precision
 
 # ----------------------------------------------------------------------------- defaults and help
 
@@ -46,7 +49,53 @@ def test_default_config_validates_on_one_rank():
 
 
 def test_parse_args_no_flags_gives_defaults():
-    assert parse_args([]) == Config()
+    # another model: the dataclass defaults (the tutorial's)
+    assert parse_args(["--model", "some/model"]) == Config(model="some/model")
+    assert parse_args(["--dataset", "openai/gsm8k"]) == Config(dataset="openai/gsm8k")
+
+
+def test_the_embedded_model_on_arithmetic_takes_the_cpu_recipe():
+    """With no flags (the embedded model on the built-in arithmetic problems) every setting the recipe file names
+    comes from it; a flag still wins, and --config FILE replaces the recipe."""
+    recipe = yaml.safe_load(EMBEDDED_RECIPE.read_text())
+    assert len(recipe) >= 8, "the recipe should set the settings that learn"
+    cfg = parse_args([])
+    assert cfg.config == "grpo_ds/recipes/smollm2_arithmetic.yaml"
+    for key, value in recipe.items():
+        assert getattr(cfg, key) == value, key
+    assert cfg.seed == Config().seed  # what the recipe leaves out keeps its default
+    assert parse_args(["--max_steps", "3"]).max_steps == 3
+    assert parse_args(["--max_steps", "3"]).lr == recipe["lr"]
+
+
+def test_config_file_under_flags(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("lr: 2.0e-5\ngroup_size: 6\ngradient_checkpointing: false\nresponse_prefix: \"<think>\\n\"\n"
+                    "clip_eps_high: null\nmodel: some/model\n")
+    cfg = parse_args(["--config", str(path), "--group_size", "4"])
+    assert (cfg.lr, cfg.group_size, cfg.gradient_checkpointing, cfg.response_prefix) == (2e-5, 4, False, "<think>\n")
+    assert cfg.clip_eps_high is None and cfg.config == str(path)
+    assert cfg.rollouts_per_step == Config().rollouts_per_step  # neither the file nor the embedded recipe
+    as_json = tmp_path / "mine.json"
+    as_json.write_text(json.dumps({"lr": 2e-5, "kl_weight": 0}))
+    assert (parse_args(["--config", str(as_json)]).lr, parse_args(["--config", str(as_json)]).kl_weight) == (2e-5, 0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("temprature: 0.7\n", "unknown field 'temprature'"),
+    ("lr: fast\n", "lr: could not convert string to float: 'fast'"),
+    ("gradient_checkpointing: maybe\n", "gradient_checkpointing: expected true or false"),
+    ("- lr\n", "expected a mapping of flag names to values"),
+    ("lr: [1\n", "not valid YAML or JSON"),
+])
+def test_config_file_errors_name_the_file_and_field(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        parse_args(["--config", str(path)])
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^--config 'nope.yaml': file not found$"):
+        parse_args(["--config", "nope.yaml"])
 
 
 def test_parse_args_types():
@@ -100,16 +149,17 @@ def flag_text(value) -> str:
 def test_parse_args_round_trip_of_every_field():
     """A Config whose every field differs from the default survives flags -> Config."""
     default = Config()
-    changed = Config(**{f.name: changed_value(f, getattr(default, f.name)) for f in dataclasses.fields(Config)})
-    for f in dataclasses.fields(Config):
+    fields = [f for f in dataclasses.fields(Config) if f.name != "config"]  # a file: tested above
+    changed = Config(**{f.name: changed_value(f, getattr(default, f.name)) for f in fields})
+    for f in fields:
         assert getattr(changed, f.name) != getattr(default, f.name), f.name
     argv = []
-    for f in dataclasses.fields(Config):
+    for f in fields:
         argv += [f"--{f.name}", flag_text(getattr(changed, f.name))]
     assert parse_args(argv + ["--local_rank=3"]) == changed
     # and with the flag=value spelling
     assert parse_args([f"--{f.name}={flag_text(getattr(changed, f.name))}"
-                       for f in dataclasses.fields(Config)] + ["--local_rank", "0"]) == changed
+                       for f in fields] + ["--local_rank", "0"]) == changed
 
 
 @pytest.mark.parametrize("argv", [["--gradient_checkpointing", "maybe"], ["--group_size", "two"],
@@ -119,11 +169,13 @@ def test_parse_args_rejects(argv, capsys):
         parse_args(argv)
 
 
-def test_config_dict_round_trip():
-    cfg = Config(group_size=4, clip_eps_high=0.3, run_name="a")
-    assert config_from_dict(json.loads(dumps(cfg))) == cfg
-    with pytest.raises(ValueError, match="unknown config fields: bogus, zz"):
-        config_from_dict({**cfg.to_dict(), "zz": 1, "bogus": 2})
+def test_a_runs_config_json_reruns_it(tmp_path):
+    """The config.json a run writes is a --config file that gives the same settings back."""
+    cfg = Config(model="some/model", group_size=4, clip_eps_high=0.3, run_name="a", response_prefix="<think>\n",
+                 config="first.yaml")
+    path = tmp_path / "config.json"
+    path.write_text(dumps(cfg))
+    assert parse_args(["--config", str(path)]) == dataclasses.replace(cfg, config=str(path))
 
 
 # ----------------------------------------------------------------------------- validate
@@ -183,10 +235,10 @@ def test_layout_explicit_full_accumulation_is_on_policy():
     (dict(temperature=0.0), 2, "--temperature 0.0: "),
     (dict(top_p=0.0), 2, "--top_p 0.0: "),
     (dict(top_p=1.5), 2, "--top_p 1.5: "),
-    (dict(max_grad_norm=-1.0), 2, "--max_grad_norm -1.0: "),
+    (dict(max_norm=-1.0), 2, "--max_norm -1.0: "),
     (dict(rollout_batch_size=-1), 2, "--rollout_batch_size -1: "),
     (dict(difficulty=4), 2, "--difficulty 4: "),
-    (dict(loss_type="ppo"), 2, "--loss_type ppo: expected one of grpo, bnpo, dr_grpo, dapo"),
+    (dict(loss_type="ppo"), 2, "--loss_type ppo: expected one of grpo, bnpo, dr_grpo, dapo, cispo"),
     (dict(scale_rewards="std"), 2, "--scale_rewards std: expected one of group, batch, none"),
     (dict(precision="fp16"), 2, "--precision fp16: expected one of auto, bf16, fp32"),
     (dict(report_to="mlflow"), 2, "--report_to mlflow: expected one of none, tensorboard, wandb"),
@@ -194,6 +246,20 @@ def test_layout_explicit_full_accumulation_is_on_policy():
     (dict(save_steps=-1), 2, "--save_steps -1: must be >= 0"),
     (dict(max_nonfinite_skips=0), 2, "--max_nonfinite_skips 0: must be at least 1"),
     (dict(export_dtype="fp16"), 2, "--export_dtype fp16: expected one of auto, bf16, fp32"),
+    (dict(loss_type="cispo"), 2, "--loss_type cispo: needs --clip_eps_high"),
+    (dict(delta=1.0), 2, "--delta 1.0: must be > 1"),
+    (dict(top_entropy_quantile=0.0), 2, "--top_entropy_quantile 0.0: must be in (0, 1]"),
+    (dict(kl_in_reward=True, kl_weight=0.0), 2, "--kl_in_reward True: needs --kl_weight > 0"),
+    (dict(max_sampling_rounds=0), 2, "--max_sampling_rounds 0: must be at least 1"),
+    (dict(overlong_buffer=8, max_new_tokens=8), 2, "--overlong_buffer 8: must be in [0, --max_new_tokens 8)"),
+    (dict(overlong_penalty=-1.0), 2, "--overlong_penalty -1.0: must be >= 0"),
+    (dict(importance_sampling_level="group"), 2, "--importance_sampling_level group: expected one of token, "
+                                                 "sequence"),
+    (dict(kl_estimator="k4"), 2, "--kl_estimator k4: expected one of k1, k2, k3"),
+    (dict(lora_r=-1), 2, "--lora_r -1: must be >= 0"),
+    (dict(lora_dropout=0.5), 2, "--lora_dropout 0.5: has no effect without --lora_r"),
+    (dict(lora_r=8, lora_alpha=0.0), 2, "--lora_alpha 0.0: must be positive"),
+    (dict(lora_r=8, lora_dropout=1.0), 2, "--lora_dropout 1.0: must be in [0, 1)"),
 ])
 def test_validate_rejects_with_one_line(overrides, world, prefix):
     with pytest.raises(ValueError) as err:
@@ -210,8 +276,10 @@ def test_validate_train_batch_size_message_shows_the_arithmetic():
 
 
 @pytest.mark.parametrize("overrides", [dict(clip_eps_high=0.2), dict(clip_eps_high=0.28), dict(kl_weight=0.0),
-                                       dict(top_p=1.0), dict(max_grad_norm=0.0)]
-                         + [dict(loss_type=t) for t in LOSS_TYPES])
+                                       dict(top_p=1.0), dict(max_norm=0.0)]
+                         + [dict(loss_type=t, clip_eps_high=5.0 if t == "cispo" else None) for t in LOSS_TYPES]
+                         + [dict(delta=1.01), dict(top_entropy_quantile=1.0), dict(lora_r=1, lora_alpha=0.5),
+                            dict(overlong_buffer=7, max_new_tokens=8), dict(importance_sampling_level="sequence")])
 def test_validate_accepts_boundaries(overrides):
     assert validate(base(**overrides), 2).completions_per_rank == 8
 
@@ -263,7 +331,7 @@ def test_build_real_files(name, stage):
 
 
 def test_build_other_flags():
-    ds, _ = built(lr=1e-4, weight_decay=0.1, max_grad_norm=0.0, train_batch_size=4, world=1)
+    ds, _ = built(lr=1e-4, weight_decay=0.1, max_norm=0.0, train_batch_size=4, world=1)
     # 1 rank: 4 prompts x 4 = 16 completions, micro 4 -> 4 micro-batches accumulated
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
         4, 4, 16)
@@ -278,7 +346,7 @@ def test_build_other_flags():
     ({"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.01}}}, "--weight_decay 0.0", "weight_decay=0.01"),
     ({"gradient_accumulation_steps": 3}, "--gradient_accumulation_steps 1", "gradient_accumulation_steps=3"),
     ({"train_batch_size": 32}, "--train_batch_size x gradient_accumulation_steps x ranks", "train_batch_size=32"),
-    ({"gradient_clipping": 0.5}, "--max_grad_norm 1.0", "gradient_clipping=0.5"),
+    ({"gradient_clipping": 0.5}, "--max_norm 1.0", "gradient_clipping=0.5"),
 ])
 def test_build_refuses_contradictions(raw, flag, key):
     cfg = Config(rollouts_per_step=4, group_size=4, train_batch_size=16)
@@ -427,12 +495,15 @@ def test_reference_zero3_drops_auto_threshold():
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
-def test_reference_offload(name):
+@pytest.mark.parametrize("gpu", [True, False])
+def test_reference_offload(name, gpu, monkeypatch):
     cfg = base(reference_offload=True)
     policy, _ = built(load_ds_json(f"ds_configs/{name}.json"), reference_offload=True)
+    monkeypatch.setattr(distributed, "on_gpu", lambda: gpu)
     zero = reference_ds_config(policy, cfg)["zero_optimization"]
     assert zero["stage"] == 3
-    assert zero["offload_param"] == {"device": "cpu", "pin_memory": on_gpu()}
+    # pinned host memory speeds up copies to a GPU; a CPU-only host has nothing to pin for
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": gpu}
     assert "optimizer" not in reference_ds_config(policy, cfg)
 
 

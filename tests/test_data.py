@@ -13,7 +13,7 @@ import pytest
 
 from grpo_ds import data
 from grpo_ds.data import (SYSTEM_PROMPT, Problem, PromptSampler, arithmetic_problem, arithmetic_problems,
-                          gsm8k_final_answer, load_problems, render_prompt)
+                          gsm8k_final_answer, load_problems, render_chat, render_prompt)
 
 # ----------------------------------------------------------------------------------------------- answers
 
@@ -294,8 +294,13 @@ def test_render_prompt_with_chat_template():
 
 
 def test_render_prompt_without_chat_template():
+    """One transcript format for models without a chat template, whoever asks (training, eval, ask, serve)."""
     prompt = render_prompt(tiny_tokenizer(None), "What is 2 + 2?")
-    assert prompt == f"{SYSTEM_PROMPT}\n\nUser: What is 2 + 2?\nAssistant:"
+    assert prompt == f"System: {SYSTEM_PROMPT}\nUser: What is 2 + 2?\nAssistant:"
+    assert render_prompt(tiny_tokenizer(None), "Hi?", None) == "User: Hi?\nAssistant:"  # no system prompt
+    chat = render_chat(tiny_tokenizer(None), [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                                              {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}])
+    assert chat == "System: S\nUser: U\nAssistant: A\nUser: V\nAssistant:"
 
 
 def test_render_prompt_ends_with_the_response_prefix():

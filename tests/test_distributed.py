@@ -6,25 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from launch import ROOT, TINY_FLAGS, run
+from helpers import TINY_FLAGS, records, run, zero_config
 
 pytestmark = pytest.mark.slow
-
-
-def zero_config(tmp_path, name: str) -> str:
-    config = json.loads((ROOT / "ds_configs" / name).read_text())
-    if name.startswith("zero3"):
-        # the tiny model's parameters are all below the JSON's persistence threshold (kept whole on every rank to
-        # save communication); partition them all so the tests see ZeRO-3's partitioning
-        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / name
-    path.write_text(json.dumps(config))
-    return str(path)
-
-
-def records(out, nprocs: int = 2) -> list:
-    """Per rank, the rows tests/run_train.py recorded after every step."""
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nprocs)]
 
 
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
@@ -58,3 +42,80 @@ def test_two_ranks_train_in_sync(tmp_path, tiny_model, ds_config):
         assert held == [full, full]  # ZeRO-2: the reference is replicated
     # DeepSpeed's CPU all-reduce buffers (69 MB of RAM per rank in /dev/shm) do not outlive the run
     assert set(Path("/dev/shm").glob("deepspeed_*")) <= shm_before
+
+
+def metrics_of(out) -> list:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zero3_without_gathering_generates_what_gathering_does(tmp_path, tiny_model):
+    """--zero3_gather_for_generation false fetches each layer per token (synced ranks) instead of gathering the
+    whole policy once: slower, for models that do not fit one device, and the same completions."""
+    common = ["--ds_config", zero_config(tmp_path, "zero3.json"), "--model", str(tiny_model), "--max_steps", "2",
+              *TINY_FLAGS]
+    gathered, layered = tmp_path / "gathered", tmp_path / "layered"
+    run([*common, "--output_dir", str(gathered)], tmp_path)
+    run([*common, "--output_dir", str(layered), "--zero3_gather_for_generation", "false"], tmp_path)
+    a, b = metrics_of(gathered), metrics_of(layered)
+    for key in ("reward_mean", "completion_len_mean", "truncated_frac"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    rank0, rank1 = records(layered)
+    assert [r["fingerprint"] for r in rank0] == [r["fingerprint"] for r in rank1]
+    completions = [[json.loads(line)["completion"] for line in (out / "completions.jsonl").read_text().splitlines()]
+                   for out in (gathered, layered)]
+    assert completions[0] == completions[1]
+
+
+def test_zero3_offload_trains_in_sync(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    run(["--ds_config", zero_config(tmp_path, "zero3_offload.json"), "--model", str(tiny_model), "--output_dir",
+         str(out), "--max_steps", "2", *TINY_FLAGS], tmp_path)
+    rank0, rank1 = records(out)
+    assert [r["fingerprint"] for r in rank0] == [r["fingerprint"] for r in rank1]
+    assert rank0[0]["fingerprint"] != rank0[1]["fingerprint"]
+    held = [r["reference_held"] for r in (rank0[0], rank1[0])]
+    assert all(h < 0.6 * rank0[0]["reference_full"] for h in held)  # the reference is partitioned too
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_evaluation_under_zero3_gives_every_rank_the_same_result(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    run(["--ds_config", zero_config(tmp_path, "zero3.json"), "--model", str(tiny_model), "--output_dir", str(out),
+         "--max_steps", "2", "--eval_steps", "1", "--eval_limit", "5", *TINY_FLAGS], tmp_path)
+    rank0, rank1 = records(out)
+    for a, b in zip(rank0, rank1):
+        assert a["metrics"]["eval_accuracy_lenient"] == b["metrics"]["eval_accuracy_lenient"]
+        assert a["metrics"]["eval_s"] > 0
+    assert [r["fingerprint"] for r in rank0] == [r["fingerprint"] for r in rank1]
+    logged = metrics_of(out)
+    assert all("eval_accuracy" in row for row in logged)
+
+
+def test_batch_scaled_rewards_and_several_epochs_per_step(tmp_path, tiny_model):
+    """--scale_rewards batch (one std over both ranks' rewards) and --epochs_per_step 2 (two optimizer steps per
+    rollout, the second off-policy: the old-log-prob pass runs) on 2 ranks."""
+    out = tmp_path / "run"
+    run(["--model", str(tiny_model), "--output_dir", str(out), "--max_steps", "2", "--scale_rewards", "batch",
+         "--epochs_per_step", "2", *TINY_FLAGS], tmp_path)
+    rank0, rank1 = records(out)
+    assert [r["fingerprint"] for r in rank0] == [r["fingerprint"] for r in rank1]
+    assert len({r["fingerprint"] for r in rank0}) == 2
+    for row in metrics_of(out):
+        assert row["old_logprobs_s"] > 0 and row["skipped_steps"] == 0
+        assert row["clip_frac"] is not None  # the second epoch is off-policy: ratios leave 1
+
+
+def test_export_steps_write_loadable_folders(tmp_path, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run(["--model", str(tiny_model), "--output_dir", str(out), "--max_steps", "3", "--export_steps", "1",
+         "--save_steps", "0", *TINY_FLAGS], tmp_path, nprocs=1)
+    exports = sorted(p.name for p in (out / "exports").iterdir())
+    assert exports == ["step_1", "step_2"]  # the last step's export is final/
+    ids = torch.arange(1, 20).unsqueeze(0)
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(out / name)(ids).logits
+                  for name in ("exports/step_1", "exports/step_2", "final")]
+    assert not torch.equal(logits[0], logits[1]) and not torch.equal(logits[1], logits[2])

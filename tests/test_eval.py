@@ -1,6 +1,6 @@
-"""Evaluation (grpo_ds.eval) and quick inference (grpo_ds.inference): scoring real completions with the rewards'
-own extractors, the gold-solutions check, pass@k and maj@k, the command end to end on a tiny model, 2 ranks
-reproducing 1 process, and the ask command."""
+"""Evaluation (grpo_ds.eval, scripts/eval.py) and quick inference (grpo_ds.inference, scripts/ask.py): scoring real
+completions with the rewards' own extractors, the gold-solutions check, pass@k and maj@k, the command end to end on
+a tiny model, 2 ranks reproducing 1 process, a training run asked the way it was trained, and the ask command."""
 
 import json
 import os
@@ -12,11 +12,18 @@ import pytest
 import torch
 
 from grpo_ds import eval as ev
-from grpo_ds.data import Problem
-from grpo_ds.inference import ask_main, generate, load, render, side_by_side
+from grpo_ds.data import Problem, render_prompt
+from grpo_ds.generation import Sampling, generate
+from grpo_ds.inference import load, side_by_side
 from grpo_ds.rewards import extract_last_number, math_reward
+from helpers import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parent.parent
+eval_script, ask_script = load_script("eval"), load_script("ask")
+
+
+def greedy_alone(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The greedy completion of one prompt generated on its own (no batch, no padding)."""
+    return generate(model, tokenizer, [prompt], Sampling(max_new_tokens, temperature=0.0)).texts(tokenizer)[0]
 
 # Completions as models write them on GSM8K: (completion, gold, strict, lenient, format), each judged by hand.
 REAL_COMPLETIONS = [
@@ -100,7 +107,7 @@ def test_gold_solutions_score_full_lenient(tmp_path, capsys):
     data = tmp_path / "gold.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in GOLD_SOLUTIONS))
     out = tmp_path / "out"
-    assert ev.main(["--score_gold", "--data", str(data), "--output_dir", str(out)]) == 0
+    assert eval_script.main(["--score_gold", "--data", str(data), "--output_dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == len(GOLD_SOLUTIONS) - 1
     assert summary["accuracy_lenient"] == 1.0
@@ -112,7 +119,7 @@ def test_gold_solutions_score_full_lenient(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def varied_model(tmp_path_factory) -> Path:
-    from varied import build_varied_model
+    from helpers import build_varied_model
 
     return build_varied_model(tmp_path_factory.mktemp("varied") / "model")
 
@@ -130,7 +137,7 @@ def dataset_with_known_answers(varied_model, tmp_path_factory) -> tuple[Path, li
     """A problem file whose golds make the expected score known: each completion is generated alone (no batch,
     no padding); even problems get the last number of their completion as gold, odd ones a number it lacks."""
     model, tokenizer = load(str(varied_model))
-    alone = [generate(model, tokenizer, [render(tokenizer, q)], max_new_tokens=24)[0].text for q in QUESTIONS]
+    alone = [greedy_alone(model, tokenizer, render_prompt(tokenizer, q), 24) for q in QUESTIONS]
     golds, expected = [], []
     for i, text in enumerate(alone):
         last = extract_last_number(text)
@@ -152,7 +159,7 @@ def test_eval_end_to_end_files_and_numbers(varied_model, dataset_with_known_answ
     out = tmp_path / "eval"
     argv = [str(varied_model), "--data", str(data), "--limit", "6", "--max_new_tokens", "24", "--batch_size", "4",
             "--output_dir", str(out)]
-    assert ev.main(argv) == 0
+    assert eval_script.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     rows = read_predictions(out)
     assert summary["n"] == 6 == len(rows)
@@ -178,14 +185,51 @@ def test_response_prefix_starts_every_answer(varied_model, dataset_with_known_an
     """--response_prefix is part of the prompt: each completion is what the model writes after the prefix."""
     data, _, _ = dataset_with_known_answers
     out = tmp_path / "eval"
-    assert ev.main([str(varied_model), "--data", str(data), "--limit", "2", "--max_new_tokens", "8",
-                    "--response_prefix", "<think>\n", "--output_dir", str(out)]) == 0
+    assert eval_script.main([str(varied_model), "--data", str(data), "--limit", "2", "--max_new_tokens", "8",
+                             "--response_prefix", "<think>\n", "--output_dir", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["response_prefix"] == "<think>\n"
     model, tokenizer = load(str(varied_model))
-    prompts = [render(tokenizer, q, "train") + "<think>\n" for q in QUESTIONS[:2]]
-    assert render(tokenizer, QUESTIONS[0], "train", "<think>\n") == prompts[0]
-    expected = [c.text for p in prompts for c in generate(model, tokenizer, [p], max_new_tokens=8)]
+    prompts = [render_prompt(tokenizer, q) + "<think>\n" for q in QUESTIONS[:2]]
+    expected = [greedy_alone(model, tokenizer, p, 8) for p in prompts]
     assert [r["completion"] for r in read_predictions(out)] == expected
+
+
+def fake_run(varied_model, tmp_path, **settings) -> Path:
+    """A training run's output folder: final/ (the varied model) and the run's config.json."""
+    import shutil
+
+    from grpo_ds.config import Config
+
+    run = tmp_path / "run"
+    shutil.copytree(varied_model, run / "final")
+    values = {**Config().to_dict(), "dataset": "arithmetic", "difficulty": 1, "max_new_tokens": 6, **settings}
+    (run / "config.json").write_text(json.dumps(values))
+    return run
+
+
+def test_a_training_run_is_asked_the_way_it_was_trained(varied_model, tmp_path, capsys):
+    """A run folder as MODEL: its system prompt, response prefix, held-out problems and budget are the defaults."""
+    run = fake_run(varied_model, tmp_path, system_prompt="Be brief.", response_prefix="<think>")
+    out = tmp_path / "eval"
+    assert eval_script.main([str(run), "--limit", "3", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["system_prompt"], summary["response_prefix"]) == ("Be brief.", "<think>")
+    assert summary["data"] == "arithmetic" and summary["max_new_tokens"] == 6
+    from grpo_ds.data import load_problems
+
+    problems = load_problems("arithmetic", "test", num_problems=3, difficulty=1)
+    model, tokenizer = load(str(varied_model))
+    expected = [greedy_alone(model, tokenizer, render_prompt(tokenizer, p.question, "Be brief.", "<think>"), 6)
+                for p in problems]
+    rows = read_predictions(out)
+    assert [r["question"] for r in rows] == [p.question for p in problems]
+    assert [r["completion"] for r in rows] == expected
+    # a flag still wins over the run's setting, and ask reads the run the same way
+    assert eval_script.main([str(run), "--limit", "1", "--response_prefix", "", "--output_dir", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["response_prefix"] == ""
+    capsys.readouterr()
+    assert ask_script.main([str(run / "final"), problems[0].question, "--max_new_tokens", "6"]) == 0
+    assert expected[0].strip() in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -197,7 +241,7 @@ def test_two_ranks_reproduce_one_process(varied_model, dataset_with_known_answer
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert ev.main([*common, "--output_dir", str(tmp_path / "one")]) == 0
+        assert eval_script.main([*common, "--output_dir", str(tmp_path / "one")]) == 0
     finally:
         torch.set_num_threads(threads)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -226,7 +270,17 @@ def test_sampling_is_seeded_and_reports_pass_and_maj(varied_model):
     assert [(r["index"], r["sample"]) for r in rows] == [(i, s) for i in range(3) for s in range(3)]
     assert len({r["completion"] for r in rows}) > 3  # temperature 1.0 by default: samples differ
     assert summary["n"] == 3 and summary["num_samples"] == 3
-    assert summary["pass_at_k"] >= summary["accuracy_strict"] and "maj_at_k" in summary
+    # golds chosen after the fact (the samples do not depend on them): problem 0's gold is what its second sample
+    # answered (strict: the tagged number; the varied model never tags, so lenient: its last number)
+    numbers = [extract_last_number(r["completion"]) for r in rows]
+    assert numbers[1] is not None, "the varied model should write numbers; the test would be vacuous"
+    gold = str(numbers[1])
+    graded = [Problem(QUESTIONS[0], gold), Problem(QUESTIONS[1], "987654"), Problem(QUESTIONS[2], "987654")]
+    summary, again = ev.evaluate(model, tokenizer, graded, **kwargs)
+    assert [r["completion"] for r in again] == [r["completion"] for r in rows]
+    assert summary["pass_at_k_lenient"] == pytest.approx(1 / 3)  # problem 0 only, by its second sample
+    assert summary["accuracy_lenient"] == pytest.approx(sum(n == numbers[1] for n in numbers[:3]) / 9)
+    assert summary["pass_at_k"] == 0.0 and summary["maj_at_k"] == 0.0  # no sample tags an answer
     _, again = ev.evaluate(model, tokenizer, problems, **kwargs)
     assert again == rows  # seeded per batch: the same samples
     _, other_seed = ev.evaluate(model, tokenizer, problems, **{**kwargs, "seed": 2})
@@ -241,7 +295,7 @@ def test_sampling_is_seeded_and_reports_pass_and_maj(varied_model):
     (["--score_gold", "--data", "missing.jsonl"], "--data 'missing.jsonl': file not found"),
 ])
 def test_bad_flags_fail_with_one_line(argv, message, capsys):
-    assert ev.main(argv) == 2
+    assert eval_script.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
 
@@ -250,12 +304,12 @@ def test_bad_flags_fail_with_one_line(argv, message, capsys):
 
 
 def test_ask_one_question_and_compare(varied_model, tmp_path, capsys):
-    assert ask_main([str(varied_model), "what is 2+2?", "--max_new_tokens", "12"]) == 0
+    assert ask_script.main([str(varied_model), "what is 2+2?", "--max_new_tokens", "12"]) == 0
     alone = capsys.readouterr().out
     assert "=== Q1: what is 2+2?" in alone and "--> answer:" in alone
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question": "what is 2+2?", "answer": "#### 4"}) + "\n")
-    assert ask_main([str(varied_model), "--file", str(questions), "--compare", str(varied_model),
+    assert ask_script.main([str(varied_model), "--file", str(questions), "--compare", str(varied_model),
                      "--max_new_tokens", "12"]) == 0
     compared = capsys.readouterr().out
     assert "[gold: 4]" in compared and "BASE  --> answer" in compared and "MODEL --> answer" in compared
@@ -271,7 +325,7 @@ def test_side_by_side_columns():
 
 
 def test_ask_needs_a_question(varied_model, capsys):
-    assert ask_main([str(varied_model)]) == 2
+    assert ask_script.main([str(varied_model)]) == 2
     assert "give either a question or --file" in capsys.readouterr().err
 
 
@@ -287,3 +341,18 @@ def test_eval_module_imports_no_deepspeed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_math_verify_scorer_reads_expressions():
+    pytest.importorskip("math_verify", reason="the [math] extra (math-verify) is not installed; .ci/run installs it")
+    texts = ["<think>half</think><answer>\\frac{1}{2}</answer>", "It is 1/2 of it, so $\\frac{2}{4}$.",
+             "<answer>0.4</answer>"]
+    problems = [Problem("q", "0.5")] * 3
+    numeric = ev.score_texts(texts, problems)
+    verified = ev.score_texts(texts, problems, scorer="math_verify")
+    # numeric reads "\frac{1}{2}" as 1/2 too, but not "$\frac{2}{4}$" at the end of a sentence as the last number
+    assert [r["correct"] for r in verified] == [True, False, False]
+    assert [r["correct_lenient"] for r in verified] == [True, True, False]
+    assert [r["correct"] for r in numeric] == [True, False, False]
+    with pytest.raises(ValueError, match="--scorer 'exact'"):
+        ev.score_texts(texts, problems, scorer="exact")

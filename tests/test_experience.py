@@ -1,10 +1,10 @@
-"""Tests for grpo_ds.experience: Experience.select (row selection with shared padding trimmed) and the replay
-buffer's micro-batches."""
+"""Tests for grpo_ds.experience: Experience.select (row selection with shared padding trimmed) and
+Experience.micro_batches."""
 
 import pytest
 import torch
 
-from grpo_ds.experience import Experience, ReplayBuffer
+from grpo_ds.experience import Experience
 
 # Three rows, P = 4 prompt columns (left-padded), C = 4 completion columns (right-padded), T = 8.
 #              prompt mask    completion mask
@@ -112,10 +112,10 @@ def test_select_does_not_modify_the_source():
     assert exp.num_completion_positions == C
 
 
-# ----------------------------------------------------------------------------- ReplayBuffer
+# ----------------------------------------------------------------------------- micro-batches
 
 
-def buffer_of(n: int) -> ReplayBuffer:
+def buffer_of(n: int) -> Experience:
     """n rows of varied prompt and completion lengths; rewards_N = row number identifies a row."""
     p, c = 5, 6
     prompt_len = torch.arange(n) % p + 1
@@ -126,7 +126,7 @@ def buffer_of(n: int) -> ReplayBuffer:
     exp = Experience(sequences, torch.cat([prompt_mask, completion_mask], dim=1), completion_mask,
                      rewards_N=torch.arange(n, dtype=torch.float32), advantages_N=torch.zeros(n),
                      old_logprobs_NC=torch.arange(n * c, dtype=torch.float32).view(n, c))
-    return ReplayBuffer(exp)
+    return exp
 
 
 def order_of(buffer, micro_batch_size, generator):

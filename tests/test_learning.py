@@ -77,8 +77,7 @@ def test_evaluation_during_training_changes_nothing_else(tmp_path, tiny_model):
 def test_a_step_without_signal_leaves_the_weights_alone(tmp_path, tiny_model):
     # every completion gets the same reward, so every advantage is 0: without the skip, AdamW would turn the float
     # noise of the KL gradient into a full-size step
-    from launch import run
-    from test_distributed import records
+    from helpers import records, run
 
     out = tmp_path / "run"
     run(["--model", str(tiny_model), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "0",
@@ -86,6 +85,10 @@ def test_a_step_without_signal_leaves_the_weights_alone(tmp_path, tiny_model):
          "--reward", "learnable:constant", "--lr", "1e-2", "--kl_weight", "0.1"], tmp_path, nprocs=1)
     rows = records(out, nprocs=1)[0]
     assert [r["metrics"]["update_skipped"] for r in rows] == [1, 1]
+    # nothing was measured by the update: metrics.jsonl says null, never the string "nan", and holds only numbers
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["kl"] for row in logged] == [None, None] and [row["clip_frac"] for row in logged] == [None, None]
+    assert all(v is None or isinstance(v, (int, float)) for row in logged for v in row.values())
     assert rows[0]["fingerprint"] == rows[1]["fingerprint"]
     from transformers import AutoModelForCausalLM
 

@@ -4,24 +4,17 @@ contract (micro-batch contributions sum to the whole step's loss and gradient).
 Every expected number is worked out by hand in the comments; the code under test is never used to produce one.
 """
 
-import ast
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from grpo_ds.loss import ADVANTAGE_EPS, BatchTotals, GRPOLoss, group_advantages, kl_k3
+from grpo_ds.loss import BatchTotals, GRPOLoss, entropy_threshold, group_advantages, kl_estimate, kl_k3
 
-PACKAGE = Path(__file__).resolve().parent.parent / "grpo_ds"
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 # ----------------------------------------------------------------------------- group_advantages
-
-
-def test_eps_is_tutorial_value():
-    assert ADVANTAGE_EPS == 1e-4
 
 
 def test_group_advantages_group_hand_values():
@@ -453,51 +446,111 @@ def test_deepspeed_scaling_recovers_whole_batch_gradient(loss_type):
         rank_grads.append(accumulated)
     deepspeed_grad = sum(rank_grads) / ranks
 
-    if loss_type == "bnpo":  # its target is the mean of micro-batch means, i.e. the sum of contributions
-        target = sum(torch.autograd.grad(p, leaf)[0] for p in parts)
-    else:
-        whole_leaf = logp.clone().requires_grad_(True)
-        whole, _ = GRPOLoss(clip_eps=CLIP, kl_weight=KL_WEIGHT, loss_type=loss_type)(
-            whole_leaf, old, ref, adv, mask, BatchTotals.single(mask, MAX_NEW_TOKENS))
-        (target,) = torch.autograd.grad(whole, whole_leaf)
+    # the target: the gradient of the whole step's objective, written out independently of GRPOLoss
+    target_leaf = logp.clone().requires_grad_(True)
+    per_token = reference_per_token(target_leaf, old, ref, adv) * mask
+    objective = {"dapo": lambda: per_token.sum() / 23,
+                 "dr_grpo": lambda: per_token.sum() / (8 * MAX_NEW_TOKENS),
+                 "grpo": lambda: (per_token.sum(dim=1) / mask.sum(dim=1)).mean(),
+                 # the mean of the 4 micro-batches' token means (rows 0-1, 2-3, 4-5, 6-7)
+                 "bnpo": lambda: sum(per_token[i:i + 2].sum() / mask[i:i + 2].sum() for i in range(0, 8, 2)) / 4,
+                 }[loss_type]()
+    (target,) = torch.autograd.grad(objective, target_leaf)
     torch.testing.assert_close(deepspeed_grad, target, atol=1e-6, rtol=0)
     assert deepspeed_grad.abs().sum() > 0
 
 
-# ----------------------------------------------------------------------------- no collectives in the math
+# ----------------------------------------------------------------------------- the toolbox: GSPO, CISPO, delta,
+# top-entropy masking, KL estimators (each also equals TRL's own: tests/test_trl_equality.py)
 
 
-def forbidden_imports(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.split(".")[0] == "deepspeed" or alias.name.startswith("torch.distributed"):
-                    found.append(f"import {alias.name}")
-        elif isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            names = [a.name for a in node.names]
-            if node.level == 0 and (module.split(".")[0] == "deepspeed" or module.startswith("torch.distributed")
-                                    or (module == "torch" and "distributed" in names)
-                                    or module in ("grpo_ds.distributed", "grpo_ds.trainer")
-                                    or (module == "grpo_ds" and {"distributed", "trainer"} & set(names))):
-                found.append(f"from {module} import {names}")
-            if node.level > 0 and (module in ("distributed", "trainer")
-                                   or (not module and {"distributed", "trainer"} & set(names))):
-                found.append(f"from {'.' * node.level}{module} import {names}")
-        elif (isinstance(node, ast.Attribute) and node.attr == "distributed" and isinstance(node.value, ast.Name)
-              and node.value.id == "torch"):
-            found.append("torch.distributed")
-    return found
+def one_row(logp, old, ref=None, advantage=1.0):
+    leaf = torch.tensor([logp], requires_grad=True)
+    mask = torch.ones(1, len(logp))
+    ref_t = None if ref is None else torch.tensor([ref])
+    return leaf, torch.tensor([old]), ref_t, torch.tensor([advantage]), mask
 
 
-@pytest.mark.parametrize("module", ["loss", "rewards", "data", "experience", "rollout"])
-def test_module_imports_no_deepspeed_or_collectives(module):
-    assert forbidden_imports(PACKAGE / f"{module}.py") == []
+def test_gspo_one_ratio_per_sequence():
+    leaf, old, _, adv, mask = one_row([-1.0, -2.0], [-1.5, -1.6])
+    # token log-ratios 0.5 and -0.4, mean 0.05: w = exp(0.05) = 1.0512711, inside [0.8, 1.2]: loss -w per token,
+    # the sequence mean -1.0512711; d/dlogp_t of -exp(mean) = -w / 2 = -0.5256355 for both tokens
+    loss, _ = GRPOLoss(0.2, 0.0, "grpo", importance_sampling_level="sequence")(
+        leaf, old, None, adv, mask, BatchTotals.single(mask, 2))
+    assert loss.item() == pytest.approx(-1.0512711, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, torch.tensor([[-0.5256355, -0.5256355]]), atol=1e-6, rtol=0)
+    # per token instead: exp(0.5) = 1.6487 is clipped to 1.2 (no gradient), exp(-0.4) = 0.6703200 is not
+    leaf, old, _, adv, mask = one_row([-1.0, -2.0], [-1.5, -1.6])
+    loss, _ = GRPOLoss(0.2, 0.0, "grpo")(leaf, old, None, adv, mask, BatchTotals.single(mask, 2))
+    assert loss.item() == pytest.approx(-(1.2 + 0.6703200) / 2, abs=1e-6)
 
 
-def test_forbidden_imports_detector_works():
-    # the detector itself must see what it is looking for
-    assert forbidden_imports(PACKAGE / "distributed.py") != []
-    assert forbidden_imports(PACKAGE / "trainer.py") != []
+def test_cispo_clipped_detached_weight_times_logprob():
+    leaf, old, _, adv, mask = one_row([-1.0, -2.0], [-1.5, -1.6])
+    # w = (1.6487213, 0.6703200), capped at 1.3 -> (1.3, 0.67032), detached; per token -w A logp =
+    # (1.3, 1.3406400); aggregated as dapo over 2 tokens: 1.3203200; gradient -w / 2 = (-0.65, -0.33516)
+    loss, metrics = GRPOLoss(0.2, 0.0, "cispo", clip_eps_high=1.3)(leaf, old, None, adv, mask,
+                                                                     BatchTotals.single(mask, 2))
+    assert loss.item() == pytest.approx(1.3203200, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, torch.tensor([[-0.65, -0.33516]]), atol=1e-5, rtol=0)
+    assert metrics["clipped_tokens"].item() == 1  # the first token's weight was capped, and still has a gradient
+
+
+def test_delta_bounds_negative_advantage_tokens():
+    # A = -1, ratio e = 2.7182818: without delta -min(-2.718, -1.2) = 2.718, growing with the ratio; delta 1.5
+    # caps the unclipped ratio: -min(-1.5, -1.2) = 1.5, and the capped term passes no gradient
+    leaf, old, _, adv, mask = one_row([-1.0], [-2.0], advantage=-1.0)
+    unbounded, _ = GRPOLoss(0.2, 0.0, "grpo")(leaf, old, None, adv, mask, BatchTotals.single(mask, 1))
+    assert unbounded.item() == pytest.approx(2.7182818, abs=1e-6)
+    leaf, old, _, adv, mask = one_row([-1.0], [-2.0], advantage=-1.0)
+    bounded, _ = GRPOLoss(0.2, 0.0, "grpo", delta=1.5)(leaf, old, None, adv, mask, BatchTotals.single(mask, 1))
+    assert bounded.item() == pytest.approx(1.5, abs=1e-6)
+    bounded.backward()
+    assert leaf.grad.item() == 0.0
+
+
+def test_top_entropy_quantile_trains_the_high_entropy_tokens_only():
+    leaf = torch.tensor([[-1.0, -1.0, -1.0, -1.0]], requires_grad=True)
+    mask = torch.ones(1, 4)
+    entropies = torch.tensor([[0.1, 0.5, 0.9, 2.0]])
+    # the 0.5 quantile of (0.1, 0.5, 0.9, 2.0) is 0.7 (midway between 0.5 and 0.9): tokens 3 and 4 train.
+    # On-policy, A = 1: -1 on each, 0 elsewhere; grpo's token mean over all 4 tokens: -0.5; gradient -1/4 there
+    loss, metrics = GRPOLoss(0.2, 0.0, "grpo", top_entropy_quantile=0.5)(
+        leaf, leaf.detach(), None, torch.tensor([1.0]), mask, BatchTotals.single(mask, 4), entropies_NC=entropies)
+    assert loss.item() == pytest.approx(-0.5, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, torch.tensor([[0.0, 0.0, -0.25, -0.25]]), atol=1e-7, rtol=0)
+    assert metrics["entropy_sum"].item() == pytest.approx(3.5)
+    # a threshold from all ranks (in BatchTotals) overrides the local one: 1.0 leaves only the last token
+    leaf.grad = None
+    totals = BatchTotals(1, 4, 1, 4, entropy_threshold=1.0)
+    loss, _ = GRPOLoss(0.2, 0.0, "grpo", top_entropy_quantile=0.5)(
+        leaf, leaf.detach(), None, torch.tensor([1.0]), mask, totals, entropies_NC=entropies)
+    assert loss.item() == pytest.approx(-0.25, abs=1e-6)
+
+
+def test_entropy_threshold_is_the_quantile_of_the_masked_tokens():
+    entropies = torch.tensor([[0.1, 0.5, 0.9, 7.0], [0.3, 0.2, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    # masked values 0.1, 0.5, 0.9, 0.3, 0.2 sorted 0.1 0.2 0.3 0.5 0.9: the 0.8 quantile (q = 0.2) is at index
+    # 3.2: 0.5 + 0.2 * 0.4 = 0.58; the 7.0 and 9.0s lie outside the mask and do not count
+    assert entropy_threshold(entropies, mask, 0.2) == pytest.approx(0.58)
+
+
+@pytest.mark.parametrize("estimator, expected", [("k1", 1.0), ("k2", 0.5), ("k3", math.exp(-1))])
+def test_kl_estimators_hand_values(estimator, expected):
+    # logp 0, ref -1: log r = ref - logp = -1; k1 = -log r = 1, k2 = (log r)^2 / 2 = 0.5, k3 = e^-1 - (-1) - 1
+    assert kl_estimate(torch.tensor(0.0), torch.tensor(-1.0), estimator).item() == pytest.approx(expected)
+
+
+def test_kl_estimator_in_the_loss():
+    leaf = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    mask = torch.ones(1, 2)
+    ref = torch.tensor([[-2.0, -2.0]])
+    # on-policy with A = 0: the loss is the KL term alone, kl_weight 0.5 x mean of k2 = (0.5, 0) -> 0.5 x 0.25
+    loss, metrics = GRPOLoss(0.2, 0.5, "grpo", kl_estimator="k2")(leaf, leaf.detach(), ref, torch.tensor([0.0]),
+                                                                  mask, BatchTotals.single(mask, 2))
+    assert loss.item() == pytest.approx(0.125)
+    assert metrics["kl_sum"].item() == pytest.approx(0.5)

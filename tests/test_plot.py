@@ -18,8 +18,8 @@ def write_run(folder: Path, steps: int, with_eval: bool) -> Path:
     folder.mkdir(parents=True)
     with open(folder / "metrics.jsonl", "w") as f:
         for step in range(1, steps + 1):
-            row = {"step": step, "reward_mean": 0.1 * step, "success_rate": 0.05 * step, "format_rate": 0.5,
-                   "kl": float("nan") if step == 2 else 0.01 * step,  # a skipped update logs NaN
+            row = {"step": step, "reward_mean": 0.1 * step, "success_rate": 0.05 * step, "clean_rate": 0.5,
+                   "kl": None if step == 2 else 0.01 * step,  # a skipped update logs null
                    "completion_len_mean": 60 + step, "clip_frac": 0.0, "step_s": 90.0}
             if with_eval and step % 2 == 0:
                 row["eval_accuracy"] = 0.1 * step

@@ -9,7 +9,8 @@ import pytest
 
 from grpo_ds import rewards
 from grpo_ds.rewards import (REWARDS, extract_answer, get_reward_fn, has_format, is_correct, is_correct_lenient,
-                             math_reward, math_shaped_reward, numbers_equal, parse_number, score_completions,
+                             math_clean_reward, math_reward, math_shaped_reward, math_verify_reward, numbers_equal,
+                             overlong_penalties, parse_reward, parse_number, score_completions,
                              seed_reward)
 
 # (completion, gold, strict, lenient, has_format, seed_reward, math_reward), each worked out by hand.
@@ -85,7 +86,9 @@ def test_presets():
     assert get_reward_fn("math") is math_reward
     assert get_reward_fn("seed") is seed_reward
     assert get_reward_fn("math_shaped") is math_shaped_reward
-    assert set(REWARDS) == {"math", "seed", "math_shaped", "hash"}
+    assert get_reward_fn("math_clean") is math_clean_reward
+    assert set(REWARDS) == {"math", "seed", "math_shaped", "math_clean", "math_verify", "correct", "format", "lenient",
+                            "hash"}
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -99,6 +102,37 @@ def test_presets():
 ])
 def test_math_shaped_reward(completion, expected):
     assert math_shaped_reward(completion, "72") == pytest.approx(expected)
+
+
+RECITAL = (" The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+           "respectively, i.e., <think> reasoning process here </think>\n<answer> answer here </answer>")
+
+
+@pytest.mark.parametrize("completion, expected", [
+    # what the CPU recipe's model writes once trained: the reasoning closed, a clean block, right -> 0.2 + 1.0
+    ("5 + 17 = 22</think>\n<answer>22</answer>", 1.2),
+    ("5 + 17</think> <answer>5 + 17 = 22</answer>\n", 1.2),  # an equation ending in the answer, a trailing newline
+    ("</think><answer> $1,022 </answer>", 0.2),  # clean (currency, thousands) but 1022 is not 22: format only
+    ("5 + 17 = 21</think>\n<answer>21</answer>", 0.2),  # clean, wrong
+    # the reasoning never closed (the drift that raised the KL): no format credit, only the right last number
+    ("5 + 17 = 22\n<answer>22</answer>", 0.25),
+    ("</think>\n</think>\n<answer>22</answer>", 0.25),  # two closings
+    # docs/RECIPE_CPU.md, run 1: the sum in the block, then the system prompt recited, which closes it; not clean
+    # (two blocks, text after): only the right last number pays, as it would without the recital
+    ("</think><answer>17 + 5 = 22 stickers." + RECITAL, 0.25),
+    ("</think><answer>17 + 5 = 22 stickers.", 0.25),
+    # run 2: a proper block, then chatter with another number: not clean; the last number (27) is wrong
+    ("</think><answer> 17 + 5 = 22 </answer>\nThe answer is 22 + 5 = 27.", 0.0),
+    # the same chatter ending on the gold: the lenient credit only
+    ("</think><answer>22</answer> So the answer is 22.", 0.25),
+    ("</think><answer> answer here </answer>", 0.0),  # the recited placeholder: no number, no credit
+    ("</think><answer></answer>", 0.0),  # empty block
+    ("</think><answer>22 stickers</answer>", 0.25),  # a unit inside: not clean; 22 is the last number
+    ("Sofia has 22 stickers now.", 0.25),  # right number, no block
+    ("</think><answer>= 22</answer>", 0.25),  # an equation needs a left side
+])
+def test_math_clean_reward(completion, expected):
+    assert math_clean_reward(completion, "22") == pytest.approx(expected)
 
 
 @pytest.fixture
@@ -117,9 +151,9 @@ def test_module_function_spec(reward_module):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("foo", "--reward 'foo': not a preset (math, seed, math_shaped, hash) and not module:function"),
-    (":half", "--reward ':half': not a preset (math, seed, math_shaped, hash) and not module:function"),
-    ("mod:", "--reward 'mod:': not a preset (math, seed, math_shaped, hash) and not module:function"),
+    ("foo", "--reward 'foo': not a preset (math, seed, math_shaped, math_clean, math_verify, correct, format, lenient, hash) and not module:function"),
+    (":half", "--reward ':half': not a preset (math, seed, math_shaped, math_clean, math_verify, correct, format, lenient, hash) and not module:function"),
+    ("mod:", "--reward 'mod:': not a preset (math, seed, math_shaped, math_clean, math_verify, correct, format, lenient, hash) and not module:function"),
     ("grpo_ds_no_such_module:fn",
      "--reward 'grpo_ds_no_such_module:fn': cannot import module 'grpo_ds_no_such_module' (ModuleNotFoundError: "),
     ("grpo_ds_test_broken_reward:half",
@@ -138,11 +172,12 @@ def test_bad_specs_give_one_line(reward_module, spec, message):
 
 
 def test_score_completions_stats():
-    completions = ["<answer>72</answer>", "<answer>73</answer>", "72", "<answer>1,000</answer>"]
+    completions = ["<answer>72</answer>", "<answer>73</answer>", "72", "<answer>1,000</answer> ok"]
     golds = ["72", "72", "72", "1000"]
     scores, stats = score_completions(completions, golds, math_reward)
     assert scores == pytest.approx([1.1, 0.1, 0.0, 1.1])
-    assert stats == {"success_rate": 0.5, "format_rate": 0.75, "reward_errors": 0}
+    # strict right: 1st and 4th; a numeric block: 1st, 2nd, 4th; clean (nothing after the block): 1st and 2nd
+    assert stats == {"success_rate": 0.5, "format_rate": 0.75, "clean_rate": 0.5, "reward_errors": 0}
 
 
 @pytest.mark.parametrize("bad_value", [ValueError("boom"), math.nan, math.inf, "1.0", None, 10 ** 400])
@@ -163,7 +198,7 @@ def test_score_completions_accepts_bool_and_rejects_length_mismatch():
     scores, _ = score_completions(["<answer>1</answer>", "x"], ["1", "1"], is_correct)
     assert scores == [1.0, 0.0]
     assert score_completions([], [], math_reward) == ([], {"success_rate": 0.0, "format_rate": 0.0,
-                                                           "reward_errors": 0})
+                                                           "clean_rate": 0.0, "reward_errors": 0})
     with pytest.raises(ValueError):
         score_completions(["a", "b"], ["1"], math_reward)
 
@@ -180,10 +215,11 @@ ODD_OUTPUTS = [
 @pytest.mark.parametrize("completion", ODD_OUTPUTS)
 @pytest.mark.parametrize("gold", ["72", "", "abc", "9" * 400])
 def test_rewards_never_raise_on_odd_output(completion, gold):
-    for fn in (math_reward, seed_reward):
+    for fn in REWARDS.values():
         value = fn(completion, gold)
-        assert isinstance(value, float) and math.isfinite(value)
-    is_correct(completion, gold), is_correct_lenient(completion, gold), has_format(completion)
+        assert isinstance(value, float) and math.isfinite(value), fn.__name__
+    checks = (is_correct(completion, gold), is_correct_lenient(completion, gold), has_format(completion))
+    assert all(isinstance(check, bool) for check in checks)
     _, stats = score_completions([completion], [gold], math_reward)
     assert stats["reward_errors"] == 0
 
@@ -211,3 +247,50 @@ def test_hash_reward_is_deterministic_spread_and_ignores_gold():
     assert scores == [hash_reward(t, "999") for t in texts]  # the gold plays no part
     assert all(0 <= s < 1 for s in scores) and len(set(scores)) == 200
     assert 0.35 < sum(scores) / 200 < 0.65  # roughly uniform, so groups have a spread of advantages
+
+
+# ----------------------------------------------------------------------------- weighted sums, overlong, math-verify
+
+
+def test_weighted_reward_terms_are_summed_and_reported_apart():
+    terms = parse_reward("correct:1.0,format:0.2")
+    assert [(t.name, t.weight) for t in terms] == [("correct", 1.0), ("format", 0.2)]
+    texts = ["<answer>72</answer>", "<answer>7</answer>", "72", "<answer>72</answer> yes"]
+    rewards, stats = score_completions(texts, ["72"] * 4, terms)
+    # correct: 1, 0, 0, 1; format (clean block): 1, 1, 0, 0 -> 1.2, 0.2, 0, 1.0
+    assert rewards == pytest.approx([1.2, 0.2, 0.0, 1.0])
+    assert stats["reward/correct"] == 0.5 and stats["reward/format"] == 0.5  # unweighted means
+
+
+def test_reward_specs_with_modules_and_weights(reward_module):
+    terms = parse_reward("grpo_ds_test_user_reward:half:2,math")
+    assert [(t.name, t.weight) for t in terms] == [("grpo_ds_test_user_reward:half", 2.0), ("math", 1.0)]
+    assert score_completions(["<answer>1</answer>"], ["1"], terms)[0] == pytest.approx([2 * 0.5 + 1.1])
+    with pytest.raises(ValueError, match="appears twice"):
+        parse_reward("math,math:0.5")
+    with pytest.raises(ValueError, match="not a finite number"):
+        parse_reward("math:nan")
+    with pytest.raises(ValueError, match="--reward 'nope': not a preset"):
+        parse_reward("math:1.0,nope")
+
+
+def test_overlong_penalty_hand_values():
+    # max 16 tokens, buffer 4: free up to 12; 13 -> -0.25 x 2, 16 (truncated) -> the whole 2
+    assert overlong_penalties([12, 13, 15, 16], 16, 4, 2.0) == pytest.approx([0.0, -0.5, -1.5, -2.0])
+    assert overlong_penalties([16], 16, 0, 2.0) == [0.0]  # buffer 0: off
+
+
+@pytest.mark.parametrize("completion, gold, expected", [
+    ("<answer>\\frac{1}{2}</answer>", "0.5", 1.1),  # LaTeX fraction vs decimal
+    ("<answer>2/4</answer>", "1/2", 1.1),  # unreduced fraction
+    ("<answer>x = 3</answer>", "3", 1.1),  # an equation's value
+    ("<answer>\\sqrt{4}</answer>", "2", 1.1),  # an expression the numeric extractor cannot read
+    ("<answer>3</answer>", "4", 0.1),  # a block, wrong
+    ("the answer is 4", "4", 0.0),  # no block
+])
+def test_math_verify_reward(completion, gold, expected):
+    pytest.importorskip("math_verify", reason="the [math] extra (math-verify) is not installed; .ci/run installs it")
+    assert math_verify_reward(completion, gold) == pytest.approx(expected)
+    # the numeric extractor of `math` reads the square root as 4: a formatted, wrong answer
+    if "sqrt" in completion:
+        assert math_reward(completion, gold) == pytest.approx(0.1)

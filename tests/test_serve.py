@@ -1,35 +1,33 @@
-"""The OpenAI-compatible server (grpo_ds.serve) on loopback, called by real HTTP clients: the official `openai`
-package (non-streaming and streaming), raw requests for the error cases, concurrent load, and scripts/serve.sh
-start/status/stop. All traffic goes to 127.0.0.1, with timeouts."""
+"""The OpenAI-compatible server (grpo_ds.serve, scripts/serve.py) on loopback, called by real HTTP clients: the
+official `openai` package (non-streaming and streaming), raw requests for the error cases (bad input, a body too
+large, overload, a failing generation, an error inside a stream), concurrent load, a training run's prompt format,
+and scripts/serve.sh start/status/stop. All traffic goes to 127.0.0.1, with timeouts."""
 
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from grpo_ds.inference import generate, load
+from grpo_ds import serve
+from grpo_ds.data import render_chat
+from grpo_ds.generation import Sampling, generate
+from grpo_ds.inference import PromptFormat, load
+from helpers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 NAME = "tiny-grpo"
 TIMEOUT = 60
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def varied_model(tmp_path_factory) -> Path:
-    from varied import build_varied_model
+    from helpers import build_varied_model
 
     return build_varied_model(tmp_path_factory.mktemp("varied") / "model")
 
@@ -39,17 +37,12 @@ def loaded(varied_model):
     return load(str(varied_model))
 
 
-@pytest.fixture(scope="module")
-def url(loaded):
+@contextmanager
+def serving(model, tokenizer, **options):
     """A real uvicorn server in a thread of this process (the model loads once), on a free loopback port."""
     import uvicorn
 
-    from grpo_ds.serve import Server, create_app
-
-    model, tokenizer = loaded
-    # batch_wait_ms is generous so that concurrent test requests reliably land in shared batches
-    app = create_app(Server(model, tokenizer, NAME, max_batch_size=8, batch_wait_ms=50, default_max_tokens=16,
-                            system_prompt="none"))
+    app = serve.create_app(serve.Server(model, tokenizer, NAME, **options))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -58,9 +51,19 @@ def url(loaded):
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def url(loaded):
+    # batch_wait_ms is generous so that concurrent test requests reliably land in shared batches
+    with serving(*loaded, max_batch_size=8, batch_wait_ms=50, default_max_tokens=16,
+                 prompt_format=PromptFormat(system_prompt=None)) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +73,12 @@ def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
 
 
-def greedy(loaded, question: str, max_new_tokens: int) -> str:
+def greedy(loaded, question: str, max_new_tokens: int, system: str | None = None, prefix: str = "") -> str:
     """What the model writes for `question` asked alone, computed without the server."""
     model, tokenizer = loaded
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                           add_generation_prompt=True)
-    return generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens)[0].text
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    prompt = render_chat(tokenizer, messages, prefix)
+    return generate(model, tokenizer, [prompt], Sampling(max_new_tokens, temperature=0.0)).texts(tokenizer)[0]
 
 
 def chat(question: str, **params) -> dict:
@@ -96,8 +99,9 @@ def test_openai_client_non_streaming(client, loaded):
     assert choice.message.role == "assistant"
     assert choice.message.content == greedy(loaded, question, 12)
     assert choice.finish_reason in ("stop", "length")
-    assert response.usage.completion_tokens >= len(loaded[1](choice.message.content,
-                                                             add_special_tokens=False)["input_ids"])
+    # the tokens of the text, plus the EOS that ended it (character-level tokenizer: the text re-encodes exactly)
+    text_tokens = len(loaded[1](choice.message.content, add_special_tokens=False)["input_ids"])
+    assert response.usage.completion_tokens == text_tokens + (choice.finish_reason == "stop")
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
     sampled = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
                                              max_tokens=12, temperature=1.0, top_p=0.9, n=3)
@@ -115,7 +119,8 @@ def test_openai_client_streaming(client, loaded):
     assert content == greedy(loaded, question, 12)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes in (["stop"], ["length"])
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    text_tokens = len(loaded[1](content, add_special_tokens=False)["input_ids"])
+    assert chunks[-1].usage.completion_tokens == text_tokens + (finishes == ["stop"])
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 4  # streamed, not in one piece
 
 
@@ -205,6 +210,83 @@ def test_client_leaving_a_stream_does_not_hurt_the_server(url):
         assert first.startswith("data: {")
     ok = httpx.post(f"{url}/v1/chat/completions", json=chat("hi", max_tokens=4), timeout=TIMEOUT)
     assert ok.status_code == 200
+
+
+def test_solve_validates_its_input(url):
+    for body, param in (({}, "question"), ({"question": ""}, "question"), ({"question": "hi", "max_tokens": 0},
+                                                                           "max_tokens"),
+                        ({"question": "hi", "temperature": 5}, "temperature")):
+        response = httpx.post(f"{url}/v1/solve", json=body, timeout=TIMEOUT)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["param"] == param
+
+
+def test_a_body_too_large_is_refused(url):
+    body = json.dumps(chat("a" * (serve.MAX_BODY_BYTES + 1)))
+    response = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=TIMEOUT,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
+
+
+def test_a_failing_generation_fails_its_request_and_the_server_goes_on(url, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(serve, "generate", broken)
+    failed = httpx.post(f"{url}/v1/chat/completions", json=chat("hi", max_tokens=4), timeout=TIMEOUT)
+    assert failed.status_code == 500
+    assert failed.json()["error"]["type"] == "server_error" and "simulated" in failed.json()["error"]["message"]
+    # a stream whose batch fails ends with the error as its last event
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=TIMEOUT,
+                      json=chat("hi", max_tokens=4, stream=True)) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[-1][len("data: "):])["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    ok = httpx.post(f"{url}/v1/chat/completions", json=chat("hi", max_tokens=4), timeout=TIMEOUT)
+    assert ok.status_code == 200 and httpx.get(f"{url}/health", timeout=TIMEOUT).json()["failed_batches"] >= 2
+
+
+def test_overload_is_a_503(loaded, monkeypatch):
+    """With the worker busy and the queue full, a new request is refused at once rather than left waiting."""
+    release = threading.Event()
+    real = serve.generate
+
+    def slow(*args, **kwargs):
+        release.wait(TIMEOUT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve, "generate", slow)
+    with serving(*loaded, max_queue=1, batch_wait_ms=0) as address, ThreadPoolExecutor(max_workers=2) as pool:
+        def post():
+            return httpx.post(f"{address}/v1/chat/completions", json=chat("hi", max_tokens=2), timeout=TIMEOUT)
+
+        busy = pool.submit(post)  # taken by the worker, which then blocks
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{address}/health", timeout=TIMEOUT).json()["batches"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        queued = pool.submit(post)  # waits in the queue (its one place)
+        while httpx.get(f"{address}/health", timeout=TIMEOUT).json()["requests"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        refused = post()
+        release.set()
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+        assert busy.result().status_code == 200 and queued.result().status_code == 200
+
+
+def test_a_training_runs_prompt_format_is_served(loaded):
+    """A run trained with a system prompt and a response prefix is served with both: chats without a system
+    message get it, and every answer opens with the prefix (returned as part of the answer)."""
+    fmt = PromptFormat(system_prompt="Be brief.", response_prefix="<think>")
+    with serving(*loaded, prompt_format=fmt) as address:
+        response = httpx.post(f"{address}/v1/chat/completions", json=chat("what is 2+2?", max_tokens=8,
+                                                                          temperature=0), timeout=TIMEOUT)
+        content = response.json()["choices"][0]["message"]["content"]
+        assert content == "<think>" + greedy(loaded, "what is 2+2?", 8, system="Be brief.", prefix="<think>")
+        solved = httpx.post(f"{address}/v1/solve", json={"question": "what is 2+2?", "max_tokens": 8},
+                            timeout=TIMEOUT).json()
+        assert solved["completion"] == content
 
 
 # ----------------------------------------------------------------------------- scripts/serve.sh

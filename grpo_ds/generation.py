@@ -1,0 +1,333 @@
+"""The one generation path of training, evaluation, ask and serve: sampling settings, batched generation of groups of
+completions, and completion masks.
+
+Prompts are rendered by data.render_prompt / data.render_chat, so every caller asks a model the same way.
+
+Shape legend: B prompts, G completions per prompt (group_size), N = B * G rows, P prompt length (left-padded),
+C completion length (right-padded), T = P + C.
+
+Masks come from positions, never from token values: a chat template's EOS (e.g. `<|im_end|>`) also closes the
+system and user turns inside the prompt, and the pad token is often the EOS itself, so "token != pad" is wrong
+both ways. The prompt mask is the tokenizer's; the completion mask is 1 up to and including the first EOS that
+`generate` produced, and 0 after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+
+from .logprobs import position_ids
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are drawn. temperature 0 is greedy decoding. top_k=0 and repetition_penalty=1.0 override
+    whatever a model's generation_config suggests, so a sampled completion comes from the plain (temperature-scaled,
+    nucleus-truncated) softmax that GRPO's log-probs describe."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    fixed_length: bool = False  # suppress EOS until max_new_tokens (benchmarks)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens {self.max_new_tokens}: expected a positive integer")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature {self.temperature}: expected >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p {self.top_p}: expected a value in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generate_kwargs(self, max_new_tokens: Optional[int] = None) -> dict:
+        budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        common = {"max_new_tokens": budget, "min_new_tokens": budget if self.fixed_length else 0,
+                  "repetition_penalty": 1.0}
+        if self.greedy:
+            return {**common, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return {**common, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+
+
+@dataclass
+class Rollout:
+    sequences_NT: torch.Tensor
+    attention_mask_NT: torch.Tensor
+    completion_mask_NC: torch.Tensor
+    truncated_N: torch.Tensor  # bool: no EOS within the generation budget
+
+    @property
+    def completion_ids_NC(self) -> torch.Tensor:
+        return self.sequences_NT[:, -self.completion_mask_NC.shape[1]:]
+
+    def texts(self, tokenizer) -> list[str]:
+        """Each completion decoded from exactly its masked tokens (the EOS, a special token, leaves no text)."""
+        ids_NC, mask_NC = self.completion_ids_NC.cpu(), self.completion_mask_NC.cpu()
+        return tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(ids_NC, mask_NC)], skip_special_tokens=True)
+
+
+def completion_mask(completion_ids_NC: torch.Tensor, eos_token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask_NC, truncated_N): 1 on every position up to and including the first EOS; a row without an EOS is
+    kept whole and flagged as truncated.
+
+    >>> completion_mask(torch.tensor([[5, 2, 2, 2], [5, 6, 7, 8]]), [2])
+    (tensor([[1, 1, 0, 0],
+            [1, 1, 1, 1]]), tensor([False,  True]))
+    """
+    is_eos_NC = torch.isin(completion_ids_NC, torch.tensor(list(eos_token_ids), device=completion_ids_NC.device))
+    # Number of EOS tokens strictly before each position: zero up to and including the first EOS.
+    eos_before_NC = torch.cumsum(is_eos_NC.long(), dim=1) - is_eos_NC.long()
+    mask_NC = (eos_before_NC == 0).long()
+    return mask_NC, ~is_eos_NC.any(dim=1)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a completion: the generation config's (often a list, e.g. `<|im_end|>` and
+    `<|endoftext|>`) and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the model and tokenizer define no EOS token; completions could never end")
+    return ids
+
+
+class _StopWhen(StoppingCriteria):
+    def __init__(self, predicate: Callable[[], bool]):
+        self.predicate = predicate
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.predicate(), dtype=torch.bool, device=input_ids.device)
+
+
+def left_pad(tokenizer, prompts: Union[list[str], list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_BP, mask_BP) of prompts given as text (tokenized without special tokens: a rendered chat template has
+    them already) or as token ids, left-padded to the longest."""
+    if prompts and isinstance(prompts[0], str):
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return encoded["input_ids"], encoded["attention_mask"]
+    width = max(len(ids) for ids in prompts)
+    ids_BP = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + list(ids) for ids in prompts])
+    mask_BP = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
+    return ids_BP, mask_BP
+
+
+def _shared_prefill(model, ids_BP: torch.Tensor, mask_BP: torch.Tensor, group_size: int) -> DynamicCache:
+    """The KV cache of these prompts minus their last token, computed once per prompt and repeated for the group's
+    rows; generate() then feeds only the last prompt token before sampling."""
+    ids_BP, mask_BP = ids_BP[:, :-1], mask_BP[:, :-1]
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids_BP, attention_mask=mask_BP, position_ids=position_ids(mask_BP), cache=cache,
+          use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(group_size)
+    return cache
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampling: Sampling, *,
+             group_size: int = 1, batch_size: int = 0, max_length: int = 0, share_prefill: bool = True,
+             synced_gpus: bool = False, should_stop: Optional[Callable[[], bool]] = None,
+             stopping: Optional[StoppingCriteria] = None, engine: Optional["StaticDecoder"] = None) -> Rollout:
+    """`group_size` completions of every prompt, in batched `generate` calls of `batch_size` rows (0: all N rows in
+    one call). Prompts (text or token ids) are left-padded once and each is repeated G times in a row, so rows
+    [b * G, (b + 1) * G) form prompt b's group.
+
+    `max_length` (0: none) caps prompt + completion. `synced_gpus` keeps ZeRO-3 ranks stepping together when
+    parameters are gathered per forward. `should_stop` ends decoding early (the caller then abandons the rollout),
+    so a preemption signal is honoured within one token; `stopping` is any further StoppingCriteria (the server
+    follows its rows with one). `share_prefill` runs each prompt's forward pass once and copies its KV cache to the
+    G rows of its group (instead of G identical prefills), when every call holds whole groups.
+
+    `engine` None decodes with Hugging Face's `generate`; a StaticDecoder decodes with its static KV cache (and, on
+    a GPU, a compiled decode step replayed as a CUDA graph): the same Rollout layout, masks and flags."""
+    assert tokenizer.padding_side == "left", "generation needs left padding"
+    device = next(model.parameters()).device
+    ids_BP, mask_BP = left_pad(tokenizer, prompts)
+    ids_BP, mask_BP = ids_BP.to(device), mask_BP.to(device)
+    prompt_ids_NP = ids_BP.repeat_interleave(group_size, dim=0)
+    prompt_mask_NP = mask_BP.repeat_interleave(group_size, dim=0)
+    num_prompt = prompt_ids_NP.shape[1]
+    max_new_tokens = sampling.max_new_tokens
+    if max_length:
+        if num_prompt >= max_length:
+            raise ValueError(f"--max_length {max_length}: a prompt has {num_prompt} tokens, no room to generate")
+        max_new_tokens = min(max_new_tokens, max_length - num_prompt)
+    eos_ids = eos_token_ids(model, tokenizer)
+    n = prompt_ids_NP.shape[0]
+    chunk = batch_size or n
+    criteria = ([_StopWhen(should_stop)] if should_stop is not None else []) + ([stopping] if stopping else [])
+    share = share_prefill and group_size > 1 and chunk % group_size == 0 and num_prompt > 1
+    completions = []
+    for start in range(0, n, chunk):
+        first, count = start // group_size, chunk // group_size
+        if engine is not None:
+            if stopping is not None or synced_gpus:
+                raise ValueError("the static decoding engine takes no StoppingCriteria and no synced_gpus")
+            whole_groups = chunk % group_size == 0
+            ids, mask, g = ((ids_BP[first:first + count], mask_BP[first:first + count], group_size) if whole_groups
+                            else (prompt_ids_NP[start:start + chunk], prompt_mask_NP[start:start + chunk], 1))
+            completions.append(engine.decode(ids, mask, g, sampling, max_new_tokens, eos_ids,
+                                             tokenizer.pad_token_id, should_stop))
+            continue
+        cache = (_shared_prefill(model, ids_BP[first:first + count], mask_BP[first:first + count], group_size)
+                 if share else None)
+        out = model.generate(
+            input_ids=prompt_ids_NP[start:start + chunk], attention_mask=prompt_mask_NP[start:start + chunk],
+            **({"cache": cache} if cache is not None else {}), eos_token_id=eos_ids,
+            pad_token_id=tokenizer.pad_token_id, use_cache=True, synced_gpus=synced_gpus,
+            stopping_criteria=StoppingCriteriaList(criteria) if criteria else None,
+            **sampling.generate_kwargs(max_new_tokens))
+        completions.append(out[:, num_prompt:])
+    width = max(c.shape[1] for c in completions)
+    completion_ids_NC = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    for start, c in zip(range(0, n, chunk), completions):
+        completion_ids_NC[start:start + c.shape[0], :c.shape[1]] = c
+    # A chunk shorter than `width` stopped because every one of its rows had emitted an EOS, so the padding added
+    # here always lies after a row's first EOS and stays outside the mask.
+    mask_NC, truncated_N = completion_mask(completion_ids_NC, eos_ids)
+    return Rollout(
+        sequences_NT=torch.cat([prompt_ids_NP, completion_ids_NC], dim=1),
+        attention_mask_NT=torch.cat([prompt_mask_NP, mask_NC], dim=1),
+        completion_mask_NC=mask_NC,
+        truncated_N=truncated_N,
+    )
+
+
+# ----------------------------------------------------------------------------- the static, compiled engine
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def sample_next(logits_NV: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The next token of every row, on the device, as Hugging Face's generate draws it: temperature, then top-p
+    (its TopPLogitsWarper: drop the lowest tokens whose cumulative probability stays within 1 - top_p, keep at
+    least one), then one multinomial draw, so both engines consume the random stream alike."""
+    if sampling.greedy:
+        return logits_NV.argmax(dim=-1)
+    scores = logits_NV / sampling.temperature
+    if sampling.top_p < 1.0:
+        sorted_scores, sorted_index = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - sampling.top_p)
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(1, sorted_index, remove), -float("inf"))
+    return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+
+
+class StaticDecoder:
+    """The 'compiled' rollout engine: a decode loop over a static KV cache, sampling on the device.
+
+    Hugging Face's `generate` grows its cache every token and runs every kernel of every layer from Python, with a
+    host synchronisation per token (its stopping check); on a GPU, decoding a small model is then bound by launch
+    overhead, not by memory bandwidth. Here the cache is allocated once for a shape (rows x prompt + new tokens) and
+    reset between calls, the one-token decode step has fixed shapes, so on a GPU it is compiled by torch.compile
+    with CUDA graphs ('reduce-overhead': recorded once, replayed every token), tokens are drawn on the device
+    (sample_next) and the host looks at the rows only every `check_every` tokens, to stop once all have ended.
+
+    It reads the model's live parameters (no copy): the trainer passes the policy's module, and under ZeRO-3 calls
+    it inside the gather of the whole policy. Rows that have ended keep decoding padding until all have (fixed
+    shapes); with groups of similar lengths that costs little."""
+
+    def __init__(self, model, compile: Optional[bool] = None, check_every: int = 8):
+        self.model = model
+        device = next(model.parameters()).device
+        self.compile = device.type == "cuda" if compile is None else compile
+        self.check_every = check_every
+        self.cache = None
+        self.shape = None
+        # On a GPU: CUDA graphs ("reduce-overhead"); elsewhere inductor's fused kernels, if asked for
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        self.step = torch.compile(self._step, mode=mode, dynamic=False) if self.compile else self._step
+
+    def _step(self, tokens_N1: torch.Tensor, position_N1: torch.Tensor, mask_NL: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=tokens_N1, attention_mask=mask_NL, position_ids=position_N1, cache=self.cache,
+                            use_cache=True).logits
+        return logits[:, -1].float()
+
+    def _cache_for(self, rows: int, length: int):
+        """The static cache for this shape: allocated on first use, reset (not reallocated) afterwards."""
+        from transformers import StaticCache
+
+        if self.shape != (rows, length):
+            self.cache, self.shape = StaticCache(config=self.model.config, max_cache_len=length), (rows, length)
+        else:
+            self.cache.reset()
+        return self.cache
+
+    @torch.no_grad()
+    def decode(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, group_size: int, sampling: Sampling,
+               max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
+               should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+        """Completion ids N x C (C <= max_new_tokens: decoding ends once every row has emitted an EOS) for B
+        prompts, each repeated group_size times. The prompts (minus their last token) are prefilled once each and
+        their cache repeated for the group; the last prompt token is the first decode step, as in generate()."""
+        n, p = ids_BP.shape[0] * group_size, ids_BP.shape[1]
+        device = ids_BP.device
+        length = p + max_new_tokens
+        cache = self._cache_for(n, length)
+        prefix = DynamicCache(config=self.model.config)
+        if p > 1:
+            self.model(input_ids=ids_BP[:, :-1], attention_mask=mask_BP[:, :-1],
+                       position_ids=position_ids(mask_BP[:, :-1]), cache=prefix, use_cache=True, logits_to_keep=1)
+            prefix.batch_repeat_interleave(group_size)
+        dtype = next(self.model.parameters()).dtype
+        for i, layer in enumerate(cache.layers):
+            if not layer.is_initialized:  # allocate the whole static tensor once, for this shape
+                empty = torch.zeros(n, self.model.config.num_key_value_heads, 1, self._head_dim(), dtype=dtype,
+                                    device=device)
+                layer.lazy_initialization(empty, empty)
+            if p > 1:
+                layer.keys[:, :, :p - 1].copy_(prefix.layers[i].keys)
+                layer.values[:, :, :p - 1].copy_(prefix.layers[i].values)
+            layer.cumulative_length.fill_(p - 1)
+        mask_NL = torch.ones(n, length, dtype=mask_BP.dtype, device=device)  # later positions: causally hidden
+        mask_NL[:, :p] = mask_BP.repeat_interleave(group_size, dim=0)
+        tokens_N = ids_BP[:, -1].repeat_interleave(group_size)
+        position_N = mask_NL[:, :p].sum(dim=1) - 1
+        eos_N = torch.tensor(list(eos_ids), device=device)
+        finished_N = torch.zeros(n, dtype=torch.bool, device=device)
+        ended_at_N = torch.zeros(n, dtype=torch.long, device=device)  # the step of each row's first EOS
+        out_NC = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        rng_states = []  # the random state before each draw since the last check, to undo draws past the end
+        for t in range(max_new_tokens):
+            logits_NV = self.step(tokens_N.unsqueeze(1), position_N.unsqueeze(1), mask_NL)
+            if sampling.fixed_length:
+                logits_NV[:, eos_N] = -float("inf")
+            if not sampling.greedy:
+                rng_states.append(_rng_state(device))
+            tokens_N = torch.where(finished_N, pad_id, sample_next(logits_NV, sampling))
+            out_NC[:, t] = tokens_N
+            ended_N = ~finished_N & torch.isin(tokens_N, eos_N)
+            ended_at_N = torch.where(ended_N, t, ended_at_N)
+            finished_N |= ended_N
+            position_N = position_N + 1
+            if (t + 1) % self.check_every == 0 or t + 1 == max_new_tokens:
+                if bool(finished_N.all()):  # generate() stops right after the last row's EOS: so do we
+                    last = int(ended_at_N.max())
+                    if last < t and rng_states:  # draws made after it: restore the stream generate leaves
+                        _set_rng_state(device, rng_states[len(rng_states) - (t - last)])
+                    return out_NC[:, :last + 1]
+                if should_stop is not None and should_stop():
+                    return out_NC[:, :t + 1]
+                rng_states.clear()
+        return out_NC
+
+    def _head_dim(self) -> int:
+        config = self.model.config
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""An OpenAI-compatible HTTP server for a model or a training run (grpo_ds/serve.py does the work); usually started
+in the background by scripts/serve.sh.
+
+    python scripts/serve.py runs/quickstart --port 8000
+
+A training run is served the way it was trained: chats without a system message get the run's system prompt, and
+answers open with its response prefix (both from its config.json; the flags override them). Exit codes: 0 stopped,
+2 bad input.
+"""
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from grpo_ds.inference import load, prompt_format
+from grpo_ds.serve import Server, create_app
+
+log = logging.getLogger("grpo_ds.serve")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="serve.py", description="OpenAI-compatible server for a model.")
+    p.add_argument("model", help="Hub id, Hugging Face folder, a training run's output folder, DeepSpeed checkpoint, "
+                                 ".gguf file or 'embedded'.")
+    p.add_argument("--host", default="127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 exposes it).")
+    p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    p.add_argument("--served_model_name", default=None, help="The model id clients send (default: MODEL as given).")
+    p.add_argument("--max_batch_size", type=int, default=16, help="Most completions per generate call.")
+    p.add_argument("--batch_wait_ms", type=float, default=10.0,
+                   help="How long the first request of a batch waits for others to join it.")
+    p.add_argument("--max_tokens", type=int, default=512, help="Completion budget when a request gives none.")
+    p.add_argument("--system_prompt", default=None, help="Added to chats that have no system message: 'default' "
+                   "(the training default), 'none' or the text (default: the training run's, else 'default').")
+    p.add_argument("--response_prefix", default=None, help="Text every answer starts with, written by the server "
+                   "and returned as part of the answer (default: the training run's, else none).")
+    p.add_argument("--max_queue", type=int, default=256, help="Queued requests beyond which new ones get a 503.")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
+    p.add_argument("--seed", type=int, default=0, help="Seed for sampling.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[serve] %(asctime)s %(message)s")
+    try:
+        if args.max_batch_size < 1 or args.max_tokens < 1 or args.max_queue < 1 or args.batch_wait_ms < 0:
+            raise ValueError("--max_batch_size, --max_tokens, --max_queue: expected positive; --batch_wait_ms >= 0")
+        fmt = prompt_format(args.model, args.system_prompt, args.response_prefix)
+        torch.manual_seed(args.seed)
+        model, tokenizer = load(args.model, args.dtype)
+        server = Server(model, tokenizer, args.served_model_name or args.model, max_batch_size=args.max_batch_size,
+                        batch_wait_ms=args.batch_wait_ms, default_max_tokens=args.max_tokens, prompt_format=fmt,
+                        max_queue=args.max_queue)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log.info("serving %s (context %d tokens) on http://%s:%d; prompt from %s", server.name, server.context,
+             args.host, args.port, fmt.source)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
