@@ -158,6 +158,10 @@ class Config:
     zero3_gather_for_generation: bool = _field(True, "Under ZeRO-3, gather the full policy once for the whole "
                                                "generation phase (fast); false gathers layer by layer per token "
                                                "(slow, for models that do not fit on one device).")
+    reference_partitioned: bool = _field(True, "Partition the frozen reference over the ranks (ZeRO-3: each rank "
+                                         "holds 1/W of its weights, gathered layer by layer in the reference pass) "
+                                         "whatever the policy's stage; false replicates it on every rank under a "
+                                         "ZeRO-2 policy (a faster reference pass, W copies of the weights).")
     reference_offload: bool = _field(False, "Keep the reference model's parameters in CPU memory (ZeRO-3 "
                                      "offload_param).")
 
@@ -282,8 +286,8 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         bad("loss_type", "needs --clip_eps_high, the cap on CISPO's importance weight (ScaleRL recommends 5.0)")
     if cfg.delta is not None and cfg.delta <= 1:
         bad("delta", "must be > 1 (it caps ratios above 1 + clip_eps_high, where clipping no longer bounds the loss)")
-    if not 0 < cfg.top_entropy_quantile <= 1:
-        bad("top_entropy_quantile", "must be in (0, 1]")
+    if not 0 <= cfg.top_entropy_quantile <= 1:
+        bad("top_entropy_quantile", "must be in [0, 1] (0: only the highest-entropy token, 1: all tokens)")
     if cfg.kl_in_reward and cfg.kl_weight == 0:
         bad("kl_in_reward", "needs --kl_weight > 0 (the penalty's weight)")
     if cfg.lora_r < 0:

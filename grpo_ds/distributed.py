@@ -246,9 +246,9 @@ def resolve_precision(ds: dict, requested: str, gpu: bool, source: str) -> str:
 
 
 def reference_ds_config(policy_ds: dict, cfg: Config) -> dict:
-    """The frozen reference's engine: no optimizer; ZeRO-3-partitioned when the policy is ZeRO-3 (or when
-    --reference_offload asks for its parameters in CPU memory, which needs ZeRO-3), replicated (stage 0) otherwise."""
-    stage = 3 if zero_stage(policy_ds) == 3 or cfg.reference_offload else 0
+    """The frozen reference's engine: no optimizer; ZeRO-3-partitioned (--reference_partitioned, the default, and
+    always under a ZeRO-3 policy or with --reference_offload, which needs ZeRO-3), else replicated (stage 0)."""
+    stage = 3 if zero_stage(policy_ds) == 3 or cfg.reference_offload or cfg.reference_partitioned else 0
     zero: dict = {"stage": stage}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = policy_ds["zero_optimization"].get(

@@ -7,7 +7,8 @@ The pieces (bytes per device, P parameters, W devices, b bytes per compute eleme
   elements for ZeRO-2, 5e7 for ZeRO-3);
 - optimizer: fp32 master weights and AdamW's two moments, 12P/W (DeepSpeed's ZeRO optimizers keep their own fp32
   copy of the partition even when the model computes in fp32); 0 on the device with offload_optimizer;
-- reference: P*b replicated, P*b/W under ZeRO-3, 0 on the device with --reference_offload;
+- reference: P*b/W partitioned (the default, and always under ZeRO-3), P*b replicated (--reference_partitioned
+  false under ZeRO-2), 0 on the device with --reference_offload;
 - generation: under ZeRO-3 the whole policy is gathered for the phase (P*b; two layers at a time with
   --zero3_gather_for_generation false), plus the KV cache of the rows generated
   together and one step's fp32 logits;
@@ -108,6 +109,7 @@ class RunShape:
     precision: str = "bf16"
     reference: bool = True  # kl_weight > 0
     reference_offload: bool = False
+    reference_partitioned: bool = True  # ZeRO-3 reference whatever the policy's stage (the trainer's default)
     rollouts_per_step: int = 32
     group_size: int = 12
     prompt_tokens: int = 256
@@ -134,7 +136,8 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
         "policy_weights": 0 if offload else ((P + T * (run.lora_r > 0)) * b // (W if zero3 else 1)),
         "gradients": T * b // W + min(bucket, T) * b,
         "optimizer": 0 if offload else 12 * T // W,
-        "reference": 0 if not has_reference or run.reference_offload else (P * b // W if zero3 else P * b),
+        "reference": (0 if not has_reference or run.reference_offload
+                      else P * b // W if zero3 or run.reference_partitioned else P * b),
         "framework": FRAMEWORK_BYTES,
     }
     total_tokens = run.prompt_tokens + run.max_new_tokens

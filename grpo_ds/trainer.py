@@ -685,10 +685,9 @@ def summary(cfg: Config, history: list[dict], seconds: float) -> str:
         updated = sum(1 for h in history if not h["update_skipped"])
         lines.append(f"  reward     {first['reward_mean']:.3f} at step {first['step']} -> {last['reward_mean']:.3f} "
                      f"at step {last['step']} ({updated} of {len(history)} steps updated the policy)")
-    data = "" if Path(cfg.dataset).suffix else f" --data {cfg.dataset}"
     lines += [f"  model      {out / 'final'}", f"  plot       {out / 'metrics.png'}",
               f"  metrics    {out / 'metrics.jsonl'}",
-              f"  next       bash scripts/eval_gsm8k.sh {out}{data} --limit 200"]
+              f"  next       bash scripts/eval_gsm8k.sh {out} --limit 200   # its held-out problems, greedy"]
     return "\n".join(lines)
 
 

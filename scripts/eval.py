@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default="numeric", choices=["numeric", "math_verify"],
                    help="How answers are compared: 'numeric' (the rewards' number extractor) or 'math_verify' "
                         "(expressions, fractions, LaTeX; needs the math-verify package).")
+    p.add_argument("--like", default=None, metavar="RUN",
+                   help="Ask as the training run RUN was trained (its system prompt, response prefix, data and "
+                        "budget) whatever MODEL is: to evaluate a base model exactly as its trained run.")
     p.add_argument("--score_gold", action="store_true",
                    help="Score the dataset's own solutions as completions (no model): a check of the extractor.")
     return p
@@ -62,7 +65,10 @@ def parser() -> argparse.ArgumentParser:
 
 def fill_defaults(args) -> None:
     """Missing flags from the training run behind MODEL, if there is one, else the general defaults."""
-    trained = (training_config(args.model) if args.model else None) or {}
+    source = args.like or args.model
+    trained = (training_config(source) if source else None) or {}
+    if args.like and not trained:
+        raise ValueError(f"--like '{args.like}': not a training run (no grpo_ds config.json there)")
     if args.data is None:
         local_file = Path(trained.get("dataset", "")).suffix != ""
         args.data = (trained.get("eval_dataset") or (None if local_file else trained.get("dataset"))
@@ -94,7 +100,7 @@ def evaluate_args(args) -> tuple[dict, list[dict]]:
         for i, row in enumerate(rows):
             row.update(index=i, sample=0)
         return {**summarize(rows), "model": "gold solutions", **settings}, rows
-    fmt = prompt_format(args.model, args.system_prompt, args.response_prefix)
+    fmt = prompt_format(args.like or args.model, args.system_prompt, args.response_prefix)
     logging.getLogger("grpo_ds.eval").info("prompt from %s: system prompt %s, response prefix %r", fmt.source,
                                            "none" if fmt.system_prompt is None else f"{fmt.system_prompt[:40]!r}...",
                                            fmt.response_prefix)

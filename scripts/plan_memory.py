@@ -47,6 +47,8 @@ def main() -> int:
     parser.add_argument("--lora_r", type=int, default=0, help="LoRA rank on every linear layer (0: full fine-tuning)")
     parser.add_argument("--cpu", action="store_true", help="a CPU-only host: the device is the host")
     parser.add_argument("--reference_offload", action="store_true")
+    parser.add_argument("--replicated_reference", action="store_true",
+                        help="--reference_partitioned false: a whole reference on every device (ZeRO-2 only)")
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
     parser.add_argument("--no_gather_for_generation", action="store_true",
                         help="--zero3_gather_for_generation false: generate without gathering the whole policy")
@@ -61,6 +63,7 @@ def main() -> int:
         return 2
     run = RunShape(num_devices=args.num_gpus, zero_stage=args.zero, offload=args.offload, precision=args.precision,
                    reference=not args.no_reference, reference_offload=args.reference_offload,
+                   reference_partitioned=not args.replicated_reference,
                    rollouts_per_step=args.rollouts_per_step, group_size=args.group_size,
                    prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
                    train_batch_size=args.train_batch_size, rollout_batch_size=args.rollout_batch_size,

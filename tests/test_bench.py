@@ -74,3 +74,22 @@ def test_side_by_side_with_trl_alternates_and_reports_ratios(tmp_path, tiny_mode
     assert ratio["step_s"] == pytest.approx(result["median"]["trl"]["step_s"] / result["median"]["grpo_ds"]["step_s"])
     assert ratio["completions_per_s"] == pytest.approx(ratio["step_s"])
     assert "TRL/grpo_ds" in proc.stdout
+
+
+def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path, tiny_model):
+    """The GPU check is run on lent GPUs only; here its whole path runs on the CPU with a tiny architecture, so the
+    script is known to work before a GPU is spent on it: both engines, both ZeRO stages, the rollout-only shape."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--arch", str(tiny_model / "config.json"),
+         "--tokenizer", str(tiny_model), "--stages", "2,3", "--engines", "hf,compiled", "--steps", "1", "--warmup", "0",
+         "--rollouts_per_step", "2", "--group_size", "2", "--max_new_tokens", "6", "--train_batch_size", "4",
+         "--rollout_only", "2x2x6", "--rollout_repeats", "1", "--out", str(out)],
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(s["zero_stage"], s["engine"], s["exit_code"]) for s in report["stages"]] == [
+        (2, "hf", 0), (2, "compiled", 0), (3, "hf", 0), (3, "compiled", 0)]
+    assert all(s["median"]["completion_len_mean"] == 6 for s in report["stages"])
+    assert [r["engine"] for r in report["rollout_only"]] == ["hf", "compiled"]
+    assert all(r["rows"] == 4 and r["tokens_per_s"] > 0 for r in report["rollout_only"])

@@ -248,7 +248,7 @@ def test_layout_explicit_full_accumulation_is_on_policy():
     (dict(export_dtype="fp16"), 2, "--export_dtype fp16: expected one of auto, bf16, fp32"),
     (dict(loss_type="cispo"), 2, "--loss_type cispo: needs --clip_eps_high"),
     (dict(delta=1.0), 2, "--delta 1.0: must be > 1"),
-    (dict(top_entropy_quantile=0.0), 2, "--top_entropy_quantile 0.0: must be in (0, 1]"),
+    (dict(top_entropy_quantile=1.5), 2, "--top_entropy_quantile 1.5: must be in [0, 1]"),
     (dict(kl_in_reward=True, kl_weight=0.0), 2, "--kl_in_reward True: needs --kl_weight > 0"),
     (dict(max_sampling_rounds=0), 2, "--max_sampling_rounds 0: must be at least 1"),
     (dict(overlong_buffer=8, max_new_tokens=8), 2, "--overlong_buffer 8: must be in [0, --max_new_tokens 8)"),
@@ -278,7 +278,7 @@ def test_validate_train_batch_size_message_shows_the_arithmetic():
 @pytest.mark.parametrize("overrides", [dict(clip_eps_high=0.2), dict(clip_eps_high=0.28), dict(kl_weight=0.0),
                                        dict(top_p=1.0), dict(max_norm=0.0)]
                          + [dict(loss_type=t, clip_eps_high=5.0 if t == "cispo" else None) for t in LOSS_TYPES]
-                         + [dict(delta=1.01), dict(top_entropy_quantile=1.0), dict(lora_r=1, lora_alpha=0.5),
+                         + [dict(delta=1.01), dict(top_entropy_quantile=0.0), dict(lora_r=1, lora_alpha=0.5),
                             dict(overlong_buffer=7, max_new_tokens=8), dict(importance_sampling_level="sequence")])
 def test_validate_accepts_boundaries(overrides):
     assert validate(base(**overrides), 2).completions_per_rank == 8
@@ -473,9 +473,10 @@ def test_load_ds_json_not_an_object(tmp_path):
 # ----------------------------------------------------------------------------- reference_ds_config
 
 
-def test_reference_for_zero2_policy_is_stage_0():
+def test_reference_for_zero2_policy_is_partitioned_by_default():
     policy, _ = built()
-    ref = reference_ds_config(policy, base())
+    assert reference_ds_config(policy, base())["zero_optimization"] == {"stage": 3}
+    ref = reference_ds_config(policy, base(reference_partitioned=False))
     assert ref == {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                    "bf16": {"enabled": False}, "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
     assert "optimizer" not in ref and "scheduler" not in ref

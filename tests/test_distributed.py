@@ -34,12 +34,10 @@ def test_two_ranks_train_in_sync(tmp_path, tiny_model, ds_config):
     assert (out / "final" / "config.json").is_file() and (out / "completions.jsonl").is_file()
     held = [r["reference_held"] for r in (rank0[0], rank1[0])]
     full = rank0[0]["reference_full"]
-    if ds_config == "zero3.json":
-        # ZeRO-3: each rank holds only its partition of the reference (half, up to padding), not all of it
-        assert all(h < 0.6 * full for h in held), (held, full)
-        assert sum(held) >= full
-    else:
-        assert held == [full, full]  # ZeRO-2: the reference is replicated
+    # each rank holds only its partition of the reference (half, up to padding), not all of it: under ZeRO-3 as
+    # the policy, and under ZeRO-2 too (--reference_partitioned, the default)
+    assert all(h < 0.6 * full for h in held), (held, full)
+    assert sum(held) >= full
     # DeepSpeed's CPU all-reduce buffers (69 MB of RAM per rank in /dev/shm) do not outlive the run
     assert set(Path("/dev/shm").glob("deepspeed_*")) <= shm_before
 
@@ -119,3 +117,13 @@ def test_export_steps_write_loadable_folders(tmp_path, tiny_model):
         logits = [AutoModelForCausalLM.from_pretrained(out / name)(ids).logits
                   for name in ("exports/step_1", "exports/step_2", "final")]
     assert not torch.equal(logits[0], logits[1]) and not torch.equal(logits[1], logits[2])
+
+
+def test_a_replicated_reference_under_zero2(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    run(["--ds_config", zero_config(tmp_path, "zero2.json"), "--model", str(tiny_model), "--output_dir", str(out),
+         "--max_steps", "2", "--reference_partitioned", "false", *TINY_FLAGS], tmp_path)
+    rank0, rank1 = records(out)
+    assert [r["fingerprint"] for r in rank0] == [r["fingerprint"] for r in rank1]
+    full = rank0[0]["reference_full"]
+    assert [rank0[0]["reference_held"], rank1[0]["reference_held"]] == [full, full]  # a whole copy on each rank

@@ -224,6 +224,11 @@ def test_a_training_run_is_asked_the_way_it_was_trained(varied_model, tmp_path, 
     rows = read_predictions(out)
     assert [r["question"] for r in rows] == [p.question for p in problems]
     assert [r["completion"] for r in rows] == expected
+    # --like: another model (here the same weights) asked exactly as the run was trained, for base comparisons
+    assert eval_script.main([str(varied_model), "--like", str(run), "--limit", "3", "--output_dir",
+                             str(tmp_path / "like")]) == 0
+    assert [r["completion"] for r in read_predictions(tmp_path / "like")] == expected
+    assert eval_script.main([str(varied_model), "--like", str(varied_model)]) == 2
     # a flag still wins over the run's setting, and ask reads the run the same way
     assert eval_script.main([str(run), "--limit", "1", "--response_prefix", "", "--output_dir", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["response_prefix"] == ""

@@ -95,3 +95,20 @@ def test_a_step_without_signal_leaves_the_weights_alone(tmp_path, tiny_model):
     initial = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     final = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     assert all(torch.equal(initial[k], final[k]) for k in final)
+
+
+def test_the_closing_summary_says_what_happened_and_what_next():
+    from grpo_ds.config import Config
+    from grpo_ds.trainer import summary
+
+    history = [{"step": 1, "reward_mean": 0.023, "update_skipped": 0}, {"step": 2, "reward_mean": 0.0,
+                                                                         "update_skipped": 1},
+               {"step": 3, "reward_mean": 0.1406, "update_skipped": 0}]
+    text = summary(Config(output_dir="runs/quickstart"), history, 190.0)
+    assert text.splitlines() == [
+        "done: 3 step(s) in 3.2 min",
+        "  reward     0.023 at step 1 -> 0.141 at step 3 (2 of 3 steps updated the policy)",
+        "  model      runs/quickstart/final",
+        "  plot       runs/quickstart/metrics.png",
+        "  metrics    runs/quickstart/metrics.jsonl",
+        "  next       bash scripts/eval_gsm8k.sh runs/quickstart --limit 200   # its held-out problems, greedy"]

@@ -1,7 +1,5 @@
 """The memory planner's arithmetic, checked against hand counts and real models' parameter counts."""
 
-import pytest
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from grpo_ds.memory import GIB, ModelShape, RunShape, architecture, decode_bound, estimate, qwen2_config_dict
@@ -28,7 +26,8 @@ def test_zero3_partitions_what_zero2_replicates():
     z3 = estimate(shape, RunShape(num_devices=4, zero_stage=3))
     # bf16: 2 bytes per weight; the optimizer keeps fp32 master + two moments = 12 bytes, partitioned by 4
     assert z2["policy_weights"] == 2 * P and z3["policy_weights"] == 2 * P // 4
-    assert z2["reference"] == 2 * P and z3["reference"] == 2 * P // 4
+    assert z2["reference"] == z3["reference"] == 2 * P // 4  # the reference is partitioned by default
+    assert estimate(shape, RunShape(num_devices=4, zero_stage=2, reference_partitioned=False))["reference"] == 2 * P
     assert z2["optimizer"] == z3["optimizer"] == 12 * P // 4
     # ZeRO-3 gathers the whole policy for generation, ZeRO-2 already holds it
     assert z3["gathered_policy"] == 2 * P - 2 * P // 4 and z2["gathered_policy"] == 0
@@ -95,3 +94,30 @@ def test_generation_without_gathering_streams_two_layers():
     assert gathered["gathered_policy"] == P * 2 - P * 2 // 2  # the half this device does not hold
     assert streamed["gathered_policy"] == (P // 4) * 2 * 2  # a layer and the prefetched next one, bf16
     assert estimate(shape, RunShape(num_devices=2, zero_stage=2, gather_for_generation=False))["gathered_policy"] == 0
+
+
+def test_lora_by_hand():
+    # 2 layers; per layer r x (in + out) for q (64+64), k (64+32), v (64+32), o (64+64), gate, up (64+128 each),
+    # down (128+64): 128 + 96 + 96 + 128 + 192 + 192 + 192 = 1024; rank 4: 4096 per layer, 8192 in all
+    shape = ModelShape(vocab=1000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, tied=True)
+    assert shape.lora_parameters(4) == 8192
+    P, L = shape.num_parameters, 8192
+    full = estimate(shape, RunShape(num_devices=2, zero_stage=2, precision="fp32"))
+    lora = estimate(shape, RunShape(num_devices=2, zero_stage=2, precision="fp32", lora_r=4))
+    # the adapters' gradients and optimizer state only; no reference (the policy with its adapters off)
+    assert lora["optimizer"] == 12 * L // 2 and full["optimizer"] == 12 * P // 2
+    assert lora["gradients"] == 4 * L // 2 + 4 * L
+    assert lora["reference"] == 0 and full["reference"] == 4 * P // 2
+    assert lora["policy_weights"] == 4 * (P + L)  # the frozen base, whole under ZeRO-2, and the adapters
+
+
+def test_host_memory_with_offload_by_hand():
+    from grpo_ds.memory import PROCESS_BYTES, host_estimate
+
+    shape = ModelShape(vocab=1000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, tied=True)
+    P = shape.num_parameters
+    host = host_estimate(shape, RunShape(num_devices=2, zero_stage=3, offload=True))
+    # fp32 master, two moments and fp32 gradients (16 bytes) and the fp32 parameters (4 bytes), halved by 2 ranks
+    assert host["offloaded_optimizer"] == 16 * P // 2 and host["offloaded_parameters"] == 4 * P // 2
+    assert host["total"] == 16 * P // 2 + 4 * P // 2 + PROCESS_BYTES
+    assert host_estimate(shape, RunShape(num_devices=2, zero_stage=2))["total"] == PROCESS_BYTES
