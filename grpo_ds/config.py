@@ -429,10 +429,17 @@ def parse_args(argv: Optional[list] = None) -> Config:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     given = vars(parser.parse_args(argv))
     given.pop("local_rank", None)
-    values = {**(read_config_file(given["config"]) if given.get("config") else {}), **given}
+    return resolve(given)
+
+
+def resolve(given: dict, defaults: Optional[dict] = None) -> Config:
+    """The Config of the flags `given` (only those on the command line), layered: the command line, then `defaults`
+    (a tool's own, e.g. the benchmark's save_steps=0), then --config FILE or, for the embedded model on the built-in
+    arithmetic problems, the built-in recipe, then the dataclass defaults."""
+    values = {**(read_config_file(given["config"]) if given.get("config") else {}), **(defaults or {}), **given}
     if not values.get("config") and values.get("model", Config.model) == "embedded" and \
             values.get("dataset", Config.dataset) == "arithmetic":
-        values = {**read_config_file(str(EMBEDDED_RECIPE)), **values,
+        values = {**read_config_file(str(EMBEDDED_RECIPE)), **(defaults or {}), **given,
                   "config": str(EMBEDDED_RECIPE.relative_to(RECIPES.parent.parent))}
     return Config(**values)
 

@@ -10,7 +10,9 @@ same flags translated to GRPOConfig; the order flips every round), each as its o
 deepspeed launcher (or one plain process), and prints both sides' medians over every measured step and the ratio
 TRL / grpo_ds per phase: above 1 means grpo_ds is faster. TRL comes from the optional extra: pip install -e '.[bench]'.
 
-Every training flag is accepted (scripts/train.py --help). Reported per step, as medians over the steps after the
+Every training flag is accepted (scripts/train.py --help), layered as train.py layers them: the command line, then
+`--config FILE` (or, for the embedded model on the built-in arithmetic, its recipe), then the defaults; the
+benchmark writes no checkpoints unless asked. Reported per step, as medians over the steps after the
 warm-up: seconds per step and per phase (rollout, reference, old log-probs, train), rollout tokens/s (completion
 tokens over all ranks per second of generation), completions/s and completion tokens/s end to end (over the whole
 step), and peak memory per rank (RSS on CPU, the allocator's peak on GPUs). `--fixed_length true` suppresses EOS
@@ -31,20 +33,28 @@ from pathlib import Path
 import torch
 
 from grpo_ds import distributed
+from grpo_ds import config
 from grpo_ds.config import build_parser, Config
 from grpo_ds.trainer import train
 
 PHASES = ("step_s", "rollout_s", "reference_s", "old_logprobs_s", "train_s")
 
 
-def bench_parser(output_dir: str) -> argparse.ArgumentParser:
+def bench_parser() -> argparse.ArgumentParser:
     """Every training flag, plus the benchmark's own: --steps, --warmup, --json."""
-    parser = build_parser(Config(save_steps=0, log_completions_steps=0, output_dir=output_dir))
+    parser = build_parser(suppress=True)  # flags not given stay absent, so that --config and the recipe can fill them
     parser.add_argument("--steps", type=int, default=4, help="measured steps, after the warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
     parser.add_argument("--json", default=None, help="where to write the results (default: OUTPUT_DIR/bench.json)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return parser
+
+
+def bench_config(given: dict, output_dir: str, max_steps: int) -> Config:
+    """The Config a benchmark runs: the flags given, over the benchmark's own defaults (no checkpoints, no sample
+    completions), over --config FILE or the embedded model's recipe, exactly as scripts/train.py layers them."""
+    return config.resolve({**given, "max_steps": max_steps},
+                          defaults={"save_steps": 0, "log_completions_steps": 0, "output_dir": output_dir})
 
 
 def summarize(cfg: Config, measured: list[dict], **fields) -> dict:
@@ -145,14 +155,14 @@ def side_by_side(vs: str, nproc: int, rounds: int, cfg: Config, json_path: str |
 
 
 def main() -> int:
-    parser = bench_parser("runs/bench")
+    parser = bench_parser()
     parser.add_argument("--vs", default=None, help="'trl': run TRL's GRPOTrainer on the same work, side by side")
     parser.add_argument("--nproc", type=int, default=1, help="with --vs: ranks per job (deepspeed launcher)")
     parser.add_argument("--rounds", type=int, default=1, help="with --vs: grpo_ds/TRL pairs, order flipped each")
     args = vars(parser.parse_args())
     steps, warmup, json_path = args.pop("steps"), args.pop("warmup"), args.pop("json")
     vs, nproc, rounds = args.pop("vs"), args.pop("nproc"), args.pop("rounds")
-    args.pop("local_rank")
+    args.pop("local_rank", None)
     if steps < 1 or warmup < 0:
         print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
@@ -160,8 +170,8 @@ def main() -> int:
         if nproc < 1 or rounds < 1:
             print("error: --nproc and --rounds must be >= 1", file=sys.stderr)
             return 2
-        return side_by_side(vs, nproc, rounds, Config(**{**args, "max_steps": warmup + steps}), json_path)
-    cfg = Config(**{**args, "max_steps": warmup + steps})
+        return side_by_side(vs, nproc, rounds, bench_config(args, "runs/bench", warmup + steps), json_path)
+    cfg = bench_config(args, "runs/bench", warmup + steps)
     started = time.time()
     try:
         history = train(cfg)

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench import bench_parser, summarize, write_json  # scripts/bench.py, beside this file
+from bench import bench_config, bench_parser, summarize, write_json  # scripts/bench.py, beside this file
 from grpo_ds import distributed
 from grpo_ds.config import Config, validate
 from grpo_ds.data import PromptSampler, load_problems
@@ -50,10 +50,10 @@ def build_dataset(cfg: Config, num_steps: int):
 
 
 def main() -> int:
-    args = vars(bench_parser("runs/bench_trl").parse_args())
+    args = vars(bench_parser().parse_args())
     steps, warmup, json_path = args.pop("steps"), args.pop("warmup"), args.pop("json")
     args.pop("local_rank")
-    cfg = Config(**{**args, "max_steps": warmup + steps})
+    cfg = bench_config(args, "runs/bench_trl", warmup + steps)
     world = int(os.environ.get("WORLD_SIZE", 1))
     layout = validate(cfg, world)
     if layout.micro_batches_per_epoch != layout.gradient_accumulation_steps or cfg.epochs_per_step != 1:

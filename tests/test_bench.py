@@ -93,3 +93,33 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path, tiny_model):
     assert all(s["median"]["completion_len_mean"] == 6 for s in report["stages"])
     assert [r["engine"] for r in report["rollout_only"]] == ["hf", "compiled"]
     assert all(r["rows"] == 4 and r["tokens_per_s"] > 0 for r in report["rollout_only"])
+
+
+def test_bench_layers_config_files_and_the_recipe_as_train_does(tmp_path):
+    # bench.py used to build its Config from argparse defaults alone: --config FILE was accepted and ignored, so a
+    # "benchmark of the recipe" ran 32 x 12 completions of 512 tokens instead of the recipe's 4 x 8 of 48
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import bench_config, bench_parser
+
+    from grpo_ds.config import parse_args
+
+    def config_of(argv):
+        args = vars(bench_parser().parse_args(argv))
+        for own in ("steps", "warmup", "json", "local_rank"):
+            args.pop(own)
+        return bench_config(args, "runs/bench", max_steps=3)
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("max_new_tokens: 48\ntemperature: 0.7\nsave_steps: 20\ngroup_size: 6\n")
+    cfg = config_of(["--config", str(recipe), "--temperature", "0.9", "--dataset", "problems.jsonl"])
+    assert cfg.max_new_tokens == 48 and cfg.group_size == 6  # from the file
+    assert cfg.temperature == 0.9  # the command line over the file
+    assert cfg.save_steps == 0 and cfg.log_completions_steps == 0  # the benchmark's own over the file
+    assert cfg.max_steps == 3 and cfg.output_dir == "runs/bench"
+
+    # the embedded model on the built-in problems: the same recipe as scripts/train.py with the same flags
+    bench, train = config_of(["--rollout_engine", "hf"]), parse_args(["--rollout_engine", "hf"])
+    assert bench.config == train.config and bench.config.endswith("smollm2_arithmetic.yaml")
+    for name in ("system_prompt", "response_prefix", "reward", "max_new_tokens", "rollouts_per_step", "group_size",
+                 "train_batch_size", "lr", "kl_weight", "temperature", "rollout_engine"):
+        assert getattr(bench, name) == getattr(train, name), name
