@@ -109,12 +109,12 @@ def start(flags: list, cwd: Path, nprocs: int = 2) -> subprocess.Popen:
 
 
 def zero_config(tmp_path, name: str) -> str:
-    """A copy of ds_configs/NAME; under ZeRO-3 every parameter is partitioned."""
+    """A copy of ds_configs/NAME in which every parameter is partitioned wherever ZeRO-3 applies: the policy under
+    zero3*.json, and the reference (a ZeRO-3 inference engine, --reference_partitioned) under any of them. The tiny
+    model's parameters are all below DeepSpeed's persistence threshold (kept whole on every rank to save
+    communication), so without this the tests would not see ZeRO-3's partitioning."""
     config = json.loads((ROOT / "ds_configs" / name).read_text())
-    if name.startswith("zero3"):
-        # the tiny model's parameters are all below the JSON's persistence threshold (kept whole on every rank to
-        # save communication); partition them all so the tests see ZeRO-3's partitioning
-        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     path = tmp_path / name
     path.write_text(json.dumps(config))
     return str(path)
