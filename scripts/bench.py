@@ -15,7 +15,8 @@ Every training flag is accepted (scripts/train.py --help), layered as train.py l
 benchmark writes no checkpoints unless asked. Reported per step, as medians over the steps after the
 warm-up: seconds per step and per phase (rollout, reference, old log-probs, train), rollout tokens/s (completion
 tokens over all ranks per second of generation), completions/s and completion tokens/s end to end (over the whole
-step), and peak memory per rank (RSS on CPU, the allocator's peak on GPUs). `--fixed_length true` suppresses EOS
+step), and peak memory per rank up to the end of the last step (RSS on CPU, the allocator's peak on GPUs; the
+final export that follows, which for LoRA builds a merged copy, is not counted). `--fixed_length true` suppresses EOS
 so every completion is exactly max_new_tokens long, which makes runs comparable across implementations whose
 sampling differs.
 """
@@ -80,6 +81,10 @@ def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def peak_reserved_bytes() -> int:
+    return torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,13 +178,19 @@ def main() -> int:
         return side_by_side(vs, nproc, rounds, bench_config(args, "runs/bench", warmup + steps), json_path)
     cfg = bench_config(args, "runs/bench", warmup + steps)
     started = time.time()
+    at_last_step = {}
+
+    def record_peak(step, **_):  # the training's peak, before the final export (a LoRA merge copies the model)
+        if step == cfg.max_steps:
+            at_last_step.update(peak=peak_memory_bytes(), reserved=peak_reserved_bytes())
+
     try:
-        history = train(cfg)
+        history = train(cfg, on_step_end=record_peak)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    peaks = distributed.all_gather_objects(peak_memory_bytes())
-    reserved = distributed.all_gather_objects(torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0)
+    peaks = distributed.all_gather_objects(at_last_step.get("peak", peak_memory_bytes()))
+    reserved = distributed.all_gather_objects(at_last_step.get("reserved", peak_reserved_bytes()))
     if torch.distributed.get_rank() != 0:
         return 0
     result = summarize(
