@@ -137,9 +137,9 @@ class Config:
                                      "lower it to bound the KV cache memory.")
     rollout_engine: str = _field("auto", "'hf' (Hugging Face generate), 'compiled' (a static KV cache sized once, "
                                  "tokens drawn on the device, the decode step compiled and replayed as a CUDA graph "
-                                 "on GPUs) or 'auto': compiled, except hf under ZeRO-3 with "
-                                 "--zero3_gather_for_generation false (see docs/PERFORMANCE.md). Both give the same "
-                                 "tokens for the same seed.")
+                                 "on GPUs) or 'auto': compiled on GPUs, hf on a CPU-only host "
+                                 "and under ZeRO-3 with --zero3_gather_for_generation false (see docs/PERFORMANCE.md). "
+                                 "Both give the same tokens for the same seed.")
     share_prefill: bool = _field(True, "Run each prompt's forward pass once and copy its KV cache to the G rows of "
                                  "its group (needs rollout_batch_size a multiple of group_size, or 0); false "
                                  "prefills every row.")

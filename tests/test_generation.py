@@ -480,18 +480,20 @@ def test_static_engine_on_the_embedded_model():
         assert torch.equal(static.sequences_NT, hf.sequences_NT), sampling
 
 
-@pytest.mark.parametrize("stage, gathers, flag, expected", [
-    (2, True, "auto", "compiled"), (3, True, "auto", "compiled"), (3, False, "auto", "hf"),
-    (2, True, "hf", "hf"), (3, True, "compiled", "compiled")])
-def test_auto_picks_the_static_engine_wherever_the_policy_is_whole(tiny, stage, gathers, flag, expected):
-    """On this CPU the static engine decodes the recipe's rollout 15% faster than generate with the same tokens
-    (docs/PERFORMANCE.md), so 'auto' picks it everywhere but where only generate can decode: ZeRO-3 fetching each
-    layer per token."""
+@pytest.mark.parametrize("gpu, stage, gathers, flag, expected", [
+    (True, 2, True, "auto", "compiled"), (True, 3, True, "auto", "compiled"), (True, 3, False, "auto", "hf"),
+    (False, 2, True, "auto", "hf"), (False, 3, True, "auto", "hf"), (False, 2, True, "compiled", "compiled"),
+    (True, 2, True, "hf", "hf")])
+def test_auto_picks_the_static_engine_on_gpus_only(tiny, monkeypatch, gpu, stage, gathers, flag, expected):
+    """'auto': the CUDA-graph engine on GPUs; generate on a CPU, where the eager static engine wins for short
+    completions and loses for long ones (docs/PERFORMANCE.md), and wherever ZeRO-3 fetches layers per token."""
     from types import SimpleNamespace
 
+    from grpo_ds import distributed
     from grpo_ds.config import Config
     from grpo_ds.trainer import rollout_engine
 
+    monkeypatch.setattr(distributed, "on_gpu", lambda: gpu)
     model, _ = tiny
     policy = SimpleNamespace(module=model, zero_optimization_stage=lambda: stage)
     engine = rollout_engine(Config(rollout_engine=flag, zero3_gather_for_generation=gathers), policy)
