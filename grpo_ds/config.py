@@ -437,10 +437,11 @@ def resolve(given: dict, defaults: Optional[dict] = None) -> Config:
     """The Config of the flags `given` (only those on the command line), layered: the command line, then `defaults`
     (a tool's own, e.g. the benchmark's save_steps=0), then --config FILE or, for the embedded model on the built-in
     arithmetic problems, the built-in recipe, then the dataclass defaults."""
-    values = {**(read_config_file(given["config"]) if given.get("config") else {}), **(defaults or {}), **given}
+    overrides = {**(defaults or {}), **given}
+    values = {**(read_config_file(given["config"]) if given.get("config") else {}), **overrides}
     if not values.get("config") and values.get("model", Config.model) == "embedded" and \
             values.get("dataset", Config.dataset) == "arithmetic":
-        values = {**read_config_file(str(EMBEDDED_RECIPE)), **(defaults or {}), **given,
+        values = {**read_config_file(str(EMBEDDED_RECIPE)), **overrides,
                   "config": str(EMBEDDED_RECIPE.relative_to(RECIPES.parent.parent))}
     return Config(**values)
 

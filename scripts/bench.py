@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 
 from grpo_ds import distributed
-from grpo_ds import config
-from grpo_ds.config import build_parser, Config
+from grpo_ds.config import Config, build_parser, resolve
 from grpo_ds.trainer import train
 
 PHASES = ("step_s", "rollout_s", "reference_s", "old_logprobs_s", "train_s")
@@ -54,7 +53,7 @@ def bench_parser() -> argparse.ArgumentParser:
 def bench_config(given: dict, output_dir: str, max_steps: int) -> Config:
     """The Config a benchmark runs: the flags given, over the benchmark's own defaults (no checkpoints, no sample
     completions), over --config FILE or the embedded model's recipe, exactly as scripts/train.py layers them."""
-    return config.resolve({**given, "max_steps": max_steps},
+    return resolve({**given, "max_steps": max_steps},
                           defaults={"save_steps": 0, "log_completions_steps": 0, "output_dir": output_dir})
 
 
@@ -171,12 +170,12 @@ def main() -> int:
     if steps < 1 or warmup < 0:
         print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    cfg = bench_config(args, "runs/bench", warmup + steps)
     if vs is not None:
         if nproc < 1 or rounds < 1:
             print("error: --nproc and --rounds must be >= 1", file=sys.stderr)
             return 2
-        return side_by_side(vs, nproc, rounds, bench_config(args, "runs/bench", warmup + steps), json_path)
-    cfg = bench_config(args, "runs/bench", warmup + steps)
+        return side_by_side(vs, nproc, rounds, cfg, json_path)
     started = time.time()
     at_last_step = {}
 
