@@ -83,6 +83,10 @@ class Config:
                                   "template's assistant turn (for example $'<think>\\n' in bash, as R1-Zero style "
                                   "templates do); not generated, trained on or scored. Evaluate with the same "
                                   "--response_prefix.")
+    example_question: str = _field("", "A worked example put before every question (few-shot prompting): this "
+                                    "question as an earlier user turn, answered by --example_answer. Both or neither.")
+    example_answer: str = _field("", "The assistant's answer to --example_question, written in full (the format "
+                                 "the model should copy, response prefix included).")
     temperature: float = _field(1.0, "Sampling temperature; log-probs use the same temperature.")
     top_p: float = _field(1.0, "Nucleus sampling threshold.")
 
@@ -199,6 +203,10 @@ class Config:
         """The system prompt's text, or None for none."""
         return {"default": SYSTEM_PROMPT, "none": None}.get(self.system_prompt, self.system_prompt)
 
+    def example(self) -> Optional[tuple[str, str]]:
+        """The worked example (question, answer) shown before every question, or None."""
+        return (self.example_question, self.example_answer) if self.example_question else None
+
     def clip_high(self) -> float:
         return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
 
@@ -275,6 +283,9 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
     if accum < 1 or micro % accum:
         bad("gradient_accumulation_steps", f"must divide the {micro} micro-batches of train_batch_size "
             f"{cfg.train_batch_size} on each rank")
+    if bool(cfg.example_question.strip()) != bool(cfg.example_answer.strip()):
+        bad("example_question" if not cfg.example_question.strip() else "example_answer",
+            "is empty while the other of --example_question/--example_answer is set: give both or neither")
     if cfg.lr <= 0:
         bad("lr", "must be positive")
     if cfg.kl_weight < 0:

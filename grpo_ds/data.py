@@ -373,12 +373,25 @@ def render_chat(tokenizer: Any, messages: list[dict], response_prefix: str = "")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + response_prefix
 
 
-def render_prompt(tokenizer: Any, question: str, system_prompt: str | None = SYSTEM_PROMPT,
-                  response_prefix: str = "") -> str:
-    """Prompt text for one question: the system prompt (None: none) and the question as the user's turn; see
-    render_chat. Training, evaluation, ask and serve all build their prompts here."""
+def prompt_messages(question: str | None, system_prompt: str | None = SYSTEM_PROMPT,
+                    example: tuple[str, str] | None = None) -> list[dict]:
+    """The turns a question is asked in: the system prompt (None: none), the worked example (question, answer) as
+    an earlier user turn and its answer (None: none), then the question (None: stop before it).
+
+    >>> [m["role"] for m in prompt_messages("2+3?", "Be brief.", ("1+1?", "2"))]
+    ['system', 'user', 'assistant', 'user']
+    """
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return render_chat(tokenizer, messages + [{"role": "user", "content": question}], response_prefix)
+    if example is not None:
+        messages += [{"role": "user", "content": example[0]}, {"role": "assistant", "content": example[1]}]
+    return messages + ([{"role": "user", "content": question}] if question is not None else [])
+
+
+def render_prompt(tokenizer: Any, question: str, system_prompt: str | None = SYSTEM_PROMPT,
+                  response_prefix: str = "", example: tuple[str, str] | None = None) -> str:
+    """Prompt text for one question, asked in prompt_messages' turns; see render_chat. Training, evaluation, ask
+    and serve all build their prompts here."""
+    return render_chat(tokenizer, prompt_messages(question, system_prompt, example), response_prefix)
 
 
 # ---------------------------------------------------------------------------------------------- data order

@@ -154,9 +154,10 @@ def rank_and_world() -> tuple[int, int]:
 def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int = 512, batch_size: int = 16,
              num_samples: int = 1, temperature: Optional[float] = None, top_p: float = 1.0, seed: int = 0,
              system_prompt: Optional[str] = SYSTEM_PROMPT, response_prefix: str = "",
-             scorer: str = "numeric") -> tuple[dict, list[dict]]:
+             example: Optional[tuple[str, str]] = None, scorer: str = "numeric") -> tuple[dict, list[dict]]:
     """Evaluate a loaded model (a plain Hugging Face model, or a DeepSpeed engine's `.module`) on `problems`, each
-    asked with `system_prompt` (None: the question alone) and `response_prefix`, as data.render_prompt builds them.
+    asked with `system_prompt` (None: the question alone), the worked `example` (None: none) and `response_prefix`,
+    as data.render_prompt builds them.
 
     Returns (summary, rows), the same on every rank: rows are one per completion, ordered by problem then sample.
     Under torch.distributed every rank must call it; each generates its round-robin share of the batches and the
@@ -168,7 +169,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int =
         temperature = 0.0 if num_samples == 1 else 1.0
     sampling = check_settings(len(problems), max_new_tokens, batch_size, num_samples, temperature, top_p)
     rank, world = rank_and_world()
-    prompts = [render_prompt(tokenizer, p.question, system_prompt, response_prefix) for p in problems]
+    prompts = [render_prompt(tokenizer, p.question, system_prompt, response_prefix, example) for p in problems]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     plan = batch_plan(lengths, max(1, batch_size // num_samples))
     device = next(model.parameters()).device

@@ -87,28 +87,33 @@ def resolve_run(spec: str) -> str:
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How questions are put to a model: its system prompt (None: none) and the response prefix its answers start
-    with. A trained model is asked the way it was trained: the defaults come from its run's config.json."""
+    """How questions are put to a model: its system prompt (None: none), the worked example shown before the
+    question (None: none) and the response prefix its answers start with. A trained model is asked the way it was
+    trained: the defaults come from its run's config.json."""
 
     system_prompt: Optional[str] = SYSTEM_PROMPT
     response_prefix: str = ""
     source: str = "defaults"
+    example: Optional[tuple[str, str]] = None
 
     def render(self, tokenizer, question: str) -> str:
-        return render_prompt(tokenizer, question, self.system_prompt, self.response_prefix)
+        return render_prompt(tokenizer, question, self.system_prompt, self.response_prefix, self.example)
 
 
 def prompt_format(spec: Optional[str], system_prompt: Optional[str] = None,
                   response_prefix: Optional[str] = None) -> PromptFormat:
     """The prompt format for model `spec`: what is given here ('default', 'none' or text for the system prompt),
-    else the training run's settings, else the training defaults."""
+    else the training run's settings, else the training defaults. The worked example is the run's (none without
+    one)."""
     trained = training_config(spec) if spec else None
     if system_prompt is None:
         system_prompt = (trained or {}).get("system_prompt", "default")
     if response_prefix is None:
         response_prefix = (trained or {}).get("response_prefix", "")
     text = {"default": SYSTEM_PROMPT, "none": None}.get(system_prompt, system_prompt)
-    return PromptFormat(text, response_prefix, "the training run's config.json" if trained else "defaults")
+    example = (trained or {}).get("example_question") or None
+    return PromptFormat(text, response_prefix, "the training run's config.json" if trained else "defaults",
+                        (example, trained["example_answer"]) if example else None)
 
 
 def load(spec: str, dtype: str = "auto", device: Optional[torch.device] = None):

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import StoppingCriteria
 
-from .data import render_chat
+from .data import prompt_messages, render_chat
 from .generation import Sampling, eos_token_ids, generate
 from .inference import PromptFormat
 from .rewards import extract_answer, parse_number
@@ -286,12 +286,12 @@ class Server:
                            param="model", code="model_not_found")
 
     def chat_prompt(self, messages: list[Message]) -> str:
-        """The conversation as the model was trained to see it: the training system prompt when the chat has none,
-        and the training response prefix opening the answer (returned as part of the answer's text)."""
+        """The conversation as the model was trained to see it: the training system prompt and worked example when
+        the chat has no system message, and the training response prefix opening the answer (returned as part of
+        the answer's text)."""
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-        system_prompt = self.prompt_format.system_prompt
-        if system_prompt is not None and turns[0]["role"] != "system":
-            turns.insert(0, {"role": "system", "content": system_prompt})
+        if turns[0]["role"] != "system":
+            turns = prompt_messages(None, self.prompt_format.system_prompt, self.prompt_format.example) + turns
         try:
             return render_chat(self.tokenizer, turns, self.prompt_format.response_prefix)
         except Exception as err:  # templates raise on orders they refuse (e.g. two system turns)

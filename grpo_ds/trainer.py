@@ -142,7 +142,8 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
 
     def prompt(self, question: str) -> str:
-        return render_prompt(self.tokenizer, question, self.cfg.system_prompt_text(), self.cfg.response_prefix)
+        return render_prompt(self.tokenizer, question, self.cfg.system_prompt_text(), self.cfg.response_prefix,
+                             self.cfg.example())
 
     def update_plan(self, step: int) -> "UpdatePlan":
         return UpdatePlan(micro_batch_size=self.cfg.train_batch_size,
@@ -657,7 +658,8 @@ def evaluate_policy(run: Run) -> dict:
         summary, _ = evaluate(run.policy.module, run.tokenizer, run.eval_problems,
                               max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                               batch_size=cfg.rollout_batch_size or 16, seed=cfg.seed,
-                              system_prompt=cfg.system_prompt_text(), response_prefix=cfg.response_prefix)
+                              system_prompt=cfg.system_prompt_text(), response_prefix=cfg.response_prefix,
+                              example=cfg.example())
     return {"eval_accuracy": summary["accuracy_strict"], "eval_accuracy_lenient": summary["accuracy_lenient"],
             "eval_format_rate": summary["format_rate"], "eval_clean_rate": summary["clean_rate"],
             "eval_s": summary["seconds"]}

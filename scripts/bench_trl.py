@@ -29,7 +29,7 @@ import torch
 from bench import bench_config, bench_parser, summarize, write_json  # scripts/bench.py, beside this file
 from grpo_ds import distributed
 from grpo_ds.config import Config, validate
-from grpo_ds.data import PromptSampler, load_problems
+from grpo_ds.data import PromptSampler, load_problems, prompt_messages
 from grpo_ds.models import resolve_model
 from grpo_ds.rewards import get_reward_fn
 
@@ -41,12 +41,11 @@ def build_dataset(cfg: Config, num_steps: int):
                              seed=cfg.seed, bad_answers=cfg.bad_answers)
     sampler = PromptSampler(problems, cfg.seed)
     rows = [p for _ in range(num_steps) for p in sampler.next_batch(cfg.rollouts_per_step)]
-    system = cfg.system_prompt_text()  # the same system prompt (or none) grpo_ds renders
     if cfg.response_prefix:
         raise ValueError("--vs trl: TRL's conversational prompts take no --response_prefix; compare without one")
-    return Dataset.from_list([{"prompt": ([{"role": "system", "content": system}] if system else [])
-                                         + [{"role": "user", "content": p.question}], "answer": p.answer}
-                              for p in rows])
+    # the same turns grpo_ds renders: system prompt (or none), worked example (or none), question
+    return Dataset.from_list([{"prompt": prompt_messages(p.question, cfg.system_prompt_text(), cfg.example()),
+                               "answer": p.answer} for p in rows])
 
 
 def main() -> int:

@@ -101,17 +101,18 @@ def evaluate_args(args) -> tuple[dict, list[dict]]:
             row.update(index=i, sample=0)
         return {**summarize(rows), "model": "gold solutions", **settings}, rows
     fmt = prompt_format(args.like or args.model, args.system_prompt, args.response_prefix)
-    logging.getLogger("grpo_ds.eval").info("prompt from %s: system prompt %s, response prefix %r", fmt.source,
+    logging.getLogger("grpo_ds.eval").info("prompt from %s: system prompt %s, response prefix %r, worked example %s",
+                                           fmt.source,
                                            "none" if fmt.system_prompt is None else f"{fmt.system_prompt[:40]!r}...",
-                                           fmt.response_prefix)
+                                           fmt.response_prefix, "none" if fmt.example is None else repr(fmt.example[0][:40]))
     problems = load_problems(args.data, args.split, num_problems=args.limit, difficulty=args.difficulty)
     model, tokenizer = load(args.model, args.dtype)
     summary, rows = evaluate(model, tokenizer, problems, max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size, num_samples=args.num_samples, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed, system_prompt=fmt.system_prompt,
-                             response_prefix=fmt.response_prefix, scorer=args.scorer)
+                             response_prefix=fmt.response_prefix, example=fmt.example, scorer=args.scorer)
     summary.update(model=args.model, **settings, scorer=args.scorer, system_prompt=fmt.system_prompt,
-                   response_prefix=fmt.response_prefix, max_new_tokens=args.max_new_tokens,
+                   response_prefix=fmt.response_prefix, example=fmt.example, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    device=str(next(model.parameters()).device))
     return summary, rows

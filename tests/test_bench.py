@@ -49,6 +49,17 @@ def test_trl_side_gets_grpo_ds_prompts_in_grpo_ds_order(tiny_model):
     # TRL renders a conversational prompt with the chat template: the same text grpo_ds generates from
     assert [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows] \
         == [render_prompt(tokenizer, p.question) for p in expected]
+    # and with a worked example, the same turns the trainer renders (Run.prompt)
+    from grpo_ds.trainer import Run
+
+    cfg = Config(model=str(tiny_model), rollouts_per_step=3, seed=7, system_prompt="Be brief.",
+                 example_question="1 + 1?", example_answer="<answer>2</answer>")
+    run = object.__new__(Run)  # only what Run.prompt reads
+    run.cfg, run.tokenizer = cfg, tokenizer
+    trained = [run.prompt(p.question) for p in expected]
+    assert all("1 + 1?" in t and "<answer>2</answer>" in t for t in trained)
+    assert [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+            for r in build_dataset(cfg, num_steps=2)] == trained
 
 
 def test_side_by_side_with_trl_alternates_and_reports_ratios(tmp_path, tiny_model):

@@ -229,6 +229,8 @@ def test_layout_explicit_full_accumulation_is_on_policy():
     (dict(max_steps=0), 2, "--max_steps 0: "),
     (dict(max_length=0), 2, "--max_length 0: "),
     (dict(lr=0.0), 2, "--lr 0.0: "),
+    (dict(example_question="1 + 1?"), 2, "--example_answer : is empty while the other of --example_question/"),
+    (dict(example_answer="<answer>2</answer>"), 2, "--example_question : is empty while the other"),
     (dict(kl_weight=-0.1), 2, "--kl_weight -0.1: "),
     (dict(clip_eps=0.0), 2, "--clip_eps 0.0: "),
     (dict(clip_eps_high=0.1), 2, "--clip_eps_high 0.1: must be >= --clip_eps 0.2"),

@@ -303,6 +303,16 @@ def test_render_prompt_without_chat_template():
     assert chat == "System: S\nUser: U\nAssistant: A\nUser: V\nAssistant:"
 
 
+def test_render_prompt_puts_the_worked_example_before_the_question():
+    """Few-shot: the example is an earlier user turn and the assistant's answer, between system prompt and question."""
+    prompt = render_prompt(tiny_tokenizer(CHATML), "Q?", "Be brief.", "<think>", ("1 + 1?", "<think>1 + 1 = 2</think>"))
+    assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1 + 1?<|im_end|>\n"
+                      "<|im_start|>assistant\n<think>1 + 1 = 2</think><|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n"
+                      "<|im_start|>assistant\n<think>")
+    assert render_prompt(tiny_tokenizer(None), "Q?", None, "", ("1 + 1?", "2")) == \
+        "User: 1 + 1?\nAssistant: 2\nUser: Q?\nAssistant:"
+
+
 def test_render_prompt_ends_with_the_response_prefix():
     with_template = render_prompt(tiny_tokenizer(CHATML), "Q?", response_prefix="<think>\n")
     assert with_template == render_prompt(tiny_tokenizer(CHATML), "Q?") + "<think>\n"

@@ -207,6 +207,26 @@ def fake_run(varied_model, tmp_path, **settings) -> Path:
     return run
 
 
+def test_a_run_with_a_worked_example_is_asked_with_it(varied_model, tmp_path):
+    """The run's worked example goes before every held-out question, for the run and for a base model --like it."""
+    example = ("Tom has 2 apples. He buys 3 more. How many apples does Tom have now?", "<think>2 + 3 = 5</think>")
+    run = fake_run(varied_model, tmp_path, system_prompt="Be brief.", response_prefix="<think>",
+                   example_question=example[0], example_answer=example[1])
+    from grpo_ds.data import load_problems
+
+    problems = load_problems("arithmetic", "test", num_problems=2, difficulty=1)
+    model, tokenizer = load(str(varied_model))
+    expected = [greedy_alone(model, tokenizer, render_prompt(tokenizer, p.question, "Be brief.", "<think>", example), 6)
+                for p in problems]
+    without = [greedy_alone(model, tokenizer, render_prompt(tokenizer, p.question, "Be brief.", "<think>"), 6)
+               for p in problems]
+    assert expected != without  # the example changes what this model writes, so the check below can fail
+    for model_arg, out in ([str(run)], tmp_path / "run"), ([str(varied_model), "--like", str(run)], tmp_path / "like"):
+        assert eval_script.main(model_arg + ["--limit", "2", "--output_dir", str(out)]) == 0
+        assert [r["completion"] for r in read_predictions(out)] == expected
+        assert json.loads((out / "summary.json").read_text())["example"] == list(example)
+
+
 def test_a_training_run_is_asked_the_way_it_was_trained(varied_model, tmp_path, capsys):
     """A run folder as MODEL: its system prompt, response prefix, held-out problems and budget are the defaults."""
     run = fake_run(varied_model, tmp_path, system_prompt="Be brief.", response_prefix="<think>")

@@ -73,10 +73,13 @@ def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
 
 
-def greedy(loaded, question: str, max_new_tokens: int, system: str | None = None, prefix: str = "") -> str:
+def greedy(loaded, question: str, max_new_tokens: int, system: str | None = None, prefix: str = "",
+           example: tuple[str, str] | None = None) -> str:
     """What the model writes for `question` asked alone, computed without the server."""
     model, tokenizer = loaded
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    messages = ([{"role": "system", "content": system}] if system else []) + (
+        [{"role": "user", "content": example[0]}, {"role": "assistant", "content": example[1]}] if example else []) + [
+        {"role": "user", "content": question}]
     prompt = render_chat(tokenizer, messages, prefix)
     return generate(model, tokenizer, [prompt], Sampling(max_new_tokens, temperature=0.0)).texts(tokenizer)[0]
 
@@ -287,6 +290,18 @@ def test_a_training_runs_prompt_format_is_served(loaded):
         solved = httpx.post(f"{address}/v1/solve", json={"question": "what is 2+2?", "max_tokens": 8},
                             timeout=TIMEOUT).json()
         assert solved["completion"] == content
+
+
+def test_a_runs_worked_example_is_served_before_the_chat(loaded):
+    """A run trained with a worked example (few-shot) is served with it when the chat brings no system message."""
+    example = ("what is 1+1?", "<think>1+1=2</think>")
+    fmt = PromptFormat(system_prompt="Be brief.", response_prefix="<think>", example=example)
+    expected = greedy(loaded, "what is 2+2?", 8, system="Be brief.", prefix="<think>", example=example)
+    assert expected != greedy(loaded, "what is 2+2?", 8, system="Be brief.", prefix="<think>")  # it can fail
+    with serving(*loaded, prompt_format=fmt) as address:
+        response = httpx.post(f"{address}/v1/chat/completions", json=chat("what is 2+2?", max_tokens=8,
+                                                                          temperature=0), timeout=TIMEOUT)
+        assert response.json()["choices"][0]["message"]["content"] == "<think>" + expected
 
 
 # ----------------------------------------------------------------------------- scripts/serve.sh
