@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import json
 import logging
 import os
@@ -104,25 +103,6 @@ def on_gpu() -> bool:
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator().device_name() != "cpu"
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
-
-
-def return_freed_memory(threshold: int = 128 * 1024) -> bool:
-    """Make glibc give blocks of `threshold` bytes or more their own mappings, so that freed activations and
-    logits go back to the OS. By default glibc raises that threshold each time such a block is freed (up to
-    32 MiB) and serves later blocks from its heap, which it cannot shrink past a block still in use: a CPU run's
-    RSS then holds every step's freed tensors. Measured on the CPU benchmark's LoRA step (docs/PERFORMANCE.md):
-    one micro-batch's forward and backward added 1.5 GiB of RSS with glibc's default, 0.75 GiB with this.
-    For CPU ranks only (GPU memory has its own allocator). A MALLOC_MMAP_THRESHOLD_ in the environment wins.
-    Returns whether the setting was applied (False off glibc)."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
 
 
 def device() -> torch.device:

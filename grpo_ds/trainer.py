@@ -195,8 +195,6 @@ def setup(cfg: Config) -> Run:
     """Check everything that can be refused, then load the models and engines, and resume if asked."""
     rank, world = distributed.init_distributed()
     setup_logging(rank)
-    if not distributed.on_gpu():
-        distributed.return_freed_memory()  # else a CPU rank's RSS keeps every freed activation (see there)
     layout = validate(cfg, world)
     ds_config, precision = distributed.build_ds_config(distributed.load_ds_json(cfg.ds_config), cfg, layout,
                                                        distributed.on_gpu())
