@@ -205,7 +205,7 @@ class Config:
 
     def example(self) -> Optional[tuple[str, str]]:
         """The worked example (question, answer) shown before every question, or None."""
-        return (self.example_question, self.example_answer) if self.example_question else None
+        return (self.example_question, self.example_answer) if self.example_question.strip() else None
 
     def clip_high(self) -> float:
         return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
