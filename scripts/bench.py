@@ -54,7 +54,7 @@ def bench_config(given: dict, output_dir: str, max_steps: int) -> Config:
     """The Config a benchmark runs: the flags given, over the benchmark's own defaults (no checkpoints, no sample
     completions), over --config FILE or the embedded model's recipe, exactly as scripts/train.py layers them."""
     return resolve({**given, "max_steps": max_steps},
-                          defaults={"save_steps": 0, "log_completions_steps": 0, "output_dir": output_dir})
+                   defaults={"save_steps": 0, "log_completions_steps": 0, "output_dir": output_dir})
 
 
 def summarize(cfg: Config, measured: list[dict], **fields) -> dict:

@@ -101,10 +101,10 @@ def evaluate_args(args) -> tuple[dict, list[dict]]:
             row.update(index=i, sample=0)
         return {**summarize(rows), "model": "gold solutions", **settings}, rows
     fmt = prompt_format(args.like or args.model, args.system_prompt, args.response_prefix)
-    logging.getLogger("grpo_ds.eval").info("prompt from %s: system prompt %s, response prefix %r, worked example %s",
-                                           fmt.source,
-                                           "none" if fmt.system_prompt is None else f"{fmt.system_prompt[:40]!r}...",
-                                           fmt.response_prefix, "none" if fmt.example is None else repr(fmt.example[0][:40]))
+    logging.getLogger("grpo_ds.eval").info(
+        "prompt from %s: system prompt %s, response prefix %r, worked example %s", fmt.source,
+        "none" if fmt.system_prompt is None else f"{fmt.system_prompt[:40]!r}...", fmt.response_prefix,
+        "none" if fmt.example is None else f"{fmt.example[0][:40]!r}...")
     problems = load_problems(args.data, args.split, num_problems=args.limit, difficulty=args.difficulty)
     model, tokenizer = load(args.model, args.dtype)
     summary, rows = evaluate(model, tokenizer, problems, max_new_tokens=args.max_new_tokens,
