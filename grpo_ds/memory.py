@@ -3,8 +3,8 @@ without offload. Pure arithmetic on the model's config; scripts/plan_memory.py p
 
 The pieces (bytes per device, P parameters, W devices, b bytes per compute element):
 - policy weights: P*b, or P*b/W under ZeRO-3;
-- gradients: P*b/W (ZeRO-2 and 3 both partition them) plus DeepSpeed's reduce bucket (the shipped JSONs: 2e8
-  elements for ZeRO-2, 5e7 for ZeRO-3);
+- gradients: P*b/W (ZeRO-2 and 3 both partition them; on the host with offload) plus DeepSpeed's reduce bucket
+  (the shipped JSONs: 2e8 elements for ZeRO-2, 5e7 for ZeRO-3);
 - optimizer: fp32 master weights and AdamW's two moments, 12P/W (DeepSpeed's ZeRO optimizers keep their own fp32
   copy of the partition even when the model computes in fp32); 0 on the device with offload_optimizer;
 - reference: P*b/W partitioned (the default, and always under ZeRO-3), P*b replicated (--reference_partitioned
@@ -35,6 +35,9 @@ from dataclasses import dataclass
 GIB = 1024 ** 3
 FRAMEWORK_BYTES = int(1.0 * GIB)  # CUDA context, allocator slack, libraries: a measured order of magnitude
 PROCESS_BYTES = int(1.0 * GIB)  # host memory of a rank's Python process before any model (torch, DeepSpeed, ...)
+# The same on a CPU-only host, where no CUDA libraries load: 0.37 GiB measured (torch, DeepSpeed and transformers
+# imported, the tokenizer loaded, the gloo group up; docs/PERFORMANCE.md, "Memory planning")
+CPU_PROCESS_BYTES = int(0.4 * GIB)
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,9 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
     has_reference = run.reference and not run.lora_r  # with LoRA: the policy with its adapters off
     resident = {
         "policy_weights": 0 if offload else ((P + T * (run.lora_r > 0)) * b // (W if zero3 else 1)),
-        "gradients": T * b // W + min(bucket, T) * b,
+        # with offload_optimizer the reduced gradient partition goes to the host (its fp32 copy is in the 16 bytes
+        # host_estimate counts per trainable parameter); the device keeps the reduce bucket
+        "gradients": (0 if offload else T * b // W) + min(bucket, T) * b,
         "optimizer": 0 if offload else 12 * T // W,
         "reference": (0 if not has_reference or run.reference_offload
                       else P * b // W if zero3 or run.reference_partitioned else P * b),
@@ -168,19 +173,26 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
     return out
 
 
-def host_estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
+def host_estimate(model: ModelShape, run: RunShape, cpu_only: bool = False) -> dict[str, int]:
     """Bytes of host memory per rank beyond the device's: the offloaded optimizer and parameters, and the process
-    itself. On a CPU-only host the device IS the host: add estimate()'s total for the rank's whole footprint."""
+    itself. On a CPU-only host the device IS the host: cpu_peak() adds the two."""
     W, P = run.num_devices, model.num_parameters
     T = model.lora_parameters(run.lora_r) if run.lora_r else P
     out = {
         "offloaded_optimizer": 16 * T // W if run.offload else 0,
         "offloaded_parameters": 4 * P // W if run.offload else 0,
         "offloaded_reference": (4 * P // W if run.reference_offload and run.reference and not run.lora_r else 0),
-        "process": PROCESS_BYTES,
+        "process": CPU_PROCESS_BYTES if cpu_only else PROCESS_BYTES,
     }
     out["total"] = sum(out.values())
     return out
+
+
+def cpu_peak(model: ModelShape, run: RunShape) -> int:
+    """A rank's whole footprint on a CPU-only host, where the device is the host: the device pieces without the
+    GPU framework term, plus the host's (offloaded states, the process). This is the live set: glibc's default
+    allocator keeps freed tensors in the RSS on top of it (docs/PERFORMANCE.md, "LoRA against a full fine-tune")."""
+    return estimate(model, run)["total"] - FRAMEWORK_BYTES + host_estimate(model, run, cpu_only=True)["total"]
 
 
 def decode_bound(model: ModelShape, params: int, rows: int, prompt_tokens: float, new_tokens: int,
@@ -193,7 +205,7 @@ def decode_bound(model: ModelShape, params: int, rows: int, prompt_tokens: float
 
 
 def report(model: ModelShape, run: RunShape, device_gib: float, cpu_only: bool = False) -> str:
-    parts, host = estimate(model, run), host_estimate(model, run)
+    parts, host = estimate(model, run), host_estimate(model, run, cpu_only)
     lora = f", LoRA r={run.lora_r} ({model.lora_parameters(run.lora_r) / 1e6:.1f}M trainable)" if run.lora_r else ""
     lines = [f"{model.num_parameters / 1e9:.2f}B parameters, {run.num_devices} device(s), ZeRO-{run.zero_stage}"
              f"{' + offload' if run.offload else ''}, {run.precision}{lora}",
@@ -204,8 +216,9 @@ def report(model: ModelShape, run: RunShape, device_gib: float, cpu_only: bool =
     lines += ["", "| host memory per rank | GiB |", "| --- | --- |"]
     lines += [f"| {name} | {value / GIB:.2f} |" for name, value in host.items() if name != "total"]
     if cpu_only:  # the device is the host: one footprint
-        lines.append(f"| device pieces above (a CPU-only host) | {parts['total'] / GIB:.2f} |")
-        lines.append(f"| **peak per rank** | **{(host['total'] + parts['total'] - FRAMEWORK_BYTES) / GIB:.2f}** |")
+        lines.append(f"| device peak above less its framework term (a CPU-only host) "
+                     f"| {(parts['total'] - FRAMEWORK_BYTES) / GIB:.2f} |")
+        lines.append(f"| **peak per rank** | **{cpu_peak(model, run) / GIB:.2f}** |")
     else:
         lines.append(f"| **peak per rank** | **{host['total'] / GIB:.2f}** |")
     return "\n".join(lines)

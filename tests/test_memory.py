@@ -37,6 +37,8 @@ def test_zero3_partitions_what_zero2_replicates():
     assert estimate(shape, RunShape(num_devices=4, zero_stage=2, precision="fp32"))["optimizer"] == 12 * P // 4
     # reduce buckets as in the shipped JSONs (both larger than this model: the bucket holds all its gradients)
     assert z2["gradients"] == 2 * P // 4 + 2 * P and z3["gradients"] == 2 * P // 4 + 2 * P
+    # with offload the reduced gradient partition lives on the host (host_estimate's 16 bytes): the bucket stays
+    assert offloaded["gradients"] == 2 * P
     # ZeRO-3 training keeps fetched parameters up to stage3_max_live_parameters: all of them by default
     assert z3["gathered_params"] == 2 * P - 2 * P // 4
     few_live = estimate(shape, RunShape(num_devices=4, zero_stage=3, max_live_parameters=1))
@@ -121,3 +123,20 @@ def test_host_memory_with_offload_by_hand():
     assert host["offloaded_optimizer"] == 16 * P // 2 and host["offloaded_parameters"] == 4 * P // 2
     assert host["total"] == 16 * P // 2 + 4 * P // 2 + PROCESS_BYTES
     assert host_estimate(shape, RunShape(num_devices=2, zero_stage=2))["total"] == PROCESS_BYTES
+
+
+def test_cpu_only_footprint_counts_the_cpu_process_not_the_gpu_terms():
+    from grpo_ds.memory import CPU_PROCESS_BYTES, FRAMEWORK_BYTES, GIB, PROCESS_BYTES, cpu_peak, host_estimate
+
+    # A CPU rank loads no CUDA libraries: its process before any model measured 0.37 GiB (torch, DeepSpeed,
+    # transformers, the tokenizer, the gloo group), not the GPU host's 1 GiB, and it has no CUDA context.
+    assert 0.37 * GIB <= CPU_PROCESS_BYTES < PROCESS_BYTES
+    shape = ModelShape(vocab=1000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, tied=True)
+    P = shape.num_parameters
+    run = RunShape(num_devices=2, zero_stage=3, offload=True, precision="fp32")
+    device = estimate(shape, run)
+    # device pieces without the framework term, then the offloaded optimizer (16 B) and parameters (4 B) per
+    # parameter halved by 2 ranks, then the CPU process
+    expected = device["total"] - FRAMEWORK_BYTES + 16 * P // 2 + 4 * P // 2 + CPU_PROCESS_BYTES
+    assert cpu_peak(shape, run) == expected
+    assert host_estimate(shape, run, cpu_only=True)["process"] == CPU_PROCESS_BYTES
