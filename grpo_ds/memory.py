@@ -219,6 +219,9 @@ def report(model: ModelShape, run: RunShape, device_gib: float, cpu_only: bool =
         lines.append(f"| device peak above less its framework term (a CPU-only host) "
                      f"| {(parts['total'] - FRAMEWORK_BYTES) / GIB:.2f} |")
         lines.append(f"| **peak per rank** | **{cpu_peak(model, run) / GIB:.2f}** |")
+        lines += ["", "This is the live set. glibc's default allocator keeps freed tensors in the RSS on top of it "
+                      "(0.4 to 3.2 GiB more in the runs of docs/PERFORMANCE.md, 'Memory planning'); "
+                      "MALLOC_MMAP_THRESHOLD_=131072 returns them, at a speed cost."]
     else:
         lines.append(f"| **peak per rank** | **{host['total'] / GIB:.2f}** |")
     return "\n".join(lines)
