@@ -191,7 +191,7 @@ def host_estimate(model: ModelShape, run: RunShape, cpu_only: bool = False) -> d
 def cpu_peak(model: ModelShape, run: RunShape) -> int:
     """A rank's whole footprint on a CPU-only host, where the device is the host: the device pieces without the
     GPU framework term, plus the host's (offloaded states, the process). This is the live set: glibc's default
-    allocator keeps freed tensors in the RSS on top of it (docs/PERFORMANCE.md, "LoRA against a full fine-tune")."""
+    allocator keeps freed tensors in the RSS on top of it (docs/PERFORMANCE.md, "Memory planning")."""
     return estimate(model, run)["total"] - FRAMEWORK_BYTES + host_estimate(model, run, cpu_only=True)["total"]
 
 
