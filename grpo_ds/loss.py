@@ -24,6 +24,7 @@ contribution by `num_micro_batches` before `engine.backward` to undo exactly tha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,29 +43,46 @@ def group_advantages(rewards_BG: torch.Tensor, scale_rewards: str = "group",
       keeps the relative scale of easy and hard prompts (Understanding R1-Zero, arXiv:2503.20783);
     - "none":  `r - mean_g`, no scaling.
 
-    A group whose rewards are all equal gets zero advantages: it carries no learning signal.
+    A group whose rewards are all equal gets zero advantages: it carries no learning signal. A NaN reward marks an
+    unscorable completion (every reward term returned None, TRL's convention): it is left out of its group's mean
+    and std and gets advantage 0, as in TRL.
 
     >>> group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]))  # mean 0.5, std 0.5774
     tensor([[ 0.8659, -0.8659, -0.8659,  0.8659]])
+    >>> group_advantages(torch.tensor([[1.0, float("nan"), 0.0]]))  # mean 0.5, std 0.7071
+    tensor([[ 0.7070,  0.0000, -0.7070]])
     """
-    centered_BG = rewards_BG - rewards_BG.mean(dim=1, keepdim=True)
+    if scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}")
+    if scale_rewards == "batch" and batch_std is None:
+        raise ValueError("scale_rewards='batch' needs batch_std, the std of all rewards of the step")
+    scorable_BG = ~torch.isnan(rewards_BG)
+    if scorable_BG.all():
+        mean_B1, std_B1 = rewards_BG.mean(dim=1, keepdim=True), rewards_BG.std(dim=1, keepdim=True)
+    else:
+        count_B1 = scorable_BG.sum(dim=1, keepdim=True)
+        mean_B1 = rewards_BG.nan_to_num(0.0).sum(dim=1, keepdim=True) / count_B1.clamp(min=1)
+        squares_B1 = ((rewards_BG - mean_B1) ** 2).nan_to_num(0.0).sum(dim=1, keepdim=True)
+        std_B1 = (squares_B1 / (count_B1 - 1).clamp(min=1)).sqrt()
     # A float32 mean of equal values is not always that value (12 x 1.1 is off by ~1e-7), and dividing the residue
     # by a ~1e-7 std would turn "no signal" into a small systematic push; equal groups get exactly zero.
-    centered_BG = centered_BG.masked_fill(uniform_groups(rewards_BG).unsqueeze(1), 0.0)
+    centered_BG = (rewards_BG - mean_B1).masked_fill(uniform_groups(rewards_BG).unsqueeze(1) | ~scorable_BG, 0.0)
     if scale_rewards == "group":
-        return centered_BG / (rewards_BG.std(dim=1, keepdim=True) + ADVANTAGE_EPS)
+        return centered_BG / (std_B1 + ADVANTAGE_EPS)
     if scale_rewards == "batch":
-        if batch_std is None:
-            raise ValueError("scale_rewards='batch' needs batch_std, the std of all rewards of the step")
         return centered_BG / (batch_std + ADVANTAGE_EPS)
-    if scale_rewards == "none":
-        return centered_BG
-    raise ValueError(f"unknown scale_rewards {scale_rewards!r}")
+    return centered_BG
 
 
 def uniform_groups(rewards_BG: torch.Tensor) -> torch.Tensor:
-    """B bools: the groups whose rewards are all equal (zero advantages, no learning signal)."""
-    return (rewards_BG == rewards_BG[:, :1]).all(dim=1)
+    """B bools: the groups whose rewards are all equal (zero advantages, no learning signal), NaN rewards
+    (unscorable completions) set aside; a group with fewer than two scorable completions is uniform too."""
+    scorable_BG = ~torch.isnan(rewards_BG)
+    if scorable_BG.all():
+        return (rewards_BG == rewards_BG[:, :1]).all(dim=1)
+    high_B = rewards_BG.nan_to_num(-math.inf).amax(dim=1)
+    low_B = rewards_BG.nan_to_num(math.inf).amin(dim=1)
+    return (high_B == low_B) | (scorable_BG.sum(dim=1) < 2)
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")

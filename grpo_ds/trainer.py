@@ -28,7 +28,7 @@ import torch
 
 from . import checkpoint, distributed
 from .config import BatchLayout, Config, LoraSettings, dumps, validate
-from .data import Problem, PromptSampler, load_problems, render_prompt
+from .data import Problem, PromptSampler, load_problems, render_problem
 from .eval import evaluate
 from .experience import Experience
 from .generation import Rollout, Sampling, StaticDecoder, generate
@@ -37,7 +37,7 @@ from .loss import BatchTotals, GRPOLoss, entropy_threshold, group_advantages, kl
 from .metrics import MetricsLogger, setup_logging
 from .models import check_lora_targets, load_model, load_tokenizer, resolve_model
 from .plot import plot_runs
-from .rewards import overlong_penalties, parse_reward, score_completions
+from .rewards import overlong_penalties, parse_reward, required_columns, score_completions
 
 log = logging.getLogger("grpo_ds.trainer")
 
@@ -141,9 +141,11 @@ class Run:
     consecutive_skips: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def prompt(self, question: str) -> str:
-        return render_prompt(self.tokenizer, question, self.cfg.system_prompt_text(), self.cfg.response_prefix,
-                             self.cfg.example())
+    def prompt(self, problem: Problem | str) -> str:
+        """The prompt text of a problem (or a bare question), as training, evaluation, ask and serve render it."""
+        problem = Problem(problem, "") if isinstance(problem, str) else problem
+        return render_problem(self.tokenizer, problem, self.cfg.system_prompt_text(), self.cfg.response_prefix,
+                              self.cfg.example())
 
     def update_plan(self, step: int) -> "UpdatePlan":
         return UpdatePlan(micro_batch_size=self.cfg.train_batch_size,
@@ -199,11 +201,16 @@ def setup(cfg: Config) -> Run:
     ds_config, precision = distributed.build_ds_config(distributed.load_ds_json(cfg.ds_config), cfg, layout,
                                                        distributed.on_gpu())
     rewards = parse_reward(cfg.reward)
+    columns = dict(prompt_column=cfg.prompt_column, answer_column=cfg.answer_column)
     problems = load_problems(cfg.dataset, "train", num_problems=cfg.num_problems, difficulty=cfg.difficulty,
-                             seed=cfg.seed, bad_answers=cfg.bad_answers)
+                             seed=cfg.seed, bad_answers=cfg.bad_answers, **columns)
+    check_reward_columns(rewards, problems, cfg.dataset)
     eval_problems = (load_problems(cfg.eval_dataset or cfg.dataset, "test", num_problems=cfg.eval_limit,
-                                   difficulty=cfg.difficulty, seed=cfg.seed, bad_answers=cfg.bad_answers)
+                                   difficulty=cfg.difficulty, seed=cfg.seed, bad_answers=cfg.bad_answers, **columns)
                      if cfg.eval_steps else [])
+    if cfg.example() is not None and any(p.messages for p in problems):
+        log.warning("--example_question: the dataset's prompts are chat conversations, rendered as written; the "
+                    "worked example (and --system_prompt) apply to question strings only")
     resume_path = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from)
     resume_state = None
     if resume_path is not None:
@@ -250,6 +257,17 @@ def setup(cfg: Config) -> Run:
     run.logger = MetricsLogger(cfg.output_dir, rank, cfg.max_steps, monitor=policy.monitor,
                                first_step=run.start_step + 1)
     return run
+
+
+def check_reward_columns(rewards: list, problems: list[Problem], dataset: str) -> None:
+    """Refuse a TRL-style reward whose required arguments no dataset column fills (TRL's accuracy_reward needs
+    `solution`), before any model loads."""
+    have = set(problems[0].columns) if problems else set()
+    for term in rewards:
+        missing = [name for name in required_columns(term) if name not in have]
+        if missing:
+            raise ValueError(f"--reward {term.name}: needs the dataset column '{missing[0]}', which --dataset "
+                             f"{dataset} does not have (its columns: {', '.join(sorted(have)) or 'none'})")
 
 
 def rollout_engine(cfg: Config, policy) -> Optional[StaticDecoder]:
@@ -332,6 +350,29 @@ class Groups:
     drawn: dict
     seconds: float
     rounds: int = 1
+    extra_columns: dict = field(default_factory=dict)  # what reward functions logged per completion (log_extra)
+
+
+class RewardReports:
+    """What TRL passes a batched reward besides the data, for one scoring call: `trainer_state` (a transformers
+    TrainerState whose global_step counts the GRPO steps done, max_steps the run's), `log_metric(name, value)`
+    (averaged over the step's calls and ranks, logged under its name) and `log_extra(column, values)` (a value per
+    completion, shown in completions.jsonl)."""
+
+    def __init__(self):
+        self.metrics: dict[str, list[float]] = {}
+        self.columns: dict[str, list] = {}
+
+    def extras(self, step: int, max_steps: int) -> dict:
+        from transformers import TrainerState
+
+        return {"trainer_state": TrainerState(global_step=step - 1, max_steps=max_steps),
+                "log_metric": lambda name, value: self.metrics.setdefault(str(name), []).append(float(value)),
+                "log_extra": lambda column, values: self.columns.setdefault(str(column), []).extend(values)}
+
+    def metric_sums(self) -> dict:
+        return {f"logged/{name}_{part}": float(sum(values) if part == "sum" else len(values))
+                for name, values in self.metrics.items() for part in ("sum", "count")}
 
 
 def rollout(run: Run, step: int, stop: StopSignal) -> Groups:
@@ -375,7 +416,7 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
     run.policy.eval()
     t0 = time.perf_counter()
     with distributed.gathered_for_generation(run.policy, cfg.zero3_gather_for_generation):
-        result = generate(run.policy.module, run.tokenizer, [run.prompt(p.question) for p in problems_B],
+        result = generate(run.policy.module, run.tokenizer, [run.prompt(p) for p in problems_B],
                           run.sampling, group_size=G, batch_size=cfg.rollout_batch_size, max_length=cfg.max_length,
                           share_prefill=cfg.share_prefill, should_stop=lambda: stop.received is not None,
                           synced_gpus=distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation,
@@ -385,7 +426,11 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
         run.sampler.load_state_dict(sampler_before)
         run.preempt(stop.received or "a signal on another rank", step - 1)
     texts_N = result.texts(run.tokenizer)
-    rewards, stats = score_completions(texts_N, [p.answer for p in problems_B for _ in range(G)], run.rewards)
+    completion_ids = [row[mask.bool()].tolist() for row, mask in zip(result.completion_ids_NC.cpu(),
+                                                                   result.completion_mask_NC.cpu())]
+    reported = RewardReports()
+    rewards, stats = score_completions(texts_N, [p for p in problems_B for _ in range(G)], run.rewards,
+                                       completion_ids, reported.extras(step, cfg.max_steps))
     lengths_N = result.completion_mask_NC.sum(dim=1).tolist()
     if cfg.overlong_buffer:
         penalties = overlong_penalties(lengths_N, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
@@ -393,13 +438,16 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
         stats["overlong_penalty"] = sum(penalties) / len(penalties)
     rewards_BG = torch.tensor(rewards, dtype=torch.float32).view(B, G)
     n = float(B * G)
-    drawn = {"completions": n, "groups": float(B), "reward_sum": float(rewards_BG.double().sum()),
-             "reward_sq_sum": float((rewards_BG.double() ** 2).sum()),
+    scored = rewards_BG.double()[~torch.isnan(rewards_BG)]  # NaN: no reward term applied (TRL's None)
+    rates = ("success_rate", "format_rate", "clean_rate", "overlong_penalty")
+    drawn = {"completions": n, "groups": float(B), "scored": float(scored.numel()),
+             "reward_sum": float(scored.sum()), "reward_sq_sum": float((scored ** 2).sum()),
              "zero_std_groups": float(uniform_groups(rewards_BG).sum()), "completion_tokens": float(sum(lengths_N)),
              "truncated": float(result.truncated_N.sum()), "generation_s": seconds,
-             **{name: value * n for name, value in stats.items() if name != "reward_errors"},
-             "reward_errors": float(stats["reward_errors"])}
-    return Groups(problems_B, result, texts_N, rewards_BG, drawn, seconds)
+             **{name: value * n for name, value in stats.items() if name in rates},
+             **{name: float(value) for name, value in stats.items() if name.startswith("reward/")},
+             **reported.metric_sums(), "reward_errors": float(stats["reward_errors"])}
+    return Groups(problems_B, result, texts_N, rewards_BG, drawn, seconds, extra_columns=reported.columns)
 
 
 def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) -> Groups:
@@ -452,8 +500,11 @@ def make_experience(run: Run, groups: Groups) -> tuple[Experience, dict]:
                 * experience.completion_mask_NC).sum(dim=1)
         groups.drawn["kl_reward"] = float(-cfg.kl_weight * kl_N.sum())
         rewards_BG = rewards_BG - cfg.kl_weight * kl_N.view_as(rewards_BG)
-    batch_std = (float(distributed.all_gather_cat(rewards_BG.flatten().to(run.policy.device)).std())
-                 if cfg.scale_rewards == "batch" else None)
+    if cfg.scale_rewards == "batch":  # over every scorable reward of the step, on all ranks
+        every = distributed.all_gather_cat(rewards_BG.flatten().to(run.policy.device))
+        batch_std = float(every[~torch.isnan(every)].std())
+    else:
+        batch_std = None
     experience.advantages_N = group_advantages(rewards_BG, cfg.scale_rewards, batch_std).flatten()
     experience.has_signal = distributed.any_rank(bool(experience.advantages_N.any()))
     if experience.has_signal and not cfg.kl_in_reward:
@@ -597,14 +648,19 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
     monitors; sample completions; evaluation on the held-out split when due. Rewards and rates describe every
     completion the rollout drew (with dynamic sampling, more than were trained on); the loss, KL, clipping and
     entropy describe the update."""
+    drawn = dict(groups.drawn)
+    if any(term.batched for term in run.rewards):  # log_metric names may differ by rank: sum over their union
+        for name in set().union(*distributed.all_gather_objects([k for k in drawn if k.startswith("logged/")])):
+            drawn.setdefault(name, 0.0)
     total = distributed.all_reduce_dict({
-        **groups.drawn, "loss": stats.loss, "kl_sum": stats.kl_sum, "clipped_tokens": stats.clipped_tokens,
+        **drawn, "loss": stats.loss, "kl_sum": stats.kl_sum, "clipped_tokens": stats.clipped_tokens,
         "num_tokens": stats.num_tokens, "entropy_sum": stats.entropy_sum,
         "skipped_steps": float(stats.finite_steps.count(False)), "grad_norm_sum": sum(stats.grad_norms),
         "grad_norm_count": float(len(stats.grad_norms)),
     })
     tokens, n, world = total["num_tokens"], total["completions"], run.world
-    reward_mean = total["reward_sum"] / n
+    scored = total["scored"]
+    reward_mean = total["reward_sum"] / scored if scored else None
     measured = bool(tokens)  # None (null in metrics.jsonl): no update this step, so nothing was measured
     metrics = {
         "loss": total["loss"] / run.layout.optimizer_steps_per_step,
@@ -614,11 +670,13 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
         "grad_norm": total["grad_norm_sum"] / total["grad_norm_count"] if total["grad_norm_count"] else None,
         "skipped_steps": int(total["skipped_steps"] / world),
         "reward_mean": reward_mean,
-        "reward_std": max(total["reward_sq_sum"] / n - reward_mean ** 2, 0.0) ** 0.5,
+        "reward_std": max(total["reward_sq_sum"] / scored - reward_mean ** 2, 0.0) ** 0.5 if scored else None,
         "success_rate": total["success_rate"] / n,
         "format_rate": total["format_rate"] / n,
         "clean_rate": total["clean_rate"] / n,
-        **{name: total[name] / n for name in sorted(total) if name.startswith("reward/")},
+        # each term's mean over the completions it applies to (a TRL reward's None does not count), as TRL logs it
+        **{name[:-4]: total[name] / total[name[:-4] + "_count"] if total[name[:-4] + "_count"] else None
+           for name in sorted(total) if name.startswith(("reward/", "logged/")) and name.endswith("_sum")},
         **({"overlong_penalty": total["overlong_penalty"] / n} if "overlong_penalty" in total else {}),
         **({"kl_reward": total["kl_reward"] / n} if "kl_reward" in total else {}),
         "reward_errors": int(total["reward_errors"]),
@@ -645,9 +703,13 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
     run.logger.log(step, metrics)
     if run.cfg.log_completions_steps and (step == 1 or step % run.cfg.log_completions_steps == 0):
         problem = groups.problems_B[0]
-        run.logger.completions(step, [{"question": problem.question, "gold": problem.answer,
-                                       "completion": groups.texts_N[i], "reward": float(groups.rewards_BG[0, i])}
-                                      for i in range(min(NUM_LOGGED_COMPLETIONS, run.cfg.group_size))])
+        rows = []
+        for i in range(min(NUM_LOGGED_COMPLETIONS, run.cfg.group_size)):
+            reward = float(groups.rewards_BG[0, i])
+            rows.append({"question": problem.question, "gold": problem.answer, "completion": groups.texts_N[i],
+                         "reward": None if math.isnan(reward) else reward,
+                         **{column: values[i] for column, values in groups.extra_columns.items() if i < len(values)}})
+        run.logger.completions(step, rows)
     return metrics
 
 
