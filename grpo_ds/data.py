@@ -113,7 +113,7 @@ def read_gold(value: Any) -> str | None:
     short answer as written (one line, at most 80 characters, fewer than three words once LaTeX commands are set
     aside: fractions, LaTeX, tuples, intervals, letters). A worked solution with no such marker cannot be read.
 
-    >>> [read_gold(v) for v in [72, "$1,000", "... #### 1/2", "so \\boxed{3\\sqrt{2}}.", "\\frac{1}{2}", "(1, 2)"]]
+    >>> [read_gold(v) for v in [72, "$1,000", "... #### 1/2", "so \\boxed{3\\sqrt{2}}.", "$\\frac{1}{2}$", "(1, 2)"]]
     ['72', '1000', '1/2', '3\\sqrt{2}', '\\frac{1}{2}', '(1, 2)']
     >>> [read_gold(v) for v in ["It is 12 minus 5, which leaves 7.", "", None, True, "#### ", "#### n/a"]]
     [None, None, None, None, None, None]
@@ -131,9 +131,13 @@ def read_gold(value: Any) -> str | None:
         text = text.rsplit("####", 1)[1].strip()
     elif (boxed := last_boxed(text)) is not None:
         text = boxed
+    elif re.search(r"\\(?:boxed|fbox)\b", text):  # a box that never closes
+        return None
     number = _plain_number(text)
     if number is not None:
         return number
+    if len(text) > 2 and text[0] == text[-1] == "$" and "$" not in text[1:-1].strip("$"):  # "$x$", "$$x$$"
+        text = text.strip("$").strip()
     if not text or "\n" in text or len(text) > 80 or text.lower() in _PLACEHOLDERS \
             or len(_WORD.findall(_LATEX_COMMAND.sub(" ", text))) >= 3:
         return None

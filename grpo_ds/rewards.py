@@ -380,7 +380,8 @@ def math_equal(answer: str, gold: str, whole_text: bool = False) -> bool:
 
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
-        parsed_gold = parse(str(gold), parsing_timeout=timeout)
+        gold = str(gold)
+        parsed_gold = parse(gold if "$" in gold else f"${gold}$", parsing_timeout=timeout)
         wrapped = answer if whole_text or "$" in answer else f"${answer}$"  # LaTeX is read between $ signs
         parsed = parse(wrapped, parsing_timeout=timeout)
         return bool(parsed_gold and parsed and verify(parsed_gold, parsed, timeout_seconds=timeout))
