@@ -128,7 +128,8 @@ class RewardModel:
         config = self.engine.module.config
         if config.pad_token_id is None:
             # batches of more than one need a pad id to find each row's last token; take the tokenizer's
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+            pad = self.tokenizer.pad_token_id
+            pad = self.tokenizer.eos_token_id if pad is None else pad
             if pad is None:
                 raise ValueError(f"{FLAG} {path}: neither the model nor its tokenizer defines a pad or EOS token")
             log.warning("%s %s: the model defines no pad_token_id; padding with the tokenizer's %d", FLAG, path, pad)

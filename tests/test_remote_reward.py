@@ -87,8 +87,10 @@ def test_rewards_are_the_servers_and_the_body_follows_the_protocol(serve, monkey
                                        skip=[False, False, True], answer=["5", "x", "y"], trainer_state={"step": 3},
                                        log_metric=print)
     assert rewards == [4.0, 11.0, None]  # len("five"), len("hello there"), skipped
-    assert scorer.bodies == [{"prompts": PROMPTS, "completions": COMPLETIONS, "completion_ids": [[1, 2], [3], [4, 5, 6]],
-                              "skip": [False, False, True], "answer": ["5", "x", "y"]}]  # no trainer_state, no callable
+    # the columns under their names; no trainer_state, no callable
+    assert scorer.bodies == [{"prompts": PROMPTS, "completions": COMPLETIONS,
+                              "completion_ids": [[1, 2], [3], [4, 5, 6]], "skip": [False, False, True],
+                              "answer": ["5", "x", "y"]}]
     assert scorer.auth == ["Bearer secret"]
 
 
