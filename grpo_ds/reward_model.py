@@ -14,10 +14,11 @@ prompt and its completion as they are; here a string prompt is the dataset's que
 its own template, so the reward model sees it inside its own.)
 
 Truncation. A text longer than `max_length` tokens keeps its LAST `max_length` tokens: what is cut is the start of
-the rendering (template header, system prompt, the beginning of the question), never the end of the completion,
-which the classifier reads its score from. `num_truncated` counts them; the first one is logged.
+the rendering (template header, system prompt, the beginning of the question), not the end of the completion,
+which the classifier reads its score from (only a completion longer than `max_length` loses its own beginning). `num_truncated` counts them; the first one is logged.
 
-Score. `logits[:, 0]` of the model on the right-padded batch, padded with the model's own `pad_token_id` (the
+Score. `logits[:, 0]` of the model on each right-padded micro-batch (texts sorted by length, so a micro-batch wastes
+little on padding; the scores come back in the caller's order), padded with the model's own `pad_token_id` (the
 classifier pools at the last token that is not padding, so padding with another id would move the pooled position).
 
 Partitioning. The model lives in a DeepSpeed inference engine partitioned like the reference model (ZeRO-3, its
@@ -50,6 +51,8 @@ def check_reward_model(path: str) -> str:
     from transformers import AutoConfig
 
     local = Path(path).expanduser()
+    if local.is_file():
+        raise ValueError(f"{FLAG} {path}: a file, not a Hugging Face model folder or hub id")
     if local.exists():
         if not (local / "config.json").is_file():
             raise ValueError(f"{FLAG} {path}: folder has no config.json (not a Hugging Face model folder)")
@@ -102,7 +105,8 @@ class RewardModel:
     `path`: a folder or hub id, checked first (check_reward_model) so a wrong checkpoint is refused before any
     weight loads. `ds_config`: the engine's DeepSpeed config, `distributed.reward_model_ds_config(policy_ds,
     offload)`; it sets the precision (bf16 when enabled, else fp32). `micro_batch_size`: texts per forward.
-    `max_length`: tokens kept per text, from the end. The process group must be up (distributed.init_distributed)."""
+    `max_length`: tokens kept per text, from the end (at most the model's
+    max_position_embeddings). The process group must be up (distributed.init_distributed)."""
 
     __name__ = "model"  # the term's name in logs and in --reward
 
@@ -135,6 +139,10 @@ class RewardModel:
             log.warning("%s %s: the model defines no pad_token_id; padding with the tokenizer's %d", FLAG, path, pad)
             config.pad_token_id = pad
         self.pad_token_id = int(config.pad_token_id)
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions and positions < self.max_length:
+            log.info("%s: texts cut to %d tokens, the model's max_position_embeddings", FLAG, positions)
+            self.max_length = positions
 
     def tokenize(self, prompts: list, completions: list) -> list[list[int]]:
         """Token ids of each rendered pair, cut to the last max_length tokens."""
@@ -154,18 +162,20 @@ class RewardModel:
     def __call__(self, prompts: list, completions: list, completion_ids: Optional[list] = None,
                  **columns) -> list[float]:
         rows = self.tokenize(prompts, completions)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: less padding
         num_batches = math.ceil(len(rows) / self.micro_batch_size)
         if distributed.is_zero3(self.engine) and distributed.world_size() > 1:
             # ZeRO-3 forwards gather weights from every rank: all ranks run the same number
             num_batches = max(distributed.all_gather_objects(num_batches))
-        scores: list[float] = []
+        scores: list[float] = [0.0] * len(rows)
         with torch.no_grad():
             for b in range(num_batches):
-                batch = rows[b * self.micro_batch_size:(b + 1) * self.micro_batch_size]
-                if not batch:  # this rank has run out: a one-token forward keeps it in step with the others
+                index = order[b * self.micro_batch_size:(b + 1) * self.micro_batch_size]
+                if not index:  # this rank has run out: a one-token forward keeps it in step with the others
                     self._forward([[self.pad_token_id]])
                     continue
-                scores.extend(self._forward(batch))
+                for i, score in zip(index, self._forward([rows[i] for i in index]), strict=True):
+                    scores[i] = score
         return scores
 
     def _forward(self, batch: list[list[int]]) -> list[float]:

@@ -1,6 +1,7 @@
 """One rank of the reward-model tests (tests/test_reward_model.py): a RewardModel partitioned ZeRO-3 over however many
 ranks this launch has scores this rank's share of ITEMS, twice (shares of equal size, then of unequal size, so that
-the ranks run different numbers of micro-batches); each rank writes its scores and how much of the model it holds."""
+the ranks run different numbers of micro-batches); each rank writes its scores and how much of the model it holds. Arguments: model folder, output folder, and "offload"
+(the partitions in CPU memory, --reward_model_offload) or "device"."""
 
 import json
 import sys
@@ -29,13 +30,13 @@ SHARES = {"equal": {1: [(0, 8)], 2: [(0, 4), (4, 8)]}, "unequal": {1: [(0, 8)], 
 
 
 def main() -> int:
-    model_path, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][:2]
+    model_path, out, offload = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][:3]
     rank, world = distributed.init_distributed()
     # as the trainer's policy config would be after build_ds_config; threshold 0 so that even the tiny model's
     # parameters are partitioned
     policy_ds = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": False},
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    scorer = RewardModel(model_path, distributed.reward_model_ds_config(policy_ds), micro_batch_size=MICRO,
+    scorer = RewardModel(model_path, distributed.reward_model_ds_config(policy_ds, offload=offload == "offload"), micro_batch_size=MICRO,
                          max_length=MAX_LENGTH)
     record = {}
     for case, shares in SHARES.items():
@@ -48,7 +49,7 @@ def main() -> int:
         full += getattr(p, "ds_numel", p.numel())
         held += p.data.numel() or p.ds_tensor.numel()
     record.update(held=held, full=full, num_truncated=scorer.num_truncated)
-    Path(out, f"scores_{world}_{rank}.json").write_text(json.dumps(record))
+    Path(out, f"scores_{world}_{offload}_{rank}.json").write_text(json.dumps(record))
     return 0
 
 

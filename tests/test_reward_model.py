@@ -61,10 +61,10 @@ def by_hand(path) -> tuple[list[float], list[int]]:
     return scores, lengths
 
 
-def launch(nprocs: int, model, out, timeout: float = 300) -> None:
+def launch(nprocs: int, model, out, where: str, timeout: float = 300) -> None:
     """The worker on `nprocs` ranks, in a session of its own: ranks out of step hang in a collective, and then the
     whole group (launcher and ranks) is killed."""
-    cmd = launch_command(str(ROOT / "tests" / "reward_model_worker.py"), nprocs, [str(model), str(out)],
+    cmd = launch_command(str(ROOT / "tests" / "reward_model_worker.py"), nprocs, [str(model), str(out), where],
                          always_launcher=True)
     proc = subprocess.Popen(cmd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -84,20 +84,35 @@ def test_scores_on_one_and_two_ranks_equal_a_plain_forward(classifier, tmp_path)
     assert num_long == 2  # the question repeated twice, and the system-prompted chat
     # the texts really differ in score, so scores attached to the wrong completion would show
     assert min(abs(a - b) for i, a in enumerate(expected) for b in expected[i + 1:]) > 1e-3
-    for world in (1, 2):
-        launch(world, classifier, tmp_path)
-        records = [json.loads((tmp_path / f"scores_{world}_{r}.json").read_text()) for r in range(world)]
+    # one rank; two ranks with the model partitioned between them; the same with the partitions in CPU memory
+    # (--reward_model_offload)
+    for world, where in ((1, "device"), (2, "device"), (2, "offload")):
+        launch(world, classifier, tmp_path, where)
+        records = [json.loads((tmp_path / f"scores_{world}_{where}_{r}.json").read_text()) for r in range(world)]
         for case, shares in SHARES.items():
             for rank, (start, stop) in enumerate(shares[world]):
                 # each rank's scores are those of its own completions, in order; "unequal" gives rank 0 three
                 # micro-batches and rank 1 two, which ZeRO-3's lockstep gathering must survive
-                assert records[rank][case] == pytest.approx(expected[start:stop], abs=1e-4), (world, case, rank)
+                assert records[rank][case] == pytest.approx(expected[start:stop], abs=1e-4), (world, where, case,
+                                                                                             rank)
         # the long items were cut to their last MAX_LENGTH tokens (once per case, on the rank that holds them)
         assert sum(r["num_truncated"] for r in records) == 2 * num_long
         if world == 2:
             # each rank holds half of the model, not all of it (ZeRO-3 partitioning, not replication)
             full = records[0]["full"]
             assert all(r["held"] < 0.6 * full for r in records) and sum(r["held"] for r in records) >= full
+
+
+def test_the_engine_config_is_zero3_like_the_partitioned_reference():
+    policy = {"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
+              "zero_optimization": {"stage": 2, "stage3_param_persistence_threshold": 0}}
+    assert distributed.reward_model_ds_config(policy) == {
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10 ** 9}
+    offloaded = distributed.reward_model_ds_config({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": False},
+                                                    "zero_optimization": {"stage": 3}}, offload=True)
+    assert offloaded["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False}}
+    assert offloaded["bf16"] == {"enabled": False}
 
 
 def test_rendering_without_a_chat_template_is_a_plain_transcript():
@@ -159,6 +174,9 @@ def test_missing_paths_are_refused(tmp_path, no_weights):
     (tmp_path / "empty").mkdir()
     assert refusal(tmp_path / "empty") == (f"--reward_model {tmp_path / 'empty'}: folder has no config.json (not a "
                                            f"Hugging Face model folder)")
+    (tmp_path / "model.gguf").write_text("")
+    assert refusal(tmp_path / "model.gguf") == (f"--reward_model {tmp_path / 'model.gguf'}: a file, not a Hugging "
+                                                f"Face model folder or hub id")
 
 
 def test_a_single_label_classifier_passes_the_check(classifier, no_weights):
