@@ -221,3 +221,14 @@ def test_the_example_server_scores_by_the_answer_column(tmp_path, monkeypatch):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_a_loopback_scorer_is_reached_past_an_http_proxy(serve, monkeypatch):
+    """Where http_proxy is set (many clusters), urllib would send even 127.0.0.1 to the proxy: here a dead one."""
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    scorer = serve(lengths)
+    assert RemoteReward(scorer.url, retries=0)(["a"], ["xyz"]) == [3.0]
