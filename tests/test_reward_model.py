@@ -181,3 +181,15 @@ def test_missing_paths_are_refused(tmp_path, no_weights):
 
 def test_a_single_label_classifier_passes_the_check(classifier, no_weights):
     assert check_reward_model(str(classifier)) == str(classifier)
+
+
+def test_chat_rendering_is_trls():
+    """For chat prompts TRL renders prompt + completion messages with trl.data_utils.apply_chat_template (the text
+    its GRPOTrainer feeds an nn.Module reward model): the same text here."""
+    from trl.data_utils import apply_chat_template
+
+    tokenizer = build_tokenizer()
+    for prompt, completion in ITEMS:
+        if isinstance(prompt, list):
+            trl_text = apply_chat_template({"messages": prompt + completion}, tokenizer)["text"]
+            assert render(tokenizer, prompt, completion) == (trl_text, False)
