@@ -41,6 +41,8 @@ import urllib.parse
 import urllib.request
 from typing import Optional
 
+from .rewards import RewardAbort
+
 log = logging.getLogger("grpo_ds.remote_reward")
 
 FLAG = "--reward_url"
@@ -48,8 +50,9 @@ API_KEY_ENV = "GRPO_DS_REWARD_API_KEY"
 RETRY_STATUS = {408, 429}  # and every 5xx
 
 
-class RewardServerError(ValueError):
-    """The reward server failed (after any retries): one line naming the URL and what went wrong."""
+class RewardServerError(RewardAbort, ValueError):
+    """The reward server failed (after any retries): one line naming the URL and what went wrong. A RewardAbort:
+    score_completions lets it through, and the trainer saves what it has and stops."""
 
 
 class _Transient(Exception):

@@ -37,7 +37,9 @@ from .loss import BatchTotals, GRPOLoss, entropy_threshold, group_advantages, kl
 from .metrics import MetricsLogger, setup_logging
 from .models import check_lora_targets, load_model, load_tokenizer, resolve_model
 from .plot import plot_runs
-from .rewards import overlong_penalties, parse_reward, required_columns, score_completions
+from .remote_reward import RemoteReward
+from .reward_model import RewardModel, check_reward_model
+from .rewards import RewardAbort, overlong_penalties, parse_reward, required_columns, score_completions
 
 log = logging.getLogger("grpo_ds.trainer")
 
@@ -52,6 +54,11 @@ def seed_for(*parts: int) -> int:
 
 class Preempted(Exception):
     """Raised on every rank after a SIGTERM/SIGINT once the checkpoint is written; the message says how to resume."""
+
+
+class RewardAbortedRun(ValueError):
+    """A reward source failed for good mid-run (e.g. --reward_url unreachable after its retries); raised on every
+    rank once the last complete step is checkpointed."""
 
 
 class NonFiniteError(RuntimeError):
@@ -200,7 +207,13 @@ def setup(cfg: Config) -> Run:
     layout = validate(cfg, world)
     ds_config, precision = distributed.build_ds_config(distributed.load_ds_json(cfg.ds_config), cfg, layout,
                                                        distributed.on_gpu())
-    rewards = parse_reward(cfg.reward)
+    remote = None
+    if cfg.reward_url:  # a dead or slow scorer is refused now, not at the first step
+        remote = RemoteReward(cfg.reward_url, cfg.reward_url_timeout, cfg.reward_url_retries)
+        remote.check()
+    if cfg.reward_model:  # the checkpoint's head, read from its config alone
+        check_reward_model(cfg.reward_model)
+    rewards = parse_reward(cfg.reward, {"remote": remote, "model": _reward_model_pending})
     columns = dict(prompt_column=cfg.prompt_column, answer_column=cfg.answer_column)
     problems = load_problems(cfg.dataset, "train", num_problems=cfg.num_problems, difficulty=cfg.difficulty,
                              seed=cfg.seed, bad_answers=cfg.bad_answers, **columns)
@@ -247,6 +260,11 @@ def setup(cfg: Config) -> Run:
               eval_problems=eval_problems, logger=None, output_dir=output_dir,
               export_dtype={"auto": dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype])
     run.engine = rollout_engine(cfg, policy)
+    if cfg.reward_model:  # partitioned over the ranks like the reference (ZeRO-3), offloaded on request
+        scorer = RewardModel(cfg.reward_model,
+                             distributed.reward_model_ds_config(ds_config, cfg.reward_model_offload),
+                             micro_batch_size=cfg.train_batch_size)
+        run.rewards = [dataclasses.replace(t, fn=scorer) if t.name == "model" else t for t in run.rewards]
     if resume_path is not None:
         state = checkpoint.load(policy, resume_path)
         _warn_config_changes(state["config"], cfg)
@@ -257,6 +275,11 @@ def setup(cfg: Config) -> Run:
     run.logger = MetricsLogger(cfg.output_dir, rank, cfg.max_steps, monitor=policy.monitor,
                                first_step=run.start_step + 1)
     return run
+
+
+def _reward_model_pending(prompts, completions, **kwargs):
+    """Stands for the 'model' term until setup() has loaded the reward model."""
+    raise AssertionError("the reward model is scored before it was loaded")
 
 
 def check_reward_columns(rewards: list, problems: list[Problem], dataset: str) -> None:
@@ -428,9 +451,21 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
     texts_N = result.texts(run.tokenizer)
     completion_ids = [row[mask.bool()].tolist() for row, mask in zip(result.completion_ids_NC.cpu(),
                                                                    result.completion_mask_NC.cpu())]
-    reported = RewardReports()
-    rewards, stats = score_completions(texts_N, [p for p in problems_B for _ in range(G)], run.rewards,
-                                       completion_ids, reported.extras(step, cfg.max_steps))
+    reported, failure = RewardReports(), None
+    try:
+        rewards, stats = score_completions(texts_N, [p for p in problems_B for _ in range(G)], run.rewards,
+                                           completion_ids, reported.extras(step, cfg.max_steps))
+    except RewardAbort as err:  # a remote scorer that stays unreachable: save what we have and stop, all ranks
+        failure = str(err)
+    if cfg.reward_url and distributed.any_rank(failure is not None):
+        run.sampler.load_state_dict(sampler_before)  # this step never happened
+        if step - 1 > run.saved_step:
+            run.save(step - 1)
+        why = next(f for f in distributed.all_gather_objects(failure) if f)  # every rank joins the gather
+        raise RewardAbortedRun(f"{why}; stopped at step {step}, checkpoint "
+                               f"{checkpoint.latest_checkpoint(cfg.output_dir)} (resume with --resume_from latest)")
+    if failure is not None:
+        raise RewardAbortedRun(failure)
     lengths_N = result.completion_mask_NC.sum(dim=1).tolist()
     if cfg.overlong_buffer:
         penalties = overlong_penalties(lengths_N, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
