@@ -25,6 +25,7 @@ from .data import SYSTEM_PROMPT
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+SAMPLING_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 SCALE_REWARDS = ("group", "batch", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 REPORTERS = ("none", "tensorboard", "wandb")
@@ -137,6 +138,24 @@ class Config:
     kl_in_reward: bool = _field(False, "Put the KL penalty in the reward instead of the loss: each completion's "
                                 "reward loses kl_weight x its summed per-token KL (old vs reference log-probs), as "
                                 "OpenRLHF and verl do by default; the loss then has no KL term.")
+    importance_sampling_correction: bool = _field(False, "Correct the mismatch between the rollout engine's sampling "
+                                                  "distribution and the trainer's (numerics, kernels, another "
+                                                  "engine) with importance weights on the policy loss, from the "
+                                                  "log-probs the engine recorded while sampling (TRL's "
+                                                  "vllm_importance_sampling_correction). The mismatch is logged "
+                                                  "either way (sampling/*).")
+    importance_sampling_mode: str = _field("sequence_mask", "'token_truncate', 'token_mask', 'sequence_truncate' or "
+                                           "'sequence_mask': a weight per token or per sequence (the exponent of "
+                                           "its summed log-ratio), clamped to [min, max] or zeroed outside it (TRL's "
+                                           "vllm_importance_sampling_mode).")
+    importance_sampling_clip_min: Optional[float] = _field(None, "Lower bound of the sampling correction's weight "
+                                                           "(none by default).")
+    importance_sampling_clip_max: Optional[float] = _field(3.0, "Upper bound of the sampling correction's weight "
+                                                           "(TRL's default 3.0; 'none' for no bound).")
+    sampler_logprobs_as_old: bool = _field(False, "When the update is off-policy (several optimizer steps per step), "
+                                           "use the log-probs the rollout engine recorded as the old log-probs "
+                                           "instead of a second forward pass (needs --top_p 1: with a nucleus they "
+                                           "describe the truncated distribution).")
     scale_rewards: str = _field("group", "Advantage scaling: 'group' ((r - mean) / (std + eps) per group), "
                                 "'batch' (group mean, std over the whole step), 'none' (r - mean).")
     gradient_accumulation_steps: Optional[int] = _field(None, "Micro-batches per optimizer step (default: all of "
@@ -335,6 +354,12 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         bad("reward_url_timeout", "must be positive")
     if cfg.reward_url_retries < 0:
         bad("reward_url_retries", "must be >= 0")
+    if cfg.sampler_logprobs_as_old and cfg.top_p < 1:
+        bad("sampler_logprobs_as_old", f"needs --top_p 1: with --top_p {cfg.top_p} the sampler's log-probs are of the "
+            "nucleus-truncated distribution, not the policy's")
+    low, high = cfg.importance_sampling_clip_min, cfg.importance_sampling_clip_max
+    if low is not None and high is not None and not 0 <= low < high:
+        bad("importance_sampling_clip_min", f"must be in [0, --importance_sampling_clip_max {high})")
     if cfg.kl_in_reward and cfg.kl_weight == 0:
         bad("kl_in_reward", "needs --kl_weight > 0 (the penalty's weight)")
     if cfg.lora_r < 0:
@@ -376,6 +401,7 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         bad("max_nonfinite_skips", "must be at least 1")
     for name, choices in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS), ("precision", PRECISIONS),
                           ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS), ("kl_estimator", KL_ESTIMATORS),
+                          ("importance_sampling_mode", SAMPLING_CORRECTION_MODES),
                           ("report_to", REPORTERS), ("bad_answers", ("skip", "error")),
                           ("export_dtype", ("auto", "bf16", "fp32")), ("rollout_engine", ("auto", "hf", "compiled"))):
         if getattr(cfg, name) not in choices:

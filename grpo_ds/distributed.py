@@ -127,6 +127,15 @@ def all_reduce_sum(values_K: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_max_dict(values: dict[str, float]) -> dict[str, float]:
+    """The largest of each named value over ranks in one all-reduce (every rank must pass the same keys; for a
+    minimum, pass the negated value)."""
+    keys = sorted(values)
+    out = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+    return dict(zip(keys, out.cpu().tolist()))
+
+
 def all_reduce_dict(values: dict[str, float]) -> dict[str, float]:
     """Sum each named value over ranks in one all-reduce (float64; every rank must pass the same keys)."""
     keys = sorted(values)

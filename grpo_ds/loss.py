@@ -85,6 +85,35 @@ def uniform_groups(rewards_BG: torch.Tensor) -> torch.Tensor:
     return (high_B == low_B) | (scorable_BG.sum(dim=1) < 2)
 
 
+SAMPLING_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampling_correction(old_logprobs_NC: torch.Tensor, sampler_logprobs_NC: torch.Tensor,
+                        completion_mask_NC: torch.Tensor, mode: str = "sequence_mask",
+                        clip_min: Optional[float] = None, clip_max: Optional[float] = 3.0) -> torch.Tensor:
+    """Importance weights for the mismatch between the rollout engine's sampling distribution and the trainer's
+    (TRL's vllm_importance_sampling_correction; "Your efficient RL framework secretly brings you off-policy RL",
+    Yao et al. 2025): ratio = exp(old - sampler) per token ("token_*", N x C) or exp of its sum over the sequence
+    ("sequence_*", N x 1); "*_truncate" clamps it to [clip_min, clip_max], "*_mask" sets it to 0 outside. Masked
+    positions count as a ratio of 1.
+
+    >>> old, sampler, mask = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-2.0, -2.0]]), torch.ones(1, 2)
+    >>> sampling_correction(old, sampler, mask, "token_truncate", clip_max=2.0)  # exp(1) = 2.72 -> 2
+    tensor([[2., 1.]])
+    >>> sampling_correction(old, sampler, mask, "sequence_mask", clip_max=2.0)  # exp(1) > 2: masked out
+    tensor([[0.]])
+    """
+    if mode not in SAMPLING_CORRECTION_MODES:
+        raise ValueError(f"unknown importance sampling mode {mode!r}")
+    diff_NC = torch.nan_to_num((old_logprobs_NC - sampler_logprobs_NC) * completion_mask_NC, nan=0.0)
+    ratio = torch.exp(diff_NC.sum(dim=1, keepdim=True) if mode.startswith("sequence") else diff_NC)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -203,9 +232,12 @@ class GRPOLoss:
     def __call__(self, logprobs_NC: torch.Tensor, old_logprobs_NC: torch.Tensor,
                  ref_logprobs_NC: Optional[torch.Tensor], advantages_N: torch.Tensor,
                  completion_mask_NC: torch.Tensor, totals: BatchTotals,
-                 entropies_NC: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+                 entropies_NC: Optional[torch.Tensor] = None,
+                 sampling_weights_NC: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         """Returns (loss contribution, metrics). Metrics are sums over this micro-batch's completion tokens, so
-        the caller can add them over micro-batches and ranks before dividing by `num_tokens`."""
+        the caller can add them over micro-batches and ranks before dividing by `num_tokens`. `sampling_weights_NC`
+        (N x C or N x 1, from sampling_correction) multiplies each token's policy loss, after the entropy mask and
+        before the KL term, as TRL applies its vLLM importance-sampling correction."""
         mask_NC = completion_mask_NC.to(logprobs_NC.dtype)
         # Zero the inputs outside the mask before any arithmetic: a masked position may hold any value (padding
         # after EOS, trimmed columns), and an inf there would turn 0 * inf into NaN in the forward or backward.
@@ -237,6 +269,8 @@ class GRPOLoss:
                          else entropy_threshold(entropies_NC, completion_mask_NC, self.top_entropy_quantile))
             high_entropy_NC = ((entropies_NC * mask_NC) >= threshold) & keep_NC
             per_token = per_token * high_entropy_NC
+        if sampling_weights_NC is not None:
+            per_token = per_token * sampling_weights_NC.to(per_token.dtype)
         per_token_NC = per_token.expand_as(logprobs_NC) if per_token.shape != logprobs_NC.shape else per_token
         if ref_logprobs_NC is not None and self.kl_weight > 0:
             kl_NC = kl_estimate(logprobs_NC, ref_logprobs_NC, self.kl_estimator)

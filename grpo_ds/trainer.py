@@ -33,7 +33,8 @@ from .eval import evaluate
 from .experience import Experience
 from .generation import Rollout, Sampling, StaticDecoder, generate
 from .logprobs import completion_logprobs
-from .loss import BatchTotals, GRPOLoss, entropy_threshold, group_advantages, kl_estimate, uniform_groups
+from .loss import (BatchTotals, GRPOLoss, entropy_threshold, group_advantages, kl_estimate, sampling_correction,
+                   uniform_groups)
 from .metrics import MetricsLogger, setup_logging
 from .models import check_lora_targets, load_model, load_tokenizer, resolve_model
 from .plot import plot_runs
@@ -159,7 +160,10 @@ class Run:
                           accumulation=self.layout.gradient_accumulation_steps, epochs=self.cfg.epochs_per_step,
                           world_size=self.world, max_new_tokens=self.cfg.max_new_tokens,
                           temperature=self.cfg.temperature, group_size=self.cfg.group_size,
-                          shuffle_seed=(self.cfg.seed, step, self.rank))
+                          shuffle_seed=(self.cfg.seed, step, self.rank),
+                          correction=((self.cfg.importance_sampling_mode, self.cfg.importance_sampling_clip_min,
+                                       self.cfg.importance_sampling_clip_max)
+                                      if self.cfg.importance_sampling_correction else None))
 
     def save(self, step: int) -> None:
         state = {"step": step, "sampler": self.sampler.state_dict(), "consecutive_skips": self.consecutive_skips,
@@ -494,7 +498,7 @@ def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) 
     widths = [(batch.rollout.sequences_NT.shape[1] - batch.rollout.completion_mask_NC.shape[1],
                batch.rollout.completion_mask_NC.shape[1]) for batch, _ in chosen]
     P, C = max(p for p, _ in widths), max(c for _, c in widths)
-    sequences, attention, masks, truncated = [], [], [], []
+    sequences, attention, masks, truncated, sampled = [], [], [], [], []
     for (batch, b), (p, c) in zip(chosen, widths):
         rows = slice(b * G, (b + 1) * G)
         seq, att = batch.rollout.sequences_NT[rows].cpu(), batch.rollout.attention_mask_NT[rows].cpu()
@@ -504,7 +508,10 @@ def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) 
         attention.append(pad(att, P - p, C - c, 0))
         masks.append(pad(mask, 0, C - c, 0))
         truncated.append(batch.rollout.truncated_N[rows].cpu())
-    rollout_ = Rollout(torch.cat(sequences), torch.cat(attention), torch.cat(masks), torch.cat(truncated))
+        if batch.rollout.sampler_logprobs_NC is not None:
+            sampled.append(pad(batch.rollout.sampler_logprobs_NC[rows].cpu(), 0, C - c, 0.0))
+    rollout_ = Rollout(torch.cat(sequences), torch.cat(attention), torch.cat(masks), torch.cat(truncated),
+                       torch.cat(sampled) if len(sampled) == len(chosen) else None)
     return Groups([batch.problems_B[b] for batch, b in chosen], rollout_,
                   [t for batch, b in chosen for t in batch.texts_N[b * G:(b + 1) * G]],
                   torch.stack([batch.rewards_BG[b] for batch, b in chosen]), {}, 0.0)
@@ -527,7 +534,9 @@ def make_experience(run: Run, groups: Groups) -> tuple[Experience, dict]:
     cfg, rollout_ = run.cfg, groups.rollout
     rewards_BG = groups.rewards_BG
     experience = Experience(rollout_.sequences_NT.cpu(), rollout_.attention_mask_NT.cpu(),
-                            rollout_.completion_mask_NC.cpu(), rewards_BG.flatten(), torch.zeros(rewards_BG.numel()))
+                            rollout_.completion_mask_NC.cpu(), rewards_BG.flatten(), torch.zeros(rewards_BG.numel()),
+                            sampler_logprobs_NC=(None if rollout_.sampler_logprobs_NC is None
+                                                 else rollout_.sampler_logprobs_NC.cpu()))
     timings = {"reference_s": 0.0, "old_logprobs_s": 0.0}
     if cfg.kl_in_reward:
         experience.ref_logprobs_NC, experience.old_logprobs_NC = logprob_passes(run, experience, timings, old=True)
@@ -551,8 +560,11 @@ def make_experience(run: Run, groups: Groups) -> tuple[Experience, dict]:
 
 
 def logprob_passes(run: Run, experience: Experience, timings: dict, old: bool):
-    """(reference log-probs or None, old log-probs or None), timed."""
+    """(reference log-probs or None, old log-probs or None), timed. With --sampler_logprobs_as_old the old
+    log-probs are the ones the rollout engine recorded, and the second pass is skipped."""
     cfg, mb = run.cfg, run.cfg.train_batch_size
+    if old and cfg.sampler_logprobs_as_old and experience.sampler_logprobs_NC is not None:
+        return logprob_passes(run, experience, timings, old=False)[0], experience.sampler_logprobs_NC
     t0 = time.perf_counter()
     ref = None
     if run.reference is not None:
@@ -600,6 +612,7 @@ class UpdatePlan:
     temperature: float
     group_size: int  # whole groups are shuffled together, so a micro-batch holds whole prompts
     shuffle_seed: Optional[tuple] = None  # None: the stored order (tests)
+    correction: Optional[tuple] = None  # (mode, clip_min, clip_max) of the sampling correction; None: off
 
 
 @dataclass
@@ -614,6 +627,31 @@ class UpdateStats:
     grad_norms: list = field(default_factory=list)  # one per finite optimizer step (the global norm)
     finite_steps: list = field(default_factory=list)  # one bool per optimizer step
     nonfinite_losses: list = field(default_factory=list)  # where a micro-batch's loss was not finite
+    # sampler vs trainer log-probs, over the first epoch's tokens (the trainer's: the old log-probs)
+    sampling_diff_sum: float = 0.0
+    sampling_diff_max: float = 0.0
+    sampling_tokens: float = 0.0
+    sampling_ratio_sum: float = 0.0
+    sampling_ratio_count: float = 0.0
+    sampling_ratio_min: float = math.inf
+    sampling_ratio_max: float = 0.0
+
+    def record_mismatch(self, old_NC: torch.Tensor, sampler_NC: torch.Tensor, mask_NC: torch.Tensor,
+                        weights: Optional[torch.Tensor]) -> None:
+        """TRL's sampling metrics: |old - sampler| per token, and the importance ratio (the correction's weights
+        when it is on, per token or per sequence; else the raw per-token ratio exp(old - sampler))."""
+        keep = mask_NC.bool()
+        diff = (old_NC - sampler_NC).abs()[keep].float()
+        ratio = (torch.exp(old_NC - sampler_NC)[keep] if weights is None
+                 else weights.flatten() if weights.shape[1] == 1 else weights[keep]).float()
+        self.sampling_diff_sum += float(diff.sum())
+        self.sampling_tokens += float(diff.numel())
+        self.sampling_diff_max = max(self.sampling_diff_max, float(diff.max()) if diff.numel() else 0.0)
+        if ratio.numel():
+            self.sampling_ratio_sum += float(ratio.sum())
+            self.sampling_ratio_count += float(ratio.numel())
+            self.sampling_ratio_min = min(self.sampling_ratio_min, float(ratio.min()))
+            self.sampling_ratio_max = max(self.sampling_ratio_max, float(ratio.max()))
 
 
 def update(policy, experience: Experience, loss_fn: GRPOLoss, plan: UpdatePlan) -> UpdateStats:
@@ -651,8 +689,15 @@ def update(policy, experience: Experience, loss_fn: GRPOLoss, plan: UpdatePlan) 
                     tokens.unsqueeze(0), torch.ones_like(tokens.unsqueeze(0)), loss_fn.top_entropy_quantile))
             old_NC = logprobs_NC.detach() if batch.old_logprobs_NC is None else batch.old_logprobs_NC.to(device)
             ref_NC = None if batch.ref_logprobs_NC is None else batch.ref_logprobs_NC.to(device)
+            weights = None
+            if batch.sampler_logprobs_NC is not None:
+                sampler_NC = batch.sampler_logprobs_NC.to(device)
+                if plan.correction is not None:
+                    weights = sampling_correction(old_NC, sampler_NC, mask_NC, *plan.correction)
+                if epoch == 0:
+                    stats.record_mismatch(old_NC, sampler_NC, mask_NC, weights)
             loss, metrics = loss_fn(logprobs_NC, old_NC, ref_NC, batch.advantages_N.to(device), mask_NC, totals,
-                                    entropies_NC=entropies_NC)
+                                    entropies_NC=entropies_NC, sampling_weights_NC=weights)
             finite = bool(torch.isfinite(loss))
             if not finite:
                 stats.nonfinite_losses.append(f"rank {torch.distributed.get_rank()} epoch {epoch} micro-batch {i}")
@@ -692,7 +737,12 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
         "num_tokens": stats.num_tokens, "entropy_sum": stats.entropy_sum,
         "skipped_steps": float(stats.finite_steps.count(False)), "grad_norm_sum": sum(stats.grad_norms),
         "grad_norm_count": float(len(stats.grad_norms)),
+        "sampling_diff_sum": stats.sampling_diff_sum, "sampling_tokens": stats.sampling_tokens,
+        "sampling_ratio_sum": stats.sampling_ratio_sum, "sampling_ratio_count": stats.sampling_ratio_count,
     })
+    extremes = distributed.all_reduce_max_dict({"diff_max": stats.sampling_diff_max,
+                                                "ratio_max": stats.sampling_ratio_max,
+                                                "ratio_min_negated": -stats.sampling_ratio_min})
     tokens, n, world = total["num_tokens"], total["completions"], run.world
     scored = total["scored"]
     reward_mean = total["reward_sum"] / scored if scored else None
@@ -726,6 +776,13 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
         "step_s": step_s,
         "rollout_tokens_per_s": total["completion_tokens"] / max(total["generation_s"] / world, 1e-9),
     }
+    if total["sampling_tokens"]:  # sampler vs trainer, named as TRL logs them
+        metrics.update({"sampling/sampling_logp_difference/mean": total["sampling_diff_sum"] / total["sampling_tokens"],
+                        "sampling/sampling_logp_difference/max": extremes["diff_max"],
+                        "sampling/importance_sampling_ratio/min": -extremes["ratio_min_negated"],
+                        "sampling/importance_sampling_ratio/mean": total["sampling_ratio_sum"]
+                        / total["sampling_ratio_count"],
+                        "sampling/importance_sampling_ratio/max": extremes["ratio_max"]})
     if run.cfg.dynamic_sampling:
         metrics.update(groups_drawn=int(total["groups"]), groups_kept=int(total["groups_kept"]),
                        sampling_rounds=groups.rounds)
