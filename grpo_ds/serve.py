@@ -142,17 +142,69 @@ class Job:
         return (0.0, 1.0) if self.temperature == 0 else (self.temperature, self.top_p)
 
 
+class IncrementalDecoder:
+    """The text of a growing list of token ids, decoding a few tokens per new token instead of the whole row (which
+    made a stream of L tokens cost O(L^2) tokens of decoding).
+
+    The method of Hugging Face's text-generation-inference and vLLM (`decode_token`, `detokenize_incrementally`):
+    each step decodes `ids[prefix:]`, where ids[prefix:read] is the text already emitted last time, kept as context
+    so that tokenizers which drop a word's leading space at the start of a text (SentencePiece) or merge pieces
+    decode the new token as the whole row would; the new text is what that window adds. A window whose text ends
+    with U+FFFD may be a multi-byte character cut between byte-level tokens, so it waits for the next token. While
+    every emitted chunk ends on a whole character, the concatenated chunks equal decode(ids) exactly.
+
+    Known limit: a model emitting invalid UTF-8 (or skipped special tokens) for MAX_PENDING tokens in a row has its
+    window emitted as decoded so far, to keep the work per token bounded; if such a run ends on a character cut in
+    two, the stream shows U+FFFD where decode(ids) has the character (valid text is never affected)."""
+
+    MAX_PENDING = 16
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read]: the last emitted chunk, decoding context for the next
+        self.read = 0  # ids[:read] are in the emitted text
+        self.prefix_text = ""  # decode(ids[prefix:read])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        """The text that `token` adds: "" while the window ends mid-character (or adds nothing yet)."""
+        self.ids.append(token)
+        window = self.decode(self.ids[self.prefix:])
+        waiting = len(window) <= len(self.prefix_text) or window.endswith("\ufffd")
+        if waiting and len(self.ids) - self.read < self.MAX_PENDING:
+            return ""
+        return self.emit(window)
+
+    def flush(self) -> str:
+        """The text still held back: the row has ended, whatever its last tokens are."""
+        return self.emit(self.decode(self.ids[self.prefix:])) if self.read < len(self.ids) else ""
+
+    def emit(self, window: str) -> str:
+        new = window[len(self.prefix_text):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.prefix_text = self.decode(self.ids[self.prefix:self.read])
+        return new
+
+
 class Row:
-    """One generated completion of a job, followed token by token."""
+    """One generated completion of a job, followed token by token. A row that streams or has stop strings decodes
+    as it goes (IncrementalDecoder) and searches only the new end of its text for stop strings; any other row
+    decodes once, when it ends."""
 
     def __init__(self, job: Job, choice: int, tokenizer, eos_ids: set[int]):
         self.job, self.choice, self.tokenizer, self.eos_ids = job, choice, tokenizer, eos_ids
         self.ids: list[int] = []
+        self.decoder = IncrementalDecoder(tokenizer) if job.stop or job.stream else None
         self.num_tokens = 0  # generated tokens, an EOS included (what usage reports)
-        self.sent = 0  # characters of text already streamed
         self.text = ""
+        self.sent = 0  # characters of text already streamed
+        self.searched = 0  # no stop string starts before text[searched]
         self.done = False
-        self.holdback = max((len(s) for s in job.stop), default=1) - 1  # a stop string may be mid-way
+        self.longest_stop = max((len(s) for s in job.stop), default=0)
+        self.holdback = max(self.longest_stop - 1, 0)  # a stop string may be mid-way
 
     def step(self, token: int) -> None:
         if self.job.cancelled:
@@ -161,23 +213,40 @@ class Row:
         if token in self.eos_ids:
             return self.finish("stop")
         self.ids.append(token)
-        if self.job.stop or self.job.stream:
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-            cut = min((i for i in (self.text.find(s) for s in self.job.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.text = self.text[:cut]
-                return self.finish("stop")
-            # Hold back a possible start of a stop string and a half-decoded multi-byte character.
-            safe = len(self.text) - self.holdback
-            if self.job.stream and safe > self.sent and not self.text[:safe].endswith("\ufffd"):
+        if self.decoder is not None:
+            self.text += self.decoder.add(token)
+            if self.cut_at_stop():
+                return self.end("stop")
+            safe = len(self.text) - self.holdback  # hold back a possible start of a stop string
+            if self.job.stream and safe > self.sent:
                 self.job.send("delta", self.choice, self.text[self.sent:safe])
                 self.sent = safe
         if self.num_tokens >= self.job.max_tokens:
             self.finish("length")
 
+    def cut_at_stop(self) -> bool:
+        """Ends the text before the first stop string, if one is complete now. Only the new end is searched: a stop
+        string found now ends in the new text, so starts at most len(longest) - 1 characters before it."""
+        if not self.job.stop:
+            return False
+        cut = min((i for i in (self.text.find(s, self.searched) for s in self.job.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return True
+        self.searched = max(0, len(self.text) - self.longest_stop + 1)
+        return False
+
     def finish(self, reason: str) -> None:
-        if not (self.job.stop or self.job.stream):  # decoded once, here, when nothing needed it earlier
+        """The row ends for a reason other than a stop string seen in its text: its last text is decoded."""
+        if self.decoder is None:  # decoded once, here, when nothing needed it earlier
             self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        else:
+            self.text += self.decoder.flush()
+            if self.cut_at_stop():
+                reason = "stop"
+        self.end(reason)
+
+    def end(self, reason: str) -> None:
         if self.job.stream and len(self.text) > self.sent:
             self.job.send("delta", self.choice, self.text[self.sent:])
         self.done = True

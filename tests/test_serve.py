@@ -3,8 +3,10 @@ official `openai` package (non-streaming and streaming), raw requests for the er
 large, overload, a failing generation, an error inside a stream), concurrent load, a training run's prompt format,
 and scripts/serve.sh start/status/stop. All traffic goes to 127.0.0.1, with timeouts."""
 
+import asyncio
 import json
 import os
+import random
 import subprocess
 import threading
 import time
@@ -345,3 +347,164 @@ def test_serve_script_start_fails_clearly(tmp_path):
     assert proc.returncode == 1
     assert "the server exited during start" in proc.stderr and "path does not exist" in proc.stderr
     assert not (tmp_path / "serve" / "server.pid").exists()
+
+
+# ----------------------------------------------------------------------------- streaming decodes only new tokens
+
+BYTE_CORPUS = ["café naïve crème brûlée", "日本語のテキスト", "emoji 🙂 👍 🎉", "what is 2 + 2? the answer is 4."]
+
+
+def build_byte_tokenizer():
+    """A byte-level BPE (GPT-2's and SmolLM2's kind) trained offline on a few lines, so its tokens cut characters:
+    'brûlée' is 'br' + the first byte of 'û', then its second byte + 'lé', then 'e'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from helpers import CHAT_TEMPLATE, SPECIAL
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(BYTE_CORPUS * 20, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        bos_token=None, additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_metaspace_tokenizer():
+    """A SentencePiece-style tokenizer: '▁' marks a space, and a text's first space is dropped when decoding, so
+    'world' decoded alone loses the space it has after 'hello'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "</s>", "▁hello", "▁world", "▁again", "!"])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+
+
+def streamed(tokenizer, ids: list[int]) -> list[str]:
+    decoder = serve.IncrementalDecoder(tokenizer)
+    return [decoder.add(token) for token in ids] + [decoder.flush()]
+
+
+def test_incremental_decoding_equals_decoding_the_whole_row():
+    byte_level = build_byte_tokenizer()
+    ids = byte_level("brûlée", add_special_tokens=False)["input_ids"]
+    # 'û' is cut between the first two tokens: decoded alone, each shows U+FFFD for its half
+    assert [byte_level.decode([i]) for i in ids] == ["br\ufffd", "\ufffdlé", "e"]
+    assert streamed(byte_level, ids) == ["", "brûlé", "e", ""]  # 'br' waits until 'û' is whole
+    for text in BYTE_CORPUS + ["日本語 🙂 brûlée, 🎉!", "漢字 and 😀 (characters the BPE never merged)"]:
+        ids = byte_level(text, add_special_tokens=False)["input_ids"]
+        assert "".join(streamed(byte_level, ids)) == text
+    # any ids at all, invalid UTF-8 included: the same text as decoding the whole row (hand check above; here the
+    # whole-row decode is the reference)
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.randrange(3, len(byte_level)) for _ in range(60)]
+        assert "".join(streamed(byte_level, ids)) == byte_level.decode(ids, skip_special_tokens=True)
+    # the prefix window keeps the space a SentencePiece token loses at the start of a text
+    metaspace = build_metaspace_tokenizer()
+    ids = metaspace.convert_tokens_to_ids(["▁hello", "▁world", "▁again", "!"])
+    assert metaspace.decode(ids) == "hello world again!" and metaspace.decode(ids[1:2]) == "world"  # alone: no space
+    assert streamed(metaspace, ids) == ["hello", " world", " again", "!", ""]
+
+
+class CountingDecode:
+    """tokenizer.decode, recording how many ids each call decodes."""
+
+    def __init__(self, tokenizer):
+        self.decode, self.lengths = tokenizer.decode, []
+
+    def __call__(self, ids, *args, **kwargs):
+        self.lengths.append(len(ids))
+        return self.decode(ids, *args, **kwargs)
+
+
+def row_events(tokenizer, ids: list[int], stop: list[str]) -> list[tuple]:
+    """What a streaming Row sends its request for the tokens `ids` then an EOS."""
+    loop = asyncio.new_event_loop()
+    try:
+        job = serve.Job([1], 1, 10_000, 0.0, 1.0, stop, True, loop)
+        row = serve.Row(job, 0, tokenizer, {tokenizer.eos_token_id})
+        for token in ids + [tokenizer.eos_token_id]:
+            if not row.done:
+                row.step(token)
+        loop.run_until_complete(asyncio.sleep(0))  # deliver the events sent with call_soon_threadsafe
+        return [job.events.get_nowait() for _ in range(job.events.qsize())]
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("stop", [[], ["zz!"]])
+def test_streaming_decodes_a_bounded_window_per_token(stop, monkeypatch):
+    """A 600-token stream decodes a few tokens per new token, not the whole row again (O(L^2) in all)."""
+    tokenizer = build_byte_tokenizer()
+    text = "日本語 🙂 brûlée, what is 2 + 2? " * 40
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 600
+    counting = CountingDecode(tokenizer)
+    monkeypatch.setattr(tokenizer, "decode", counting)
+    events = row_events(tokenizer, ids, stop)
+    assert "".join(e[2] for e in events if e[0] == "delta") == text
+    assert events[-1] == ("done", 0, text, "stop", len(ids) + 1)
+    # per token: the window (the last emitted chunk, a pending piece of a character, the new token) and once per
+    # chunk the new context; the longest chunk here is '日本語' cut across 3 tokens, so at most 3 + 3 ids
+    assert max(counting.lengths) <= 6
+    assert sum(counting.lengths) <= 6 * len(ids)  # the old code decoded 1 + 2 + ... + L ids: about L^2 / 2
+
+
+def test_a_stop_string_cut_across_tokens_ends_the_stream_before_it():
+    tokenizer = build_byte_tokenizer()
+    text = "café naïve crème brûlée"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    events = row_events(tokenizer, ids, ["ème b"])
+    assert "".join(e[2] for e in events if e[0] == "delta") == "café naïve cr"
+    assert events[-1][:4] == ("done", 0, "café naïve cr", "stop")
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    """A tiny random Llama over the byte-level tokenizer, its weights scaled so that it writes varied bytes (many of
+    them not valid UTF-8 on their own)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_byte_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(20.0)
+    path = tmp_path_factory.mktemp("byte") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return load(str(path))
+
+
+def test_streamed_text_equals_the_non_streamed_text_on_a_byte_level_model(byte_model):
+    model, tokenizer = byte_model
+    with serving(model, tokenizer, prompt_format=PromptFormat(system_prompt=None)) as address:
+        import openai
+
+        client = openai.OpenAI(base_url=f"{address}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        texts = []
+        for question in ("café?", "日本語", "what is 2 + 2?"):
+            ask = {"model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 48,
+                   "temperature": 0}
+            whole = client.chat.completions.create(**ask).choices[0].message.content
+            stream = client.chat.completions.create(**ask, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole
+            assert whole == greedy(byte_model, question, 48)
+            texts.append(whole)
+    assert any(not t.isascii() for t in texts)  # multi-byte (or invalid) bytes were streamed
