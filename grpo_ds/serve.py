@@ -23,6 +23,9 @@ batch); no continuous batching (a batch runs until its longest row is done); no 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import queue
@@ -48,7 +51,10 @@ from .rewards import extract_answer, parse_number
 log = logging.getLogger("grpo_ds.serve")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a prompt larger than any context, so still refused with a clear message
+MAX_TOKENS_LIMIT = 2048  # the most completion tokens one request may ask for
 MAX_STOP = 4  # as OpenAI
+API_KEY_ENV = "GRPO_DS_API_KEY"  # where scripts/serve.py reads the key when --api_key is not given
+HEALTH_PATH = "/health"  # the one path that answers without the key
 
 
 # ----------------------------------------------------------------------------- errors
@@ -71,6 +77,24 @@ def validation_error(err: ValidationError) -> ApiError:
     first = err.errors()[0]
     param = ".".join(str(part) for part in first["loc"]) or None
     return ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to `host` takes connections from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name may resolve to any address
+
+
+def exposure_warning(host: str, port: int, api_key: str | None) -> str | None:
+    """The warning to log when a server without a key binds an address other machines can reach."""
+    if api_key or is_loopback(host):
+        return None
+    return (f"--host {host} accepts connections from other machines and no API key is set (--api_key or "
+            f"${API_KEY_ENV}): anyone who can reach port {port} can use the model; set a key or bind 127.0.0.1")
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -337,17 +361,45 @@ class Batcher:
 # ----------------------------------------------------------------------------- the application
 
 
+def check_limits(api_key: str | None, max_body_bytes: int, max_tokens_limit: int, default_max_tokens: int) -> None:
+    """Refuses, before a model loads, limits that cannot work together."""
+    if api_key is not None and not api_key:
+        raise ValueError("--api_key: empty; give a key, or none to serve without one")
+    if max_body_bytes < 1:
+        raise ValueError(f"--max_body_bytes {max_body_bytes}: expected a positive number of bytes")
+    if max_tokens_limit < 1:
+        raise ValueError(f"--max_tokens_limit {max_tokens_limit}: expected a positive number of tokens")
+    if default_max_tokens > max_tokens_limit:
+        raise ValueError(f"--max_tokens {default_max_tokens}: more than --max_tokens_limit {max_tokens_limit}")
+
+
 class Server:
     """What the endpoints share: the model, its name and context, the batcher, and request building."""
 
     def __init__(self, model, tokenizer, name: str, *, max_batch_size: int = 16, batch_wait_ms: float = 10,
-                 default_max_tokens: int = 512, prompt_format: PromptFormat = PromptFormat(), max_queue: int = 256):
+                 default_max_tokens: int = 512, prompt_format: PromptFormat = PromptFormat(), max_queue: int = 256,
+                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 max_tokens_limit: int = MAX_TOKENS_LIMIT):
+        check_limits(api_key, max_body_bytes, max_tokens_limit, default_max_tokens)
         self.tokenizer, self.name = tokenizer, name
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.default_max_tokens, self.prompt_format = default_max_tokens, prompt_format
         self.max_n = max_batch_size
+        # Only a digest of the key is kept and compared (constant time, and equal-length digests hide the key's length)
+        self.key_digest = None if api_key is None else hashlib.sha256(api_key.encode()).digest()
+        self.max_body_bytes, self.max_tokens_limit = max_body_bytes, max_tokens_limit
         self.batcher = Batcher(model, tokenizer, max_batch_size, batch_wait_ms, max_queue)
         self.created = int(time.time())
+
+    def authorized(self, authorization: str | bytes | None) -> bool:
+        """Whether an Authorization header carries the key ('Bearer KEY'); always true when the server has none."""
+        if self.key_digest is None:
+            return True
+        if isinstance(authorization, str):
+            authorization = authorization.encode("latin-1", "replace")
+        scheme, _, given = (authorization or b"").strip().partition(b" ")
+        matches = hmac.compare_digest(hashlib.sha256(given.strip()).digest(), self.key_digest)
+        return matches and scheme.lower() == b"bearer"
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.name:
@@ -379,14 +431,28 @@ class Server:
                                 f"completion.", param="messages", code="context_length_exceeded")
         if n > self.max_n:
             raise ApiError(400, f"n: at most {self.max_n} (the server's --max_batch_size)", param="n")
+        if max_tokens is not None and max_tokens > self.max_tokens_limit:
+            raise ApiError(400, f"max_tokens: {max_tokens} is more than this server allows, at most "
+                                f"{self.max_tokens_limit} (its --max_tokens_limit)", param="max_tokens")
         return Job(prompt_ids, n, max_tokens or min(self.default_max_tokens, room), temperature, top_p, stop,
                    stream, asyncio.get_running_loop())
 
 
-async def parse_body(request: Request, schema: type[BaseModel]) -> BaseModel:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body larger than {limit} bytes (the server's --max_body_bytes)",
+                    code="request_too_large")
+
+
+async def parse_body(request: Request, schema: type[BaseModel], limit: int) -> BaseModel:
+    """The body validated by `schema`, read only up to `limit` bytes: a chunked upload (no Content-Length, which
+    Guard checks) is refused as soon as it passes the limit, not once it is all in memory."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -430,9 +496,40 @@ def solve_fields(text: str) -> dict:
     return {"reasoning": reasoning.strip(), "answer": answer, "number": parse_number(answer)}
 
 
+class Guard:
+    """What every request passes before any endpoint (an ASGI middleware): the API key, on every path but /health,
+    and the declared body size. Both are refused from the headers alone, before a byte of the body is read, in
+    OpenAI's error shape: 401 `invalid_api_key`, 413 `request_too_large`."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            error = self.check(scope)
+            if error is not None:
+                headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+                return await JSONResponse(error.body(), status_code=error.status, headers=headers)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def check(self, scope) -> ApiError | None:
+        headers = dict(scope["headers"])  # lower-case byte names
+        if scope["path"] != HEALTH_PATH and not self.server.authorized(headers.get(b"authorization")):
+            message = ("Incorrect API key provided" if headers.get(b"authorization") else
+                       "You didn't provide an API key: send it in an Authorization header, 'Bearer KEY'")
+            return ApiError(401, message, code="invalid_api_key")
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit():
+            return ApiError(400, "Content-Length: not a number")
+        if int(length) > self.server.max_body_bytes:
+            return body_too_large(self.server.max_body_bytes)
+        return None
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="grpo_ds", docs_url=None, redoc_url=None)
     app.state.server = server
+    app.add_middleware(Guard, server=server)
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
@@ -448,11 +545,14 @@ def create_app(server: Server) -> FastAPI:
         return JSONResponse(ApiError(500, f"{type(err).__name__}: {err}", kind="server_error").body(),
                             status_code=500)
 
-    @app.get("/health")
-    async def health():
+    @app.get(HEALTH_PATH)
+    async def health(request: Request):
+        """Open to all, for load balancers and serve.sh; the model and counters only with the key."""
         alive = server.batcher.thread.is_alive()
-        return JSONResponse({"status": "ok" if alive else "worker stopped", "model": server.name,
-                             **server.batcher.stats}, status_code=200 if alive else 503)
+        details = ({"model": server.name, **server.batcher.stats}
+                   if server.authorized(request.headers.get("authorization")) else {})
+        return JSONResponse({"status": "ok" if alive else "worker stopped", **details},
+                            status_code=200 if alive else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -461,7 +561,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = await parse_body(request, ChatRequest)
+        req = await parse_body(request, ChatRequest, server.max_body_bytes)
         server.check_model(req.model)
         temperature = 1.0 if req.temperature is None else req.temperature
         job = server.job(server.chat_prompt(req.messages), n=req.n or 1,
@@ -487,7 +587,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/solve")
     async def solve(request: Request):
-        req = await parse_body(request, SolveRequest)
+        req = await parse_body(request, SolveRequest, server.max_body_bytes)
         prompt = server.prompt_format.render(server.tokenizer, req.question)
         job = server.job(prompt, n=1, max_tokens=req.max_tokens, temperature=req.temperature or 0.0, top_p=1.0,
                          stop=[], stream=False)

@@ -21,7 +21,7 @@ from grpo_ds import serve
 from grpo_ds.data import render_chat
 from grpo_ds.generation import Sampling, generate
 from grpo_ds.inference import PromptFormat, load
-from helpers import ROOT, free_port
+from helpers import ROOT, free_port, load_script
 
 NAME = "tiny-grpo"
 TIMEOUT = 60
@@ -508,3 +508,161 @@ def test_streamed_text_equals_the_non_streamed_text_on_a_byte_level_model(byte_m
             assert whole == greedy(byte_model, question, 48)
             texts.append(whole)
     assert any(not t.isascii() for t in texts)  # multi-byte (or invalid) bytes were streamed
+
+
+# ----------------------------------------------------------------------------- safe to expose: key, limits, load
+
+KEY = "sk-test-0123456789"
+
+
+@pytest.fixture(scope="module")
+def guarded(loaded):
+    """A server with an API key, a 2000-byte body limit and at most 8 completion tokens a request."""
+    with serving(*loaded, api_key=KEY, max_body_bytes=2000, max_tokens_limit=8, default_max_tokens=4,
+                 prompt_format=PromptFormat(system_prompt=None)) as address:
+        yield address
+
+
+def test_the_api_key_is_required_everywhere_but_health(guarded, monkeypatch):
+    import hmac
+
+    import openai
+
+    def client(key: str):
+        return openai.OpenAI(base_url=f"{guarded}/v1", api_key=key, max_retries=0, timeout=TIMEOUT)
+
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client("sk-wrong").chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        client(KEY + "x").models.list()
+    compared = []
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or a == b)
+    answer = client(KEY).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert [m.id for m in client(KEY).models.list().data] == [NAME]
+    assert compared and all(len(a) == len(b) == 32 for a, b in compared)  # SHA-256 digests, compared in constant time
+    missing = {"message": "You didn't provide an API key: send it in an Authorization header, 'Bearer KEY'",
+               "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
+    wrong = {**missing, "message": "Incorrect API key provided"}
+    for path, headers, expected in [
+        ("/v1/chat/completions", {}, missing),
+        ("/v1/chat/completions", {"Authorization": "Bearer sk-wrong"}, wrong),
+        ("/v1/chat/completions", {"Authorization": f"Basic {KEY}"}, wrong),  # the key, but not as a bearer token
+        ("/v1/solve", {}, missing),
+        ("/v1/nothing", {}, missing),  # unknown paths too: nothing is learnt without the key
+    ]:
+        response = httpx.post(f"{guarded}{path}", json=chat("hi", max_tokens=2), headers=headers, timeout=TIMEOUT)
+        assert response.status_code == 401 and response.json() == {"error": expected}, (path, headers)
+        assert response.headers["www-authenticate"] == "Bearer"
+    lower = httpx.post(f"{guarded}/v1/chat/completions", json=chat("hi", max_tokens=2), timeout=TIMEOUT,
+                       headers={"authorization": f"bearer {KEY}"})
+    assert lower.status_code == 200  # the scheme is case-insensitive (RFC 7235)
+    # health answers without the key (load balancers, serve.sh), and tells no more than its status
+    assert httpx.get(f"{guarded}/health", timeout=TIMEOUT).json() == {"status": "ok"}
+    full = httpx.get(f"{guarded}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=TIMEOUT).json()
+    assert full["model"] == NAME and full["requests"] >= 1
+
+
+def test_limits_body_size_and_max_tokens(guarded):
+    import socket
+
+    import openai
+
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    # a declared size over the limit is refused from the headers, before a byte of the body is sent
+    port = int(guarded.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n".encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
+                reply.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]):
+            piece = conn.recv(65536)  # times out (10 s) if the server waits for the body instead
+            assert piece, reply
+            reply += piece
+    head, body = reply.decode().split("\r\n\r\n", 1)
+    assert head.startswith("HTTP/1.1 413")
+    assert json.loads(body) == {"error": {
+        "message": "request body larger than 2000 bytes (the server's --max_body_bytes)",
+        "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
+    # a chunked body (no declared size) is refused once it passes the limit
+    def chunks():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"a" * 100
+        yield b'"}]}'
+
+    chunked = httpx.post(f"{guarded}/v1/chat/completions", content=chunks(), headers=auth, timeout=TIMEOUT)
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+    at = json.dumps(chat("hi", max_tokens=2, user="u" * 1900))  # `user` is accepted and ignored
+    assert len(at) == 2000  # 100 bytes of JSON around the 1,900: exactly the limit, which is allowed
+    assert httpx.post(f"{guarded}/v1/chat/completions", content=at, headers=auth, timeout=TIMEOUT).status_code == 200
+    over = json.dumps(chat("hi", max_tokens=2, user="u" * 1901))
+    assert httpx.post(f"{guarded}/v1/chat/completions", content=over, headers=auth, timeout=TIMEOUT).status_code == 413
+    # max_tokens over --max_tokens_limit (8) is a 400 naming the flag; 8 itself is served
+    client = openai.OpenAI(base_url=f"{guarded}/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT)
+    with pytest.raises(openai.BadRequestError, match=r"max_tokens: 9 is more than this server allows, at most 8 "
+                                                     r"\(its --max_tokens_limit\)"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=9)
+    assert client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                          temperature=0).usage.completion_tokens <= 8
+    solve = httpx.post(f"{guarded}/v1/solve", json={"question": "hi", "max_tokens": 9}, headers=auth,
+                       timeout=TIMEOUT)
+    assert solve.status_code == 400 and solve.json()["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"api_key": ""}, "--api_key: empty; give a key, or none to serve without one"),
+    ({"max_body_bytes": 0}, "--max_body_bytes 0: expected a positive number of bytes"),
+    ({"max_tokens_limit": 0}, "--max_tokens_limit 0: expected a positive number of tokens"),
+    ({"default_max_tokens": 600, "max_tokens_limit": 512}, "--max_tokens 600: more than --max_tokens_limit 512"),
+])
+def test_limits_that_cannot_work_are_refused(loaded, options, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        serve.Server(*loaded, NAME, **options)
+
+
+@pytest.mark.parametrize("host, warns", [
+    ("127.0.0.1", False), ("localhost", False), ("::1", False), ("[::1]", False), ("127.0.0.2", False),
+    ("0.0.0.0", True), ("::", True), ("192.168.1.5", True), ("myhost.example", True),
+])
+def test_binding_beyond_loopback_without_a_key_warns(host, warns):
+    warning = serve.exposure_warning(host, 8000, None)
+    assert (warning is not None) == warns
+    if warns:
+        assert warning == (f"--host {host} accepts connections from other machines and no API key is set "
+                           f"(--api_key or $GRPO_DS_API_KEY): anyone who can reach port 8000 can use the model; "
+                           f"set a key or bind 127.0.0.1")
+    assert serve.exposure_warning(host, 8000, KEY) is None
+
+
+def test_serve_script_binds_loopback_takes_the_key_from_the_environment_and_warns(varied_model, monkeypatch, caplog):
+    import logging
+
+    import uvicorn
+
+    script = load_script("serve")
+    assert script.parser().parse_args(["m"]).host == "127.0.0.1"
+    runs = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: runs.append((app, kwargs)))
+    monkeypatch.setenv("GRPO_DS_API_KEY", KEY)
+    with caplog.at_level(logging.WARNING, logger="grpo_ds.serve"):
+        assert script.main([str(varied_model), "--host", "0.0.0.0"]) == 0
+    server = runs[-1][0].state.server
+    assert server.authorized(f"Bearer {KEY}") and not server.authorized("Bearer other")
+    assert runs[-1][1]["host"] == "0.0.0.0" and not caplog.records  # a key: no warning
+    monkeypatch.delenv("GRPO_DS_API_KEY")
+    with caplog.at_level(logging.WARNING, logger="grpo_ds.serve"):
+        assert script.main([str(varied_model), "--host", "0.0.0.0", "--port", "8123"]) == 0
+    assert runs[-1][0].state.server.authorized(None)  # no key: open
+    assert [r.getMessage() for r in caplog.records] == [
+        "WARNING: " + serve.exposure_warning("0.0.0.0", 8123, None)]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="grpo_ds.serve"):
+        assert script.main([str(varied_model), "--api_key", KEY]) == 0
+    assert runs[-1][1]["host"] == "127.0.0.1"
+    assert [r.getMessage() for r in caplog.records] == [
+        "--api_key on the command line is visible to other users in process listings; $GRPO_DS_API_KEY is not"]
+    assert script.main([str(varied_model), "--api_key", ""]) == 2  # refused before the model loads
