@@ -666,3 +666,41 @@ def test_serve_script_binds_loopback_takes_the_key_from_the_environment_and_warn
     assert [r.getMessage() for r in caplog.records] == [
         "--api_key on the command line is visible to other users in process listings; $GRPO_DS_API_KEY is not"]
     assert script.main([str(varied_model), "--api_key", ""]) == 2  # refused before the model loads
+
+
+def slowed(monkeypatch, seconds: float) -> None:
+    """Each generate call takes `seconds` more, so that a load test overflows the queue on any machine."""
+    real = serve.generate
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve, "generate", slow)
+
+
+def test_load_every_request_is_answered_or_refused_none_lost(loaded, monkeypatch):
+    """16 clients x 2 requests against room for 2 running + 2 waiting: each request gets a 200 or a 503 (never an
+    error or a hang); with room for all to wait, all get a 200."""
+    load_test = load_script("load_test_serve").load_test
+    slowed(monkeypatch, 0.3)
+    with serving(*loaded, api_key=KEY, max_batch_size=2, max_queue=2, batch_wait_ms=0) as address:
+        tight = load_test(address, clients=16, requests=2, max_tokens=4, api_key=KEY, timeout=60)
+        assert tight["lost"] == 0 and tight["errors"] == []
+        assert set(tight["statuses"]) == {"200", "503"} and sum(tight["statuses"].values()) == 32
+        assert tight["p50_s"] <= tight["p99_s"] < 60
+        streaming = load_test(address, clients=8, requests=1, max_tokens=4, api_key=KEY, timeout=60, stream=True)
+        assert streaming["lost"] == 0 and set(streaming["statuses"]) <= {"200", "503"}
+    with serving(*loaded, api_key=KEY, max_batch_size=2, max_queue=32, batch_wait_ms=0) as address:
+        roomy = load_test(address, clients=16, requests=2, max_tokens=4, api_key=KEY, timeout=60)
+    assert roomy["statuses"] == {"200": 32} and roomy["lost"] == 0
+
+
+def test_load_test_percentiles_and_exit_code(url):
+    script = load_script("load_test_serve")
+    # nearest rank: p50 of 1..10 is the 5th value, p99 the 10th
+    assert script.percentile([float(v) for v in range(10, 0, -1)], 50) == 5.0
+    assert script.percentile([float(v) for v in range(1, 11)], 99) == 10.0
+    assert script.main(["--url", url, "--clients", "2", "--requests", "1", "--max_tokens", "2"]) == 0
+    assert script.main(["--url", f"http://127.0.0.1:{free_port()}", "--clients", "2", "--requests", "1",
+                        "--timeout", "5"]) == 1  # nobody listening: both requests lost
