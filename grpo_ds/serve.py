@@ -8,15 +8,16 @@ Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (messages, tem
 stop, stream with SSE chunks then `data: [DONE]`), POST /v1/solve ({question} -> {reasoning, answer, ...}).
 
 How a request runs: `Guard` checks the API key (every path but /health, when the server has one) and the declared
-body size from the headers alone; the handler reads the body up to --max_body_bytes, validates it (max_tokens at most
---max_tokens_limit), renders the chat template, tokenizes, and refuses a prompt that does not fit the model's
+body size from the headers alone; the handler reads the body up to --max_body_bytes, validates it (max_tokens at
+most --max_tokens_limit), renders the chat template, tokenizes, and refuses a prompt that does not fit the model's
 context with max_tokens (never truncates). It then queues a `Job` (its n rows) and awaits events; a request that
-finds --max_queue requests waiting gets a 503 at once (a bounded queue, so no request waits without end). One worker thread takes the first queued job, waits up to --batch_wait_ms for more jobs with the
-same sampling settings (temperature, top_p; up to --max_batch_size rows), and runs them as one left-padded
-`generate` call. A `RowTracker`, called by generate after every token, follows each row: its own max_tokens, its
-stop strings, EOS, a client gone away; it streams each row's new text to its request as it comes (decoding a few
-tokens per token: IncrementalDecoder), and ends the call once every row is done. Errors are JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"}};
-a failing batch fails its own requests with a 500 and the worker goes on.
+finds --max_queue requests waiting gets a 503 at once (a bounded queue, so no request waits without end). One worker
+thread takes the first queued job, waits up to --batch_wait_ms for more jobs with the same sampling settings
+(temperature, top_p; up to --max_batch_size rows), and runs them as one left-padded `generate` call. A `RowTracker`,
+called by generate after every token, follows each row: its own max_tokens, its stop strings, EOS, a client gone
+away; it streams each row's new text to its request as it comes (decoding a few tokens per token:
+IncrementalDecoder), and ends the call once every row is done. Errors are JSON in OpenAI's shape, {"error":
+{"message", "type", "param", "code"}}; a failing batch fails its own requests with a 500 and the worker goes on.
 
 Known limits: one model, one worker (a GPU serves one batch at a time; requests arriving meanwhile form the next
 batch); no continuous batching (a batch runs until its longest row is done); no logprobs, tools or images.
