@@ -58,6 +58,7 @@ MAX_TOKENS_LIMIT = 2048  # the most completion tokens one request may ask for
 MAX_STOP = 4  # as OpenAI
 API_KEY_ENV = "GRPO_DS_API_KEY"  # where scripts/serve.py reads the key when --api_key is not given
 HEALTH_PATH = "/health"  # the one path that answers without the key
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is still there
 
 
 # ----------------------------------------------------------------------------- errors
@@ -182,7 +183,9 @@ class IncrementalDecoder:
 
     Known limit: a model emitting invalid UTF-8 (or skipped special tokens) for MAX_PENDING tokens in a row has its
     window emitted as decoded so far, to keep the work per token bounded; if such a run ends on a character cut in
-    two, the stream shows U+FFFD where decode(ids) has the character (valid text is never affected)."""
+    two, the stream shows U+FFFD where decode(ids) has the character (valid text is never affected). A tokenizer
+    with clean_up_tokenization_spaces (off by default in transformers 5) rewrites " ." as "." within a decode call,
+    so a space and a period on either side of a chunk's edge stream as " ."."""
 
     MAX_PENDING = 16
 
@@ -475,11 +478,18 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-async def results(job: Job) -> list[tuple[str, str, int]]:
-    """(text, finish_reason, num_tokens) per choice, once every row is done."""
+async def results(job: Job, request: Request) -> list[tuple[str, str, int]]:
+    """(text, finish_reason, num_tokens) per choice, once every row is done. A client that goes away meanwhile is
+    noticed within DISCONNECT_POLL_S (uvicorn does not cancel the handler), so that its job is dropped from the
+    queue or its rows stop (the caller marks it cancelled), rather than generating for nobody."""
     done: dict[int, tuple[str, str, int]] = {}
     while len(done) < job.n:
-        event = await job.events.get()
+        try:
+            event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise ApiError(499, "the client closed the request") from None
+            continue
         if event[0] == "error":
             raise event[1]
         if event[0] == "done":
@@ -578,7 +588,7 @@ def create_app(server: Server) -> FastAPI:
             return StreamingResponse(sse(job, head, usage, server.prompt_format.response_prefix),
                                      media_type="text/event-stream")
         try:
-            choices = await results(job)
+            choices = await results(job, request)
         finally:
             job.cancelled = True  # a client that left stops its rows; a finished job ignores it
         completion_tokens = sum(num for _, _, num in choices)
@@ -596,7 +606,7 @@ def create_app(server: Server) -> FastAPI:
                          stop=[], stream=False)
         server.batcher.submit(job)
         try:
-            [(text, reason, num_tokens)] = await results(job)
+            [(text, reason, num_tokens)] = await results(job, request)
         finally:
             job.cancelled = True
         text = server.prompt_format.response_prefix + text

@@ -668,6 +668,41 @@ def test_serve_script_binds_loopback_takes_the_key_from_the_environment_and_warn
     assert script.main([str(varied_model), "--api_key", ""]) == 2  # refused before the model loads
 
 
+def test_a_client_that_leaves_a_waiting_request_frees_its_place(loaded, monkeypatch):
+    """A non-streamed request whose client goes away while it waits is cancelled (within DISCONNECT_POLL_S), so the
+    worker skips it instead of generating for nobody."""
+    release = threading.Event()
+    real = serve.generate
+    generated = []
+
+    def blocked(model, tokenizer, prompts, *args, **kwargs):
+        release.wait(TIMEOUT)
+        generated.append(len(prompts))
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(serve, "generate", blocked)
+    jobs = []
+    submit = serve.Batcher.submit
+    monkeypatch.setattr(serve.Batcher, "submit", lambda self, job: jobs.append(job) or submit(self, job))
+    with serving(*loaded, batch_wait_ms=0) as address, ThreadPoolExecutor(max_workers=1) as pool:
+        busy = pool.submit(httpx.post, f"{address}/v1/chat/completions", json=chat("hi", max_tokens=2),
+                           timeout=TIMEOUT)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{address}/health", timeout=TIMEOUT).json()["batches"] < 1:  # the worker holds it
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(httpx.ReadTimeout):  # this client gives up and closes its connection
+            httpx.post(f"{address}/v1/chat/completions", json=chat("hello", max_tokens=2), timeout=1.0)
+        while not jobs[1].cancelled:
+            assert time.monotonic() < deadline, "the server did not notice the client leave"
+            time.sleep(0.05)
+        release.set()
+        assert busy.result().status_code == 200
+        after = httpx.post(f"{address}/v1/chat/completions", json=chat("hi", max_tokens=2), timeout=TIMEOUT)
+        assert after.status_code == 200
+    assert generated == [1, 1]  # the first request, then the last: the abandoned one never reached the model
+
+
 def slowed(monkeypatch, seconds: float) -> None:
     """Each generate call takes `seconds` more, so that a load test overflows the queue on any machine."""
     real = serve.generate
