@@ -312,7 +312,7 @@ def test_a_runs_worked_example_is_served_before_the_chat(loaded):
 @pytest.mark.slow
 def test_serve_script_start_status_stop(varied_model, tmp_path):
     env = {**os.environ, "GRPO_DS_SERVE_DIR": str(tmp_path / "serve"), "HF_HUB_OFFLINE": "1",
-           "GRPO_DS_SERVE_WAIT": "120"}
+           "GRPO_DS_SERVE_WAIT": "120", "GRPO_DS_API_KEY": KEY}  # start's /health probe needs no key
     port = free_port()
 
     def script(*args: str) -> subprocess.CompletedProcess:
@@ -325,7 +325,14 @@ def test_serve_script_start_status_stop(varied_model, tmp_path):
         pid = int((tmp_path / "serve" / "server.pid").read_text())
         status = script("status")
         assert status.returncode == 0 and status.stdout.strip() == f"running (pid {pid}, port {port})"
-        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=TIMEOUT).json()["model"] == NAME
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.get(f"http://127.0.0.1:{port}/health", headers=auth, timeout=TIMEOUT).json()["model"] == NAME
+        # the key reached the server through the environment, not the command line
+        assert KEY not in subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True,
+                                         text=True).stdout
+        models = f"http://127.0.0.1:{port}/v1/models"
+        assert httpx.get(models, timeout=TIMEOUT).status_code == 401
+        assert httpx.get(models, headers=auth, timeout=TIMEOUT).status_code == 200
         again = script("start", str(varied_model), "--port", str(free_port()))
         assert again.returncode == 1 and "already running" in again.stderr
     finally:
