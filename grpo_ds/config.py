@@ -71,8 +71,8 @@ class Config:
                          "expressions, LaTeX), 'correct', 'format' (a clean answer block), 'lenient' (1/0 terms), "
                          "'math_shaped', 'seed' (the tutorial's 1/0.5/0.01) and 'hash' (benchmarks only). Golds that "
                          "are not plain numbers are compared by math-verify in every preset.")
-    reward_model: Optional[str] = _field(None, "A reward model (hub id or folder of an AutoModelForSequenceClassification "
-                                         "with one label), scored on prompt + completion through its own chat "
+    reward_model: Optional[str] = _field(None, "A reward model (hub id or folder of an "
+                                         "AutoModelForSequenceClassification with one label), scored on prompt + completion through its own chat "
                                          "template, partitioned over the ranks like the reference; the 'model' term "
                                          "of --reward.")
     reward_model_offload: bool = _field(False, "Keep the reward model's parameters in CPU memory (ZeRO-3 "
