@@ -1,0 +1,162 @@
+"""Durable checkpoints (issue 24, part 3): every file and folder of a checkpoint reaches the disk before `latest`
+names it; a re-save of a step interrupted at any point leaves `latest` naming a complete checkpoint, never a
+mixture.
+
+They run checkpoint.save in this process on a real DeepSpeed engine of the tiny model (a world of one)."""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_ds import checkpoint, distributed
+from helpers import ROOT, free_port
+
+STATE = {"step": 0, "note": "test"}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    """The tiny model's ZeRO-2 policy engine, in a world of one in this process."""
+    from grpo_ds.config import Config, validate
+    from grpo_ds.models import load_model, load_tokenizer
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        os.environ.setdefault(key, value)
+    distributed.init_distributed()
+    cfg = Config(model=str(tiny_model), ds_config=str(ROOT / "ds_configs" / "zero2.json"), rollouts_per_step=1,
+                 group_size=2, train_batch_size=2)  # one micro-batch per optimizer step
+    ds, _ = distributed.build_ds_config(distributed.load_ds_json(cfg.ds_config), cfg, validate(cfg, 1), False)
+    policy = distributed.init_policy(lambda: load_model(str(tiny_model), torch.float32), ds)
+    return policy, load_tokenizer(str(tiny_model))
+
+
+def train_once(policy) -> float:
+    """One optimizer step on a made-up loss (new weights to save, optimizer state included); the new fingerprint."""
+    ids = torch.arange(1, 12).unsqueeze(0)
+    policy.backward(policy(input_ids=ids).logits.float().pow(2).mean())
+    policy.step()
+    return float(distributed.weights_fingerprint(policy))
+
+
+def tree(path: Path) -> list[Path]:
+    """Every file and folder under `path` (itself included), relative to it."""
+    return [Path(".")] + sorted(p.relative_to(path) for p in path.rglob("*"))
+
+
+def test_every_file_and_folder_is_flushed_before_latest_names_it(engine, tmp_path, monkeypatch):
+    policy, tokenizer = engine
+    out = tmp_path / "run"
+    events = []  # ("fsync", path) and ("replace", src, dst), in order
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        events.append(("replace", Path(src).resolve(), Path(dst).resolve()))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    checkpoint.save(policy, tokenizer, str(out), 1, STATE, 0)
+    monkeypatch.undo()
+
+    root = (out / "checkpoints").resolve()
+    latest_moves = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == root / "latest"]
+    assert latest_moves, "`latest` was never replaced"
+    moved = latest_moves[-1]
+    flushed = [e[1] for e in events[:moved] if e[0] == "fsync"]
+    # a flushed path in the staging folder counts for the same path in the published one
+    published = {root / re.sub(r"^\.staging-[^/]+/", "", str(p.relative_to(root))) if p.is_relative_to(root) else p
+                 for p in flushed}
+    final = root / "step_0000001"
+    missing = [str(rel) for rel in tree(final) if final / rel not in published]
+    assert not missing, f"not flushed before `latest` moved: {missing}"
+    names = {p.name for p in tree(final)}  # DeepSpeed's files, the RNG state, hf/, trainer_state.json
+    assert {"mp_rank_00_model_states.pt", "rng_state_rank0.pt", "hf", "config.json", "trainer_state.json"} <= names
+    assert any(name.endswith("optim_states.pt") for name in names)
+    # the checkpoint's entry in checkpoints/ is flushed after its rename into place and before `latest` moves
+    into_place = max(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == final)
+    assert any(e == ("fsync", root) for e in events[into_place:moved])
+    # `latest` itself: its new content flushed before the rename, the rename flushed after it
+    assert any(e[0] == "fsync" and e[1] == root / ".latest.tmp" for e in events[:moved])
+    assert ("fsync", root) in events[moved:]
+    assert (root / "latest").read_text() == "step_0000001\n"
+
+
+class Crash(BaseException):
+    """The process dies here (not an Exception: nothing may catch it)."""
+
+
+def test_a_resave_interrupted_anywhere_leaves_latest_complete(engine, tmp_path, monkeypatch):
+    """Save steps 1 and 2, then save step 2 again after another optimizer step (a run resumed from step 1 does
+    so), crashing at the 1st, 2nd, ... folder rename or deletion of that save (a deletion crashes after removing
+    one file: a half-deleted folder), until an attempt completes. After every crash, `latest` names a checkpoint
+    with every file that DeepSpeed loads back into the weights saved before the attempt or the ones being saved,
+    never a mixture; the next attempt starts from the state a restarted run would."""
+    policy, tokenizer = engine
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    checkpoint.save(policy, tokenizer, str(out), 1, STATE, 0)
+    files = sorted(p.relative_to(root / "step_0000001") for p in (root / "step_0000001").rglob("*"))
+    train_once(policy)
+    checkpoint.save(policy, tokenizer, str(out), 2, STATE, 0)
+    committed = float(distributed.weights_fingerprint(policy))
+    current = train_once(policy)
+    real_replace, real_rename, real_rmtree = os.replace, os.rename, shutil.rmtree
+    crashes = []
+    for crash_at in range(1, 50):
+        calls = [0]
+
+        def maybe_crash(what):
+            calls[0] += 1
+            if calls[0] == crash_at:
+                crashes.append(what)
+                raise Crash(what)
+
+        def replace(src, dst, *args, **kwargs):
+            maybe_crash(f"os.replace {Path(src).name} -> {Path(dst).name}")
+            return real_replace(src, dst, *args, **kwargs)
+
+        def rename(src, dst, *args, **kwargs):
+            maybe_crash(f"os.rename {Path(src).name} -> {Path(dst).name}")
+            return real_rename(src, dst, *args, **kwargs)
+
+        def rmtree(path, *args, **kwargs):
+            if calls[0] + 1 == crash_at and Path(path).is_dir():
+                for victim in sorted(p for p in Path(path).rglob("*") if p.is_file())[:1]:
+                    victim.unlink()  # the deletion was under way
+            maybe_crash(f"shutil.rmtree {Path(path).name}")
+            return real_rmtree(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(shutil, "rmtree", rmtree)
+        try:
+            checkpoint.save(policy, tokenizer, str(out), 2, STATE, 0)
+            completed = True
+        except Crash:
+            completed = False
+        finally:
+            monkeypatch.undo()
+        where = "after the save" if completed else f"after a crash at {crashes[-1]!r}"
+        named = root / (root / "latest").read_text().strip()
+        held = sorted(p.relative_to(named) for p in named.rglob("*")) if named.is_dir() else []
+        assert held == files, f"{where}, `latest` names {named.relative_to(root)}, which lacks " \
+                              f"{sorted(map(str, set(files) - set(held)))[:5]}"
+        load_path, _ = policy.load_checkpoint(str(named.parent), tag=named.name)
+        assert load_path is not None, f"{where}, DeepSpeed cannot load {named}"
+        loaded = float(distributed.weights_fingerprint(policy))
+        assert loaded in (committed, current), f"{where}, {named} holds neither the old nor the new weights"
+        if completed:
+            break
+        committed, current = loaded, train_once(policy)  # as a restarted run would: from `latest`, a new step
+    assert completed and len(crashes) >= 4, crashes
+    assert (root / "latest").read_text() == "step_0000002\n" and loaded == current
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000002"]
