@@ -14,6 +14,8 @@ flushed temporary file renamed over it, then the folder's entry flushed), so a c
 leaves `latest` naming a complete checkpoint. Re-saving a step that exists keeps that true throughout: `latest`
 names the new copy while the old one moves aside, and the old one while the new one moves into place.
 
+Every rank writes into the staging folder that rank 0 creates, so the output folder must be one that every rank
+sees (one filesystem that every node mounts); check_shared() refuses a run whose ranks do not share it.
 DeepSpeed writes the files; this module decides where and when they become visible.
 """
 
@@ -25,6 +27,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Callable, Optional
@@ -247,6 +250,34 @@ def fsync_tree(path: Path) -> None:
         for name in files:
             fsync_path(Path(folder) / name)
         fsync_path(Path(folder))
+
+
+def check_shared(output_dir: str) -> None:
+    """Refuse, on every rank and before any model loads, an output folder that some rank cannot see. Every rank
+    writes its part of each checkpoint into the staging folder that rank 0 creates, so ranks on several nodes need
+    a folder on a filesystem that every node mounts; a node-local path of the same name would split each
+    checkpoint across the nodes without an error. Rank 0 writes a file with a fresh token; every rank reads it."""
+    if torch.distributed.get_world_size() == 1:
+        return
+    rank = torch.distributed.get_rank()
+    token = distributed.all_gather_objects(uuid.uuid4().hex)[0]  # rank 0's
+    probe = Path(output_dir) / f".shared-check-{token}"
+    if rank == 0:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    distributed.barrier()
+    try:
+        sees = probe.read_text() == token
+    except OSError:
+        sees = False
+    seen = distributed.all_gather_objects((sees, socket.gethostname()))  # also: everyone has read before the unlink
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"{r} ({host})" for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise ValueError(f"--output_dir {output_dir}: rank(s) {', '.join(blind)} cannot see the file rank 0 "
+                         f"({seen[0][1]}) wrote there; every rank writes its part of each checkpoint into this "
+                         f"folder, so it must be on a filesystem that every node mounts")
 
 
 @contextlib.contextmanager

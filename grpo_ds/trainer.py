@@ -210,6 +210,7 @@ def setup(cfg: Config) -> Run:
         resume_state = checkpoint.read_state(resume_path)
         checkpoint.check_compatible(resume_state, world, distributed.zero_stage(ds_config), resume_path, cfg.lora_r)
     _prepare_output_dir(cfg, rank, resume_path, resume_state["step"] if resume_state else 0)
+    checkpoint.check_shared(cfg.output_dir)
     model_path = resolve_model(cfg.model)
     lora = LoraSettings.from_config(cfg)
     if lora is not None:

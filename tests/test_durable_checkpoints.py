@@ -1,8 +1,9 @@
 """Durable checkpoints (issue 24, part 3): every file and folder of a checkpoint reaches the disk before `latest`
-names it; a re-save of a step interrupted at any point leaves `latest` naming a complete checkpoint, never a
-mixture.
+names it; a re-save of a step interrupted at any point leaves `latest` naming a complete checkpoint; ranks on
+several nodes refuse an output folder that they do not share.
 
-They run checkpoint.save in this process on a real DeepSpeed engine of the tiny model (a world of one)."""
+The first two run checkpoint.save in this process on a real DeepSpeed engine of the tiny model (a world of one);
+the last starts two simulated nodes."""
 
 import os
 import re
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from grpo_ds import checkpoint, distributed
-from helpers import ROOT, free_port
+from helpers import ROOT, TINY_FLAGS, free_port, start_nodes
 
 STATE = {"step": 0, "note": "test"}
 
@@ -160,3 +161,31 @@ def test_a_resave_interrupted_anywhere_leaves_latest_complete(engine, tmp_path, 
     assert completed and len(crashes) >= 4, crashes
     assert (root / "latest").read_text() == "step_0000002\n" and loaded == current
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000002"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", [True, False])
+def test_nodes_refuse_an_output_folder_they_do_not_share(tmp_path, tiny_model, shared):
+    """Two simulated nodes, each started in its own folder (or both in one) with the relative --output_dir run:
+    apart, each would write its part of every checkpoint into its own run/ without an error."""
+    cwds = [tmp_path / "node0", tmp_path / ("node0" if shared else "node1")]
+    for cwd in cwds:
+        cwd.mkdir(exist_ok=True)
+    nodes = start_nodes(["--model", str(tiny_model), "--output_dir", "run", "--max_steps", "1", "--save_steps", "1",
+                         "--ds_config", str(ROOT / "ds_configs" / "zero2.json"), *TINY_FLAGS], cwds)
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    if shared:
+        assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+        saved = checkpoint.latest_checkpoint(str(cwds[0] / "run"))
+        assert {p.name for p in saved.glob("rng_state_rank*.pt")} == {"rng_state_rank0.pt", "rng_state_rank1.pt"}
+        assert not list((cwds[0] / "run").glob(".shared-check-*"))
+        return
+    assert [node.returncode for node in nodes] == [2, 2], outputs[0][-3000:] + outputs[1][-3000:]
+    for output in outputs:
+        refusals = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert len(refusals) == 1, output[-3000:]
+        assert re.fullmatch(r"error: --output_dir run: rank\(s\) 1 \(.+\) cannot see the file rank 0 \(.+\) wrote "
+                            r"there; every rank writes its part of each checkpoint into this folder, so it must be "
+                            r"on a filesystem that every node mounts", refusals[0]), refusals[0]
+        assert "Loading weights" not in output  # refused before any model loads
+    assert not (cwds[1] / "run" / "checkpoints").exists()
