@@ -50,6 +50,7 @@ def test_a_lost_rank_ends_the_other_naming_step_and_phase(tmp_path, tiny_model, 
     assert f"fault: rank 1 {'killed' if how == 'lose' else 'stopped'} in {phase} of step 2" in victim
     assert nodes[0].returncode == 4, output[-3000:]
     waited = ended - float((out / "fault_at").read_text())
+    print(f"{how} rank 1 in {phase}: rank 0 exited {waited:.1f} s later")  # the figure docs/CHECKPOINTS.md quotes
     assert waited < bound_s, f"rank 0 ended {waited:.0f} s after rank 1 was lost (bound {bound_s} s)"
     saved = out / "checkpoints" / "step_0000001"
     line = last_rank_line(output)
