@@ -163,6 +163,8 @@ def save(engine, tokenizer, output_dir: str, step: int, trainer_state: dict, sav
             tokenizer.save_pretrained(staging / tag / HF_DIR)
             (staging / tag / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
+        if distributed.is_peer_loss(err):  # inside DeepSpeed's save: the any_rank below would only fail again
+            raise
         error = f"{type(err).__name__}: {err}"
     if not distributed.any_rank(bool(error)):
         # Durable before visible: every rank has written, now each node flushes the whole folder (one rank per
