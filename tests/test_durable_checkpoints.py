@@ -97,10 +97,10 @@ class Crash(BaseException):
 
 def test_a_resave_interrupted_anywhere_leaves_latest_complete(engine, tmp_path, monkeypatch):
     """Save steps 1 and 2, then save step 2 again after another optimizer step (a run resumed from step 1 does
-    so), crashing at the 1st, 2nd, ... folder rename or deletion of that save (a deletion crashes after removing
-    one file: a half-deleted folder), until an attempt completes. After every crash, `latest` names a checkpoint
-    with every file that DeepSpeed loads back into the weights saved before the attempt or the ones being saved,
-    never a mixture; the next attempt starts from the state a restarted run would."""
+    so), crashing at its 1st, 2nd, ... folder rename or deletion (a deletion crashes after removing one file: a
+    half-deleted folder), each time from the same start, until an attempt completes. After every crash, `latest`
+    names a checkpoint with every file that DeepSpeed loads into the old or the new weights, never a mixture; and
+    the save of a restarted run, from whatever the crash left, completes and clears the leftovers."""
     policy, tokenizer = engine
     out = tmp_path / "run"
     root = out / "checkpoints"
@@ -108,11 +108,16 @@ def test_a_resave_interrupted_anywhere_leaves_latest_complete(engine, tmp_path, 
     files = sorted(p.relative_to(root / "step_0000001") for p in (root / "step_0000001").rglob("*"))
     train_once(policy)
     checkpoint.save(policy, tokenizer, str(out), 2, STATE, 0)
-    committed = float(distributed.weights_fingerprint(policy))
-    current = train_once(policy)
+    old = float(distributed.weights_fingerprint(policy))
+    new = train_once(policy)
+    policy.save_checkpoint(str(tmp_path / "new"), tag="new")  # to start every attempt from the same weights
+    shutil.copytree(root, tmp_path / "start")  # and the same folder
     real_replace, real_rename, real_rmtree = os.replace, os.rename, shutil.rmtree
     crashes = []
     for crash_at in range(1, 50):
+        real_rmtree(root)
+        shutil.copytree(tmp_path / "start", root)
+        policy.load_checkpoint(str(tmp_path / "new"), tag="new")
         calls = [0]
 
         def maybe_crash(what):
@@ -154,12 +159,17 @@ def test_a_resave_interrupted_anywhere_leaves_latest_complete(engine, tmp_path, 
         load_path, _ = policy.load_checkpoint(str(named.parent), tag=named.name)
         assert load_path is not None, f"{where}, DeepSpeed cannot load {named}"
         loaded = float(distributed.weights_fingerprint(policy))
-        assert loaded in (committed, current), f"{where}, {named} holds neither the old nor the new weights"
+        assert loaded in (old, new), f"{where}, {named} holds neither the old nor the new weights"
         if completed:
+            assert loaded == new
             break
-        committed, current = loaded, train_once(policy)  # as a restarted run would: from `latest`, a new step
-    assert completed and len(crashes) >= 4, crashes
-    assert (root / "latest").read_text() == "step_0000002\n" and loaded == current
+        # a run restarted from `latest` saves step 2 again over what the crash left
+        checkpoint.save(policy, tokenizer, str(out), 2, STATE, 0)
+        assert (root / "latest").read_text() == "step_0000002\n", where
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000002"], where
+    print(f"re-save crashed at {len(crashes)} points, then completed: {crashes}")
+    assert completed and len(crashes) >= 5, crashes
+    assert (root / "latest").read_text() == "step_0000002\n"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000002"]
 
 
