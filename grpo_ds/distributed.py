@@ -75,7 +75,8 @@ def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> tuple[
         if not on_gpu():
             unlink_shm_buffer()
     if not faulthandler.is_enabled():  # a watchdog's abort (NCCL timeout) prints where each thread was
-        faulthandler.enable()
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a stderr without a file descriptor
+            faulthandler.enable()
     if on_gpu():
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -115,7 +116,7 @@ EXIT_PEER_LOST = 4
 # stopped answering times out), and torch's distributed errors (NCCL, the rendezvous store)
 _PEER_LOSS_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
                        "Application timeout caused pair closure", "Broken pipe", "Connection refused",
-                       "communicator was aborted", "NCCL error")
+                       "communicator was aborted")
 
 
 def is_peer_loss(err: BaseException) -> bool:
