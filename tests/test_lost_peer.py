@@ -24,8 +24,10 @@ def last_rank_line(output: str) -> str:
     return [line for line in output.splitlines() if line.strip() and not re.match(r"\[\d{4}-", line)][-1]
 
 
-# (how rank 1 is lost, in which phase of step 2, --dist_timeout in minutes, the bound on rank 0's exit in seconds)
-CASES = [("lose", "update", 1.0, 30), ("lose", "save", 1.0, 30), ("vanish", "rollout", 0.5, 30 + 30)]
+# (how rank 1 is lost, in which phase of step 2, --dist_timeout in minutes, the bound on rank 0's exit in seconds).
+# A killed rank's closed connections end the wait at once: its bound is well under its timeout. A stopped one is
+# only given up on at the timeout. The slack is for a loaded host (7 to 12 s measured for a killed rank here).
+CASES = [("lose", "update", 2.0, 60), ("lose", "save", 2.0, 60), ("vanish", "rollout", 0.5, 30 + 45)]
 
 
 @pytest.mark.parametrize("how,phase,timeout_min,bound_s", CASES)
@@ -58,6 +60,8 @@ def test_a_lost_rank_ends_the_other_naming_step_and_phase(tmp_path, tiny_model, 
                         rf"complete checkpoint is {re.escape(str(saved))}; resume with --resume_from latest", line), line
     if how == "vanish":
         assert f"Timed out waiting {int(timeout_min * 60000)}ms" in line  # --dist_timeout ended the wait
+    else:
+        assert "Timed out" not in line  # the closed connection did
     # `latest` still names step 1, whole: both ranks' files (step 2's save, if begun, stayed in staging)
     assert (out / "checkpoints" / "latest").read_text() == "step_0000001\n"
     assert {"rng_state_rank0.pt", "rng_state_rank1.pt", "trainer_state.json"} <= {p.name for p in saved.iterdir()}
