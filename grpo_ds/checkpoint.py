@@ -179,9 +179,13 @@ def save(engine, tokenizer, output_dir: str, step: int, trainer_state: dict, sav
             shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointError(_failed(step, error or "another rank failed", output_dir))
     if rank == 0:
-        publish(root, staging, tag)
-        rotate(root, save_total_limit, keep=root / tag)
-    distributed.barrier()
+        try:
+            publish(root, staging, tag)
+            rotate(root, save_total_limit, keep=root / tag)
+        except OSError as err:  # `latest` still names a complete checkpoint, whichever
+            error = f"{type(err).__name__}: {err}"
+    if distributed.any_rank(bool(error)):  # also every rank's wait for the publication
+        raise CheckpointError(_failed(step, error or "rank 0 could not publish it", output_dir))
     return root / tag
 
 

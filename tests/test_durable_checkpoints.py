@@ -173,6 +173,29 @@ def test_a_resave_interrupted_anywhere_leaves_latest_complete(engine, tmp_path, 
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000002"]
 
 
+def test_a_failed_publication_is_a_checkpoint_error_on_every_rank(engine, tmp_path, monkeypatch):
+    """Replacing `latest` fails (EIO): the save raises CheckpointError, which the trainer logs and trains on past,
+    as it does for a failed write, instead of an OSError on rank 0 alone while the other ranks wait for it."""
+    import errno
+
+    policy, tokenizer = engine
+    out = tmp_path / "run"
+    checkpoint.save(policy, tokenizer, str(out), 1, STATE, 0)
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "latest":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.save(policy, tokenizer, str(out), 2, STATE, 0)
+    monkeypatch.undo()
+    assert str(info.value).startswith("checkpoint at step 2 failed (OSError: [Errno 5] Input/output error")
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000001\n"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shared", [True, False])
 def test_nodes_refuse_an_output_folder_they_do_not_share(tmp_path, tiny_model, shared):
