@@ -21,19 +21,22 @@ STATE = {"step": 0, "note": "test"}
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    """The tiny model's ZeRO-2 policy engine, in a world of one in this process."""
+    """The tiny model's ZeRO-2 policy engine, in a world of one in this process (the launcher's variables are set
+    for the module only, unless a launcher set them)."""
     from grpo_ds.config import Config, validate
     from grpo_ds.models import load_model, load_tokenizer
 
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port())).items():
-        os.environ.setdefault(key, value)
-    distributed.init_distributed()
-    cfg = Config(model=str(tiny_model), ds_config=str(ROOT / "ds_configs" / "zero2.json"), rollouts_per_step=1,
-                 group_size=2, train_batch_size=2)  # one micro-batch per optimizer step
-    ds, _ = distributed.build_ds_config(distributed.load_ds_json(cfg.ds_config), cfg, validate(cfg, 1), False)
-    policy = distributed.init_policy(lambda: load_model(str(tiny_model), torch.float32), ds)
-    return policy, load_tokenizer(str(tiny_model))
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(free_port())).items():
+            if key not in os.environ:
+                env.setenv(key, value)
+        distributed.init_distributed()
+        cfg = Config(model=str(tiny_model), ds_config=str(ROOT / "ds_configs" / "zero2.json"), rollouts_per_step=1,
+                     group_size=2, train_batch_size=2)  # one micro-batch per optimizer step
+        ds, _ = distributed.build_ds_config(distributed.load_ds_json(cfg.ds_config), cfg, validate(cfg, 1), False)
+        policy = distributed.init_policy(lambda: load_model(str(tiny_model), torch.float32), ds)
+        yield policy, load_tokenizer(str(tiny_model))
 
 
 def train_once(policy) -> float:
