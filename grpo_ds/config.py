@@ -232,6 +232,10 @@ class Config:
     max_nonfinite_skips: int = _field(3, "Stop with an error after this many consecutive optimizer steps skipped "
                                       "because the gradient norm was not finite (a NaN or inf loss on any rank "
                                       "makes it so; every rank skips the step alike).")
+    dist_timeout: float = _field(10.0, "Minutes a rank waits for its peers in any collective before failing (gloo "
+                                 "and NCCL); a lost rank then ends the job within this bound, naming the step and "
+                                 "phase. Raise it when one rank legitimately works alone longer (a large final "
+                                 "export).")
 
     # --- evaluation during training
     eval_steps: int = _field(0, "Evaluate every N steps (and after the last) on a held-out split, logging "
@@ -404,6 +408,8 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         bad("eval_steps", "a local --dataset file has no held-out split; pass --eval_dataset FILE")
     if cfg.max_nonfinite_skips < 1:
         bad("max_nonfinite_skips", "must be at least 1")
+    if not cfg.dist_timeout > 0:
+        bad("dist_timeout", "must be positive (minutes a rank waits for its peers)")
     for name, choices in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS), ("precision", PRECISIONS),
                           ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS), ("kl_estimator", KL_ESTIMATORS),
                           ("importance_sampling_mode", SAMPLING_CORRECTION_MODES),

@@ -8,7 +8,8 @@
 
 Every flag is a field of grpo_ds.config.Config; `--help` lists them with their defaults.
 Exit codes: 0 done, 2 bad input (one line on stderr), 3 stopped after repeated non-finite steps,
-143 stopped by SIGTERM/SIGINT after writing a checkpoint (resume with --resume_from latest).
+4 another rank died or stopped answering for --dist_timeout minutes (the last line names the step and phase),
+143 stopped by SIGTERM/SIGINT after writing a checkpoint (after 4 and 143, resume with --resume_from latest).
 """
 
 import sys
