@@ -60,9 +60,13 @@ def main(argv=None) -> int:
     parser.add_argument("--reward_model_offload", action="store_true", help="the reward model in CPU memory")
     parser.add_argument("--reward_batch_size", type=int, default=0,
                         help="texts per reward-model forward (default: --train_batch_size)")
-    for flag, default in (("rollouts_per_step", 32), ("group_size", 12), ("prompt_tokens", 256),
-                          ("max_new_tokens", 512), ("train_batch_size", 16), ("rollout_batch_size", 0)):
+    for flag, default in (("rollouts_per_step", 32), ("group_size", 12), ("max_new_tokens", 512),
+                          ("train_batch_size", 16), ("rollout_batch_size", 0)):
         parser.add_argument(f"--{flag}", type=int, default=default, help=f"as the trainer's flag (default {default})")
+    parser.add_argument("--prompt_tokens", type=int, default=256,
+                        help="tokens in the longest prompt, as the model sees it (chat template, system prompt and "
+                             "worked example included); the trainer has no such flag, it reads the prompts from "
+                             "the dataset (default 256)")
     args = parser.parse_args(argv)
     shapes = {}
     for flag, spec in (("--model", args.model), ("--reward_model", args.reward_model)):
