@@ -52,9 +52,10 @@ def bench_parser() -> argparse.ArgumentParser:
 
 def bench_config(given: dict, output_dir: str, max_steps: int) -> Config:
     """The Config a benchmark runs: the flags given, over the benchmark's own defaults (no checkpoints, no sample
-    completions), over --config FILE or the embedded model's recipe, exactly as scripts/train.py layers them."""
+    completions, no held-out evaluation: the recipe's would land in the last step's time), over --config FILE or the
+    embedded model's recipe, exactly as scripts/train.py layers them."""
     return resolve({**given, "max_steps": max_steps},
-                   defaults={"save_steps": 0, "log_completions_steps": 0, "output_dir": output_dir})
+                   defaults={"save_steps": 0, "log_completions_steps": 0, "eval_steps": 0, "output_dir": output_dir})
 
 
 def summarize(cfg: Config, measured: list[dict], **fields) -> dict:
