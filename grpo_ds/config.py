@@ -3,7 +3,7 @@
 The Python config owns the algorithm (batch sizes, lr, clipping); the DeepSpeed JSON owns engine settings (ZeRO
 stage, bf16, offload, communication). `distributed.build_ds_config` merges the two and refuses contradictions.
 
-Batch vocabulary (see README "Batch sizes"), for W ranks:
+Batch vocabulary (see docs/DISTRIBUTED.md "Batch sizes"), for W ranks:
 - each step samples `rollouts_per_step` prompts; each rank takes B = rollouts_per_step / W of them and generates
   G = group_size completions for each, so a rank holds N = B * G experiences;
 - the rank's buffer is cut into micro-batches of `train_batch_size` completions (DeepSpeed's
@@ -538,7 +538,7 @@ def resolve(given: dict, defaults: Optional[dict] = None) -> Config:
 
 
 def flags_markdown() -> str:
-    """The README's flag table, generated from the dataclass (tests/test_config.py keeps the README in sync)."""
+    """The flag table of docs/FLAGS.md, generated from the dataclass (tests/test_config.py keeps the page in sync)."""
     lines = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(Config):
         lines.append(f"| `--{f.name}` | `{getattr(Config(), f.name)}` | {f.metadata['help']} |")
