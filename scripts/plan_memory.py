@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Estimate per-device memory of a GRPO run and say whether it fits (see grpo_ds/memory.py for the model).
 
-    python scripts/plan_memory.py --model Qwen/Qwen2.5-7B-Instruct --num_gpus 8 --zero 3
-    python scripts/plan_memory.py --model qwen2.5-32b --num_gpus 8 --zero 3 --offload
-    python scripts/plan_memory.py --model embedded --num_gpus 2 --zero 2 --precision fp32 --cpu   # 2 CPU ranks
-    python scripts/plan_memory.py --model qwen2.5-7b --num_gpus 8 --zero 2 --lora_r 16             # LoRA
-    python scripts/plan_memory.py --model qwen2.5-7b --num_gpus 8 --zero 3 --reward_model qwen2.5-1.5b  # an RM
+    .venv/bin/python scripts/plan_memory.py --model Qwen/Qwen2.5-7B-Instruct --num_gpus 8 --zero 3
+    .venv/bin/python scripts/plan_memory.py --model qwen2.5-32b --num_gpus 8 --zero 3 --offload
+    .venv/bin/python scripts/plan_memory.py --model embedded --num_gpus 2 --zero 2 --precision fp32 --cpu  # 2 CPU ranks
+    .venv/bin/python scripts/plan_memory.py --model qwen2.5-7b --num_gpus 8 --zero 2 --lora_r 16             # LoRA
+    .venv/bin/python scripts/plan_memory.py --model qwen2.5-7b --num_gpus 8 --zero 3 --reward_model qwen2.5-1.5b
 
 The device table is per GPU; the host table is the host memory each rank needs beyond it (offloaded optimizer and
 parameters, the process). With --cpu (a CPU-only host, where the device is the host) the two add up.
