@@ -152,3 +152,9 @@ def test_commands_use_the_virtual_environment():
             if re.search(r"(?<![/\w.-])(python3? scripts/|deepspeed --)", line):
                 bare.append(f"{doc.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not bare, "\n".join(bare)
+
+
+def test_the_readme_maps_every_docs_page():
+    readme = (ROOT / "README.md").read_text()
+    unlisted = [page.name for page in DOCS[1:] if f"](docs/{page.name})" not in readme]
+    assert not unlisted, f"pages missing from the README's map of docs/: {unlisted}"
