@@ -158,3 +158,10 @@ def test_the_readme_maps_every_docs_page():
     readme = (ROOT / "README.md").read_text()
     unlisted = [page.name for page in DOCS[1:] if f"](docs/{page.name})" not in readme]
     assert not unlisted, f"pages missing from the README's map of docs/: {unlisted}"
+
+
+def test_a_figure_lives_in_one_place():
+    """Each image is embedded once (house style); other pages link to it."""
+    embedded = [(doc.parent / target).resolve() for doc in DOCS
+                for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", doc.read_text())]
+    assert len(embedded) == len(set(embedded)), "an image is embedded on more than one page"
