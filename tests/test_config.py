@@ -538,5 +538,8 @@ def test_flag_table_matches_the_config():
     from grpo_ds.config import flags_markdown
 
     page = (Path(__file__).resolve().parent.parent / "docs" / "FLAGS.md").read_text()
-    assert flags_markdown() in page, \
-        "docs/FLAGS.md's flag table is stale: regenerate it with grpo_ds.config.flags_markdown()"
+    assert flags_markdown() in page, (
+        "docs/FLAGS.md's flag table is stale; the table ends the page, so regenerate it with\n"
+        "  .venv/bin/python -c \"from pathlib import Path; from grpo_ds.config import flags_markdown; "
+        "p = Path('docs/FLAGS.md'); s = p.read_text(); "
+        "p.write_text(s[:s.index('| flag | default | meaning |')] + flags_markdown())\"")
