@@ -1,0 +1,81 @@
+"""Resuming on another number of ranks or ZeRO stage (DeepSpeed's universal checkpoint): the weights and both AdamW
+moments the resumed run starts from equal the ones the checkpointing run ended with, parameter by parameter, as
+DeepSpeed gathers them whole on each side (safe_get_full_fp32_param / safe_get_full_optimizer_state, in
+tests/run_train.py); the step count and the global data order continue; what cannot be done is refused in one
+line before any model loads."""
+
+import json
+
+import pytest
+import torch
+
+from grpo_ds import checkpoint
+from helpers import TINY_FLAGS, records, run, zero_config
+
+LORA = ["--lora_r", "4", "--lora_alpha", "8"]
+
+# (ranks, ZeRO config) of the run that writes the checkpoint -> of the run that resumes it, and extra flags
+CASES = {
+    "1_to_2_ranks": (1, "zero2.json", 2, "zero2.json", []),
+    "2_to_1_ranks": (2, "zero2.json", 1, "zero2.json", []),
+    "zero2_to_zero3": (1, "zero2.json", 2, "zero3.json", []),
+    "zero3_2_to_1_ranks": (2, "zero3.json", 1, "zero3.json", []),
+    "lora_1_to_2_ranks": (1, "zero2.json", 2, "zero2.json", LORA),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_on_another_layout(tmp_path, tiny_model, monkeypatch, case):
+    src_ranks, src_config, dst_ranks, dst_config, extra = CASES[case]
+    flags = ["--model", str(tiny_model), *TINY_FLAGS, *extra]
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    monkeypatch.setenv("GRPO_DS_TEST_DUMP_STEP", "2")  # the full state after step 2, and right after a resume
+    # 3 steps straight through, checkpointing after step 2
+    run([*flags, "--ds_config", zero_config(tmp_path, src_config), "--output_dir", str(src), "--max_steps", "3",
+         "--save_steps", "2"], tmp_path, nprocs=src_ranks)
+    saved = src / "checkpoints" / "step_0000002"
+    # step 3 again, on the other layout, from the step-2 checkpoint
+    run([*flags, "--ds_config", zero_config(tmp_path, dst_config), "--output_dir", str(dst), "--max_steps", "3",
+         "--resume_from", str(saved)], tmp_path, nprocs=dst_ranks)
+    assert (saved / "universal" / checkpoint.UNIVERSAL_DONE).is_file()
+
+    # what the resumed run loaded is what the first run had after step 2, exactly, parameter by parameter
+    before = torch.load(src / "full_state_step2.pt", weights_only=False)
+    after = torch.load(dst / "full_state_loaded.pt", weights_only=False)
+    assert sorted(after["params"]) == sorted(before["params"])
+    if extra == LORA:
+        assert before["params"] and all("lora_" in name for name in before["params"])
+    for name, states in before["params"].items():
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(after["params"][name][key], states[key]), (name, key)
+        assert states["exp_avg_sq"].abs().sum() > 0, name  # a real optimizer state, not a fresh one
+    assert after["adam_steps"] == before["adam_steps"] and before["adam_steps"][0] > 0
+    assert after["global_steps"] == before["global_steps"]
+
+    # the step count and the data order continue: step 3 draws what the uninterrupted run drew at step 3
+    straight, resumed = records(src, src_ranks), records(dst, dst_ranks)
+    assert [[r["step"] for r in rank] for rank in resumed] == [[3]] * dst_ranks
+    assert all(rank[0]["drawn"] == straight[0][2]["drawn"] for rank in resumed)
+    assert [json.loads(line)["step"] for line in (dst / "metrics.jsonl").read_text().splitlines()] == [3]
+    state = checkpoint.read_state(checkpoint.latest_checkpoint(str(dst)))
+    assert (state["step"], state["world_size"]) == (3, dst_ranks)
+
+
+def write_checkpoint_state(path, world_size: int, zero_stage: int) -> None:
+    path.mkdir(parents=True)
+    (path / checkpoint.STATE_FILE).write_text(json.dumps({"step": 2, "world_size": world_size,
+                                                          "zero_stage": zero_stage, "config": {}}))
+
+
+def test_a_layout_the_universal_checkpoint_cannot_take_is_refused(refuse, tmp_path):
+    zero3 = tmp_path / "z3"
+    write_checkpoint_state(zero3, world_size=2, zero_stage=3)
+    refuse(f"--resume_from '{zero3}': written by 2 rank(s) under ZeRO-3, this run has 1 rank(s) under ZeRO-2; "
+           f"DeepSpeed's universal checkpoint takes ZeRO-3 to ZeRO-3 only (any number of ranks): resume under ZeRO-3",
+           resume_from=str(zero3))
+    zero0 = tmp_path / "z0"
+    write_checkpoint_state(zero0, world_size=2, zero_stage=0)
+    refuse(f"--resume_from '{zero0}': written by 2 rank(s) under ZeRO-0, this run has 1 rank(s) under ZeRO-2; a "
+           f"change of ranks or stage needs ZeRO-1, 2 or 3 on both sides (DeepSpeed's universal checkpoint), else "
+           f"resume with 2 rank(s) under ZeRO-0", resume_from=str(zero0))
