@@ -84,7 +84,8 @@ def full_state(engine) -> dict:
                      **{key: safe_get_full_optimizer_state(p, key).cpu() for key in ("exp_avg", "exp_avg_sq")}}
               for name, p in engine.module.named_parameters() if p.requires_grad}
     adam_steps = sorted({float(s["step"]) for s in engine.optimizer.optimizer.state.values() if "step" in s})
-    return {"params": params, "adam_steps": adam_steps, "global_steps": engine.global_steps}
+    return {"params": params, "adam_steps": adam_steps, "global_steps": engine.global_steps,
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
 
 
 def record_dumps(output_dir: str) -> None:

@@ -28,7 +28,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_resume_on_another_layout(tmp_path, tiny_model, monkeypatch, case):
     src_ranks, src_config, dst_ranks, dst_config, extra = CASES[case]
-    flags = ["--model", str(tiny_model), *TINY_FLAGS, *extra]
+    flags = ["--model", str(tiny_model), *TINY_FLAGS, "--warmup_steps", "10", *extra]  # warmup: a scheduler state
     src, dst = tmp_path / "src", tmp_path / "dst"
     monkeypatch.setenv("GRPO_DS_TEST_DUMP_STEP", "2")  # the full state after step 2, and right after a resume
     # 3 steps straight through, checkpointing after step 2
@@ -52,6 +52,7 @@ def test_resume_on_another_layout(tmp_path, tiny_model, monkeypatch, case):
         assert states["exp_avg_sq"].abs().sum() > 0, name  # a real optimizer state, not a fresh one
     assert after["adam_steps"] == before["adam_steps"] and before["adam_steps"][0] > 0
     assert after["global_steps"] == before["global_steps"]
+    assert after["lr_scheduler"] == before["lr_scheduler"] and before["lr_scheduler"]["last_batch_iteration"] > 0
 
     # the step count and the data order continue: step 3 draws what the uninterrupted run drew at step 3
     straight, resumed = records(src, src_ranks), records(dst, dst_ranks)
@@ -62,20 +63,12 @@ def test_resume_on_another_layout(tmp_path, tiny_model, monkeypatch, case):
     assert (state["step"], state["world_size"]) == (3, dst_ranks)
 
 
-def write_checkpoint_state(path, world_size: int, zero_stage: int) -> None:
-    path.mkdir(parents=True)
-    (path / checkpoint.STATE_FILE).write_text(json.dumps({"step": 2, "world_size": world_size,
-                                                          "zero_stage": zero_stage, "config": {}}))
-
-
-def test_a_layout_the_universal_checkpoint_cannot_take_is_refused(refuse, tmp_path):
-    zero3 = tmp_path / "z3"
-    write_checkpoint_state(zero3, world_size=2, zero_stage=3)
-    refuse(f"--resume_from '{zero3}': written by 2 rank(s) under ZeRO-3, this run has 1 rank(s) under ZeRO-2; "
-           f"DeepSpeed's universal checkpoint takes ZeRO-3 to ZeRO-3 only (any number of ranks): resume under ZeRO-3",
-           resume_from=str(zero3))
-    zero0 = tmp_path / "z0"
-    write_checkpoint_state(zero0, world_size=2, zero_stage=0)
-    refuse(f"--resume_from '{zero0}': written by 2 rank(s) under ZeRO-0, this run has 1 rank(s) under ZeRO-2; a "
+def test_a_change_of_layout_with_zero0_is_refused(refuse, tmp_path):
+    """(ZeRO-3 to ZeRO-1/2, the other refusal: tests/test_bad_input.py)"""
+    saved = tmp_path / "step_0000002"
+    saved.mkdir()
+    (saved / checkpoint.STATE_FILE).write_text(json.dumps({"step": 2, "world_size": 2, "zero_stage": 0,
+                                                           "config": {}}))
+    refuse(f"--resume_from '{saved}': written by 2 rank(s) under ZeRO-0, this run has 1 rank(s) under ZeRO-2; a "
            f"change of ranks or stage needs ZeRO-1, 2 or 3 on both sides (DeepSpeed's universal checkpoint), else "
-           f"resume with 2 rank(s) under ZeRO-0", resume_from=str(zero0))
+           f"resume with 2 rank(s) under ZeRO-0", resume_from=str(saved))
