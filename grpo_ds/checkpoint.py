@@ -338,7 +338,7 @@ def _complete_for_both_families(folder: Path) -> None:
     (The other way, ZeRO-3 to ZeRO-1/2, is refused by check_compatible.)"""
     if list(folder.glob("zero_pp_rank_*model_states.pt")):  # from ZeRO-3
         return
-    shutil.copy2(folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    os.link(folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")  # no copy
     zero = folder / "zero"
     optim_path = zero / "optimizer_state.pt"
     optim = torch.load(optim_path, weights_only=False)
