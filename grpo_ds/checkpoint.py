@@ -262,8 +262,10 @@ def universal_checkpoint(engine, path: Path) -> Path:
     inside the checkpoint, so rotation deletes both and a re-saved step never meets a stale conversion."""
     target = path / UNIVERSAL
     names = trainable_names(engine)
-    error = ""
-    if torch.distributed.get_rank() == 0 and universal_problem(target, names) is not None:
+
+    def convert() -> str:
+        if universal_problem(target, names) is None:
+            return ""
         staging = path / f".{UNIVERSAL}-staging"
         try:
             shutil.rmtree(staging, ignore_errors=True)
@@ -277,12 +279,15 @@ def universal_checkpoint(engine, path: Path) -> Path:
                 shutil.rmtree(target)
             os.replace(staging / UNIVERSAL, target)
             log.info("converted %s to a universal checkpoint in %.1f s", path, time.perf_counter() - t0)
+            return ""
         except Exception as err:  # noqa: BLE001 - the other ranks wait for this one: tell them
-            error = f"{type(err).__name__}: {err}"
+            return f"{type(err).__name__}: {err}"
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    if distributed.any_rank(bool(error)):
-        raise CheckpointError(f"converting {path} to a universal checkpoint failed ({error or 'on rank 0'})")
+
+    error = distributed.any_rank_after(convert)
+    if error:
+        raise CheckpointError(f"converting {path} to a universal checkpoint failed ({error})")
     return target
 
 

@@ -148,6 +148,21 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device())).item() > 0)
 
 
+def any_rank_after(work: Callable[[], str], hours: float = 24.0) -> str:
+    """Rank 0 runs `work()` alone (it returns an error message, or "" on success) while the other ranks wait; every
+    rank gets rank 0's message. The wait is on a group of its own with a timeout of `hours`: the default group's
+    (DeepSpeed's 10 minutes) aborted ranks that waited for rank 0 to convert a large checkpoint."""
+    from datetime import timedelta
+
+    group = torch.distributed.new_group(timeout=timedelta(hours=hours))
+    try:
+        message = [work() if torch.distributed.get_rank() == 0 else ""]
+        torch.distributed.broadcast_object_list(message, src=0, group=group)
+    finally:
+        torch.distributed.destroy_process_group(group)
+    return message[0]
+
+
 # ----------------------------------------------------------------------------- DeepSpeed config
 
 

@@ -7,6 +7,7 @@ GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
 - disk_full_save2: the second checkpoint's writes fail with ENOSPC
 - kill_in_save2:   the process is SIGKILLed in the middle of writing the second checkpoint
 - sigterm_mid_step3: rank 0 receives SIGTERM while step 3 generates (a preemption in the middle of a step)
+- slow_conversion: converting a checkpoint to a universal one takes 65 s longer (a large checkpoint)
 
 Each record also lists the questions of every global batch the step drew from the data order. With
 GRPO_DS_TEST_DUMP_STEP=N, rank 0 saves the full fp32 weights and AdamW moments of every trained parameter, gathered by
@@ -19,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +47,14 @@ def inject_faults(current_step: list) -> None:
             return real_generate(*args, **kwargs)
 
         trainer.generate = interrupted
+    if FAULT == "slow_conversion":
+        real_convert = ckpt.convert_to_universal
+
+        def slow_convert(*args, **kwargs):
+            time.sleep(65)
+            return real_convert(*args, **kwargs)
+
+        ckpt.convert_to_universal = slow_convert
     if FAULT.startswith("nan"):
         original = loss_module.GRPOLoss.__call__
 
