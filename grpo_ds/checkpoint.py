@@ -236,7 +236,8 @@ def load(engine, path: Path) -> dict:
     state = read_state(path)
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     load_dir, tag = path.parent, path.name
-    if needs_universal(state, world, engine.zero_optimization_stage()):
+    if needs_universal(state, world, engine.zero_optimization_stage()) or engine.load_universal_checkpoint():
+        # (also when the user's JSON asks for universal loading: that engine cannot read a checkpoint directly)
         assert engine.load_universal_checkpoint(), "a resharded resume needs universal_ds_config's engine"
         load_dir, tag = path, universal_checkpoint(engine, path).name
     load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
