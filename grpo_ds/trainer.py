@@ -11,11 +11,13 @@ Shape legend: B prompts on this rank, G group_size, N = B * G completions, C com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -28,16 +30,19 @@ import torch
 
 from . import checkpoint, distributed
 from .config import BatchLayout, Config, LoraSettings, dumps, validate
-from .data import Problem, PromptSampler, load_problems, render_prompt
+from .data import Problem, PromptSampler, load_problems, render_problem
 from .eval import evaluate
-from .experience import Experience
+from .experience import Experience, balanced_assignment
 from .generation import Rollout, Sampling, StaticDecoder, generate
 from .logprobs import completion_logprobs
-from .loss import BatchTotals, GRPOLoss, entropy_threshold, group_advantages, kl_estimate, uniform_groups
+from .loss import (BatchTotals, GRPOLoss, entropy_threshold, group_advantages, kl_estimate, sampling_correction,
+                   uniform_groups)
 from .metrics import MetricsLogger, setup_logging
 from .models import check_lora_targets, load_model, load_tokenizer, resolve_model
 from .plot import plot_runs
-from .rewards import overlong_penalties, parse_reward, score_completions
+from .remote_reward import RemoteReward
+from .reward_model import RewardModel, check_reward_model
+from .rewards import RewardAbort, overlong_penalties, parse_reward, required_columns, score_completions
 
 log = logging.getLogger("grpo_ds.trainer")
 
@@ -54,8 +59,48 @@ class Preempted(Exception):
     """Raised on every rank after a SIGTERM/SIGINT once the checkpoint is written; the message says how to resume."""
 
 
+class RewardAbortedRun(ValueError):
+    """A reward source failed for good mid-run (e.g. --reward_url unreachable after its retries); raised on every
+    rank once the last complete step is checkpointed."""
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive optimizer steps were skipped for non-finite gradients."""
+
+
+@dataclass
+class Where:
+    """The step and phase this rank is in (rollout, reference, update, log, eval, save; export after the last step),
+    so that a rank that loses a peer can say where."""
+
+    step: int = 0
+    phase: str = "setup"
+    since: float = field(default_factory=time.perf_counter)
+
+    def enter(self, step: int, phase: str) -> None:
+        self.step, self.phase, self.since = step, phase, time.perf_counter()
+
+
+@contextlib.contextmanager
+def peer_loss_reported(run: "Run"):
+    """A collective that fails because another rank died or stopped answering (within --dist_timeout) ends this
+    rank with one line naming the step and phase and the checkpoint to resume from, then PeerLost (exit code 4)
+    instead of a traceback from deep inside a collective."""
+    try:
+        yield
+    except distributed.PeerLost:
+        raise
+    except Exception as err:  # noqa: BLE001 - only a lost peer is reworded; anything else is re-raised as it is
+        if not distributed.is_peer_loss(err):
+            raise
+        where, saved = run.where, checkpoint.latest_checkpoint(run.cfg.output_dir)
+        # gloo's first sentence, without its source location: "Connection closed by peer [10.0.0.2]:41417"
+        reason = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", str(err).strip()).split(". ")[0].splitlines()
+        reason = reason[0] if reason and reason[0] else type(err).__name__
+        log.error("rank %d: lost a peer during %s of step %d after %.0f s: %s; %s; resume with --resume_from latest",
+                  run.rank, where.phase, where.step, time.perf_counter() - where.since, reason[:300],
+                  f"the last complete checkpoint is {saved}" if saved else "no checkpoint was written yet")
+        raise distributed.PeerLost(f"lost a peer during {where.phase} of step {where.step}") from err
 
 
 class StopSignal:
@@ -95,22 +140,29 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
     `on_step_end(step=, policy=, reference=, metrics=)` is called on every rank after each step (tests use it)."""
     run = setup(cfg)
     history = []
-    with StopSignal() as stop:
+    with StopSignal() as stop, peer_loss_reported(run):
         for step in range(run.start_step + 1, cfg.max_steps + 1):
             started = time.perf_counter()
+            run.where.enter(step, "rollout")
             groups = rollout(run, step, stop)  # 1. prompts -> G completions each -> rewards
+            run.where.enter(step, "reference")
             experience, timings = make_experience(run, groups)  # 2. advantages, reference and old log-probs
+            run.where.enter(step, "update")
             stats = (update(run.policy, experience, run.loss_fn, run.update_plan(step))  # 3. optimizer steps,
                      if experience.has_signal else UpdateStats())  # none when no group on any rank has a signal
+            run.where.enter(step, "log")
             metrics = log_step(run, step, groups, experience, stats, timings, time.perf_counter() - started)  # 4.
             history.append({"step": step, **metrics})
             if on_step_end is not None:
                 on_step_end(step=step, policy=run.policy, reference=run.reference, metrics=metrics)
             run.check_nonfinite(stats, step)
+            run.where.enter(step, "save")
             run.save_and_export(step)  # 5. checkpoint, exports
             if distributed.any_rank(stop.received is not None):
                 run.preempt(stop.received or "a signal on another rank", step)
-    return finish(run, history)
+    with peer_loss_reported(run):
+        run.where.enter(run.where.step, "export")
+        return finish(run, history)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -140,17 +192,23 @@ class Run:
     saved_step: int = 0
     consecutive_skips: int = 0
     started: float = field(default_factory=time.perf_counter)
+    where: Where = field(default_factory=Where)
 
-    def prompt(self, question: str) -> str:
-        return render_prompt(self.tokenizer, question, self.cfg.system_prompt_text(), self.cfg.response_prefix,
-                             self.cfg.example())
+    def prompt(self, problem: Problem | str) -> str:
+        """The prompt text of a problem (or a bare question), as training, evaluation, ask and serve render it."""
+        problem = Problem(problem, "") if isinstance(problem, str) else problem
+        return render_problem(self.tokenizer, problem, self.cfg.system_prompt_text(), self.cfg.response_prefix,
+                              self.cfg.example())
 
     def update_plan(self, step: int) -> "UpdatePlan":
         return UpdatePlan(micro_batch_size=self.cfg.train_batch_size,
                           accumulation=self.layout.gradient_accumulation_steps, epochs=self.cfg.epochs_per_step,
                           world_size=self.world, max_new_tokens=self.cfg.max_new_tokens,
                           temperature=self.cfg.temperature, group_size=self.cfg.group_size,
-                          shuffle_seed=(self.cfg.seed, step, self.rank))
+                          shuffle_seed=(self.cfg.seed, step, self.rank),
+                          correction=((self.cfg.importance_sampling_mode, self.cfg.importance_sampling_clip_min,
+                                       self.cfg.importance_sampling_clip_max)
+                                      if self.cfg.importance_sampling_correction else None))
 
     def save(self, step: int) -> None:
         state = {"step": step, "sampler": self.sampler.state_dict(), "consecutive_skips": self.consecutive_skips,
@@ -193,17 +251,28 @@ class Run:
 
 def setup(cfg: Config) -> Run:
     """Check everything that can be refused, then load the models and engines, and resume if asked."""
-    rank, world = distributed.init_distributed()
+    rank, world = distributed.init_distributed(cfg.dist_timeout)
     setup_logging(rank)
     layout = validate(cfg, world)
     ds_config, precision = distributed.build_ds_config(distributed.load_ds_json(cfg.ds_config), cfg, layout,
                                                        distributed.on_gpu())
-    rewards = parse_reward(cfg.reward)
+    remote = None
+    if cfg.reward_url:  # a dead or slow scorer is refused now, not at the first step
+        remote = RemoteReward(cfg.reward_url, cfg.reward_url_timeout, cfg.reward_url_retries)
+        remote.check()
+    if cfg.reward_model:  # the checkpoint's head, read from its config alone
+        check_reward_model(cfg.reward_model)
+    rewards = parse_reward(cfg.reward, {"remote": remote, "model": _reward_model_pending})
+    columns = dict(prompt_column=cfg.prompt_column, answer_column=cfg.answer_column)
     problems = load_problems(cfg.dataset, "train", num_problems=cfg.num_problems, difficulty=cfg.difficulty,
-                             seed=cfg.seed, bad_answers=cfg.bad_answers)
+                             seed=cfg.seed, bad_answers=cfg.bad_answers, **columns)
+    check_reward_columns(rewards, problems, cfg.dataset)
     eval_problems = (load_problems(cfg.eval_dataset or cfg.dataset, "test", num_problems=cfg.eval_limit,
-                                   difficulty=cfg.difficulty, seed=cfg.seed, bad_answers=cfg.bad_answers)
+                                   difficulty=cfg.difficulty, seed=cfg.seed, bad_answers=cfg.bad_answers, **columns)
                      if cfg.eval_steps else [])
+    if cfg.example() is not None and any(p.messages for p in problems):
+        log.warning("--example_question: the dataset's prompts are chat conversations, rendered as written; the "
+                    "worked example (and --system_prompt) apply to question strings only")
     resume_path = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from)
     resume_state = None
     if resume_path is not None:
@@ -212,6 +281,7 @@ def setup(cfg: Config) -> Run:
         if checkpoint.needs_universal(resume_state, world, distributed.zero_stage(ds_config)):
             ds_config = checkpoint.universal_ds_config(ds_config)  # another layout: DeepSpeed's universal loading
     _prepare_output_dir(cfg, rank, resume_path, resume_state["step"] if resume_state else 0)
+    checkpoint.check_shared(cfg.output_dir)
     model_path = resolve_model(cfg.model)
     lora = LoraSettings.from_config(cfg)
     if lora is not None:
@@ -242,6 +312,11 @@ def setup(cfg: Config) -> Run:
               eval_problems=eval_problems, logger=None, output_dir=output_dir,
               export_dtype={"auto": dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype])
     run.engine = rollout_engine(cfg, policy)
+    if cfg.reward_model:  # partitioned over the ranks like the reference (ZeRO-3), offloaded on request
+        scorer = RewardModel(cfg.reward_model,
+                             distributed.reward_model_ds_config(ds_config, cfg.reward_model_offload),
+                             micro_batch_size=cfg.train_batch_size)
+        run.rewards = [dataclasses.replace(t, fn=scorer) if t.name == "model" else t for t in run.rewards]
     if resume_path is not None:
         state = checkpoint.load(policy, resume_path)
         _warn_config_changes(state["config"], cfg)
@@ -252,6 +327,22 @@ def setup(cfg: Config) -> Run:
     run.logger = MetricsLogger(cfg.output_dir, rank, cfg.max_steps, monitor=policy.monitor,
                                first_step=run.start_step + 1)
     return run
+
+
+def _reward_model_pending(prompts, completions, **kwargs):
+    """Stands for the 'model' term until setup() has loaded the reward model."""
+    raise AssertionError("the reward model is scored before it was loaded")
+
+
+def check_reward_columns(rewards: list, problems: list[Problem], dataset: str) -> None:
+    """Refuse a TRL-style reward whose required arguments no dataset column fills (TRL's accuracy_reward needs
+    `solution`), before any model loads."""
+    have = set(problems[0].columns) if problems else set()
+    for term in rewards:
+        missing = [name for name in required_columns(term) if name not in have]
+        if missing:
+            raise ValueError(f"--reward {term.name}: needs the dataset column '{missing[0]}', which --dataset "
+                             f"{dataset} does not have (its columns: {', '.join(sorted(have)) or 'none'})")
 
 
 def rollout_engine(cfg: Config, policy) -> Optional[StaticDecoder]:
@@ -334,6 +425,29 @@ class Groups:
     drawn: dict
     seconds: float
     rounds: int = 1
+    extra_columns: dict = field(default_factory=dict)  # what reward functions logged per completion (log_extra)
+
+
+class RewardReports:
+    """What TRL passes a batched reward besides the data, for one scoring call: `trainer_state` (a transformers
+    TrainerState whose global_step counts the GRPO steps done, max_steps the run's), `log_metric(name, value)`
+    (averaged over the step's calls and ranks, logged under its name) and `log_extra(column, values)` (a value per
+    completion, shown in completions.jsonl)."""
+
+    def __init__(self):
+        self.metrics: dict[str, list[float]] = {}
+        self.columns: dict[str, list] = {}
+
+    def extras(self, step: int, max_steps: int) -> dict:
+        from transformers import TrainerState
+
+        return {"trainer_state": TrainerState(global_step=step - 1, max_steps=max_steps),
+                "log_metric": lambda name, value: self.metrics.setdefault(str(name), []).append(float(value)),
+                "log_extra": lambda column, values: self.columns.setdefault(str(column), []).extend(values)}
+
+    def metric_sums(self) -> dict:
+        return {f"logged/{name}_{part}": float(sum(values) if part == "sum" else len(values))
+                for name, values in self.metrics.items() for part in ("sum", "count")}
 
 
 def rollout(run: Run, step: int, stop: StopSignal) -> Groups:
@@ -341,9 +455,15 @@ def rollout(run: Run, step: int, stop: StopSignal) -> Groups:
     completions per prompt with the policy's live weights (gathered once under ZeRO-3), and score them.
 
     With --dynamic_sampling (DAPO), groups whose rewards all tie are set aside and further rounds of prompts are
-    drawn until every rank holds B groups with a signal, or --max_sampling_rounds is reached; ranks decide together,
-    so they stay in lockstep. Every round advances the data cursor, so a resumed run draws what this one drew."""
+    drawn until the ranks hold B groups with a signal each (pooled over the ranks with --balance_ranks, else on
+    every rank), or --max_sampling_rounds is reached; ranks decide together, so they stay in lockstep. Every round
+    advances the data cursor, so a resumed run draws what this one drew.
+
+    With --balance_ranks (and several ranks) the step's groups are then pooled over the ranks and dealt out B to a
+    rank with token counts as even as possible (share_groups), so that no rank waits for one whose completions ran
+    long."""
     cfg, B = run.cfg, run.layout.prompts_per_rank
+    pooled = cfg.balance_ranks and run.world > 1
     sampler_before = run.sampler.state_dict()
     started = time.perf_counter()
     with_signal, tied, drawn = [], [], {}
@@ -352,9 +472,21 @@ def rollout(run: Run, step: int, stop: StopSignal) -> Groups:
         for name, value in batch.drawn.items():
             drawn[name] = drawn.get(name, 0.0) + value
         for b in range(B):
-            (tied if bool(uniform_groups(batch.rewards_BG[b:b + 1])) else with_signal).append((batch, b))
-        if not cfg.dynamic_sampling or not distributed.any_rank(len(with_signal) < B):
+            (tied if bool(uniform_groups(batch.rewards_BG[b:b + 1])) else with_signal).append((batch, b, round_))
+        if not cfg.dynamic_sampling:
             break
+        if pooled:
+            found = float(distributed.all_reduce_sum(torch.tensor([float(len(with_signal))],
+                                                                  device=run.policy.device)))
+            if found >= B * run.world:
+                break
+        elif not distributed.any_rank(len(with_signal) < B):
+            break
+    if pooled:
+        groups = share_groups(run, step, with_signal, tied, drawn)
+        groups.seconds, groups.rounds = time.perf_counter() - started, round_ + 1
+        return groups
+    with_signal, tied = [(batch, b) for batch, b, _ in with_signal], [(batch, b) for batch, b, _ in tied]
     if not cfg.dynamic_sampling:
         chosen = [(batch, b) for b in range(B)]  # every group, in order
     else:
@@ -377,7 +509,7 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
     run.policy.eval()
     t0 = time.perf_counter()
     with distributed.gathered_for_generation(run.policy, cfg.zero3_gather_for_generation):
-        result = generate(run.policy.module, run.tokenizer, [run.prompt(p.question) for p in problems_B],
+        result = generate(run.policy.module, run.tokenizer, [run.prompt(p) for p in problems_B],
                           run.sampling, group_size=G, batch_size=cfg.rollout_batch_size, max_length=cfg.max_length,
                           share_prefill=cfg.share_prefill, should_stop=lambda: stop.received is not None,
                           synced_gpus=distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation,
@@ -387,7 +519,23 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
         run.sampler.load_state_dict(sampler_before)
         run.preempt(stop.received or "a signal on another rank", step - 1)
     texts_N = result.texts(run.tokenizer)
-    rewards, stats = score_completions(texts_N, [p.answer for p in problems_B for _ in range(G)], run.rewards)
+    completion_ids = [row[mask.bool()].tolist() for row, mask in zip(result.completion_ids_NC.cpu(),
+                                                                   result.completion_mask_NC.cpu())]
+    reported, failure = RewardReports(), None
+    try:
+        rewards, stats = score_completions(texts_N, [p for p in problems_B for _ in range(G)], run.rewards,
+                                           completion_ids, reported.extras(step, cfg.max_steps))
+    except RewardAbort as err:  # a remote scorer that stays unreachable: save what we have and stop, all ranks
+        failure = str(err)
+    if cfg.reward_url and distributed.any_rank(failure is not None):
+        run.sampler.load_state_dict(sampler_before)  # this step never happened
+        if step - 1 > run.saved_step:
+            run.save(step - 1)
+        why = next(f for f in distributed.all_gather_objects(failure) if f)  # every rank joins the gather
+        raise RewardAbortedRun(f"{why}; stopped at step {step}, checkpoint "
+                               f"{checkpoint.latest_checkpoint(cfg.output_dir)} (resume with --resume_from latest)")
+    if failure is not None:
+        raise RewardAbortedRun(failure)
     lengths_N = result.completion_mask_NC.sum(dim=1).tolist()
     if cfg.overlong_buffer:
         penalties = overlong_penalties(lengths_N, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
@@ -395,13 +543,64 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
         stats["overlong_penalty"] = sum(penalties) / len(penalties)
     rewards_BG = torch.tensor(rewards, dtype=torch.float32).view(B, G)
     n = float(B * G)
-    drawn = {"completions": n, "groups": float(B), "reward_sum": float(rewards_BG.double().sum()),
-             "reward_sq_sum": float((rewards_BG.double() ** 2).sum()),
+    scored = rewards_BG.double()[~torch.isnan(rewards_BG)]  # NaN: no reward term applied (TRL's None)
+    rates = ("success_rate", "format_rate", "clean_rate", "overlong_penalty")
+    drawn = {"completions": n, "groups": float(B), "scored": float(scored.numel()),
+             "reward_sum": float(scored.sum()), "reward_sq_sum": float((scored ** 2).sum()),
              "zero_std_groups": float(uniform_groups(rewards_BG).sum()), "completion_tokens": float(sum(lengths_N)),
              "truncated": float(result.truncated_N.sum()), "generation_s": seconds,
-             **{name: value * n for name, value in stats.items() if name != "reward_errors"},
-             "reward_errors": float(stats["reward_errors"])}
-    return Groups(problems_B, result, texts_N, rewards_BG, drawn, seconds)
+             **{name: value * n for name, value in stats.items() if name in rates},
+             **{name: float(value) for name, value in stats.items() if name.startswith("reward/")},
+             **reported.metric_sums(), "reward_errors": float(stats["reward_errors"])}
+    return Groups(problems_B, result, texts_N, rewards_BG, drawn, seconds, extra_columns=reported.columns)
+
+
+def share_groups(run: Run, step: int, with_signal: list, tied: list, drawn: dict) -> Groups:
+    """The distributed replay buffer: every rank's groups (with their rewards) are gathered, the step's B x ranks
+    groups are chosen (all of them; with --dynamic_sampling those with a signal first, earliest round first, then
+    tied ones if too few), and dealt out B to a rank by balanced_assignment over each group's token count (its
+    prompt once and its completions: what a packed forward pass costs). Every rank computes the same deal."""
+    cfg, B, G, world = run.cfg, run.layout.prompts_per_rank, run.cfg.group_size, run.world
+    mine = [(round_, run.rank, b, signal, one_group(batch, b, G))
+            for signal, candidates in ((True, with_signal), (False, tied)) for batch, b, round_ in candidates]
+    pool = sorted((entry for part in distributed.all_gather_objects(mine) for entry in part),
+                  key=lambda e: (not e[3], e[0], e[1], e[2]))  # signal first, then by round, rank, index
+    num_signal = sum(1 for e in pool if e[3])
+    chosen = pool[:B * world]
+    if cfg.dynamic_sampling and num_signal < B * world and run.rank == 0:
+        log.warning("step %d: dynamic sampling found %d of %d groups with a signal in %d rounds "
+                    "(--max_sampling_rounds); training on them and %d tied groups", step, num_signal, B * world,
+                    cfg.max_sampling_rounds, B * world - num_signal)
+    drawn["groups_kept"] = float(min(num_signal, B * world)) / world  # summed over the ranks in the logs
+    costs = [group_tokens(e[4], G) for e in chosen]
+    assigned = balanced_assignment(costs, world)[run.rank]
+    groups = take_groups([(chosen[i][4], 0) for i in assigned], G, run.tokenizer.pad_token_id)
+    groups.drawn = drawn
+    return groups
+
+
+def one_group(batch: Groups, b: int, group_size: int) -> Groups:
+    """Group b of a round's batch on its own, on the CPU, without the padding columns none of its rows uses (so it
+    travels small between ranks)."""
+    rows = slice(b * group_size, (b + 1) * group_size)
+    r = batch.rollout
+    seq, att, mask = r.sequences_NT[rows].cpu(), r.attention_mask_NT[rows].cpu(), r.completion_mask_NC[rows].cpu()
+    num_prompt = seq.shape[1] - mask.shape[1]
+    used = att[:, :num_prompt].any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else num_prompt - 1
+    completion_used = mask.any(dim=0).nonzero()
+    keep = int(completion_used[-1]) + 1 if len(completion_used) else 1
+    sampler = None if r.sampler_logprobs_NC is None else r.sampler_logprobs_NC[rows, :keep].cpu()
+    rollout_ = Rollout(seq[:, start:num_prompt + keep], att[:, start:num_prompt + keep], mask[:, :keep],
+                       r.truncated_N[rows].cpu(), sampler)
+    return Groups([batch.problems_B[b]], rollout_, batch.texts_N[rows], batch.rewards_BG[b:b + 1].cpu(), {}, 0.0)
+
+
+def group_tokens(groups: Groups, group_size: int) -> float:
+    """What groups cost a packed forward pass: each prompt's tokens once, plus the completions' tokens."""
+    r = groups.rollout
+    num_prompt = r.sequences_NT.shape[1] - r.completion_mask_NC.shape[1]
+    return float(r.attention_mask_NT[::group_size, :num_prompt].sum() + r.completion_mask_NC.sum())
 
 
 def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) -> Groups:
@@ -413,7 +612,7 @@ def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) 
     widths = [(batch.rollout.sequences_NT.shape[1] - batch.rollout.completion_mask_NC.shape[1],
                batch.rollout.completion_mask_NC.shape[1]) for batch, _ in chosen]
     P, C = max(p for p, _ in widths), max(c for _, c in widths)
-    sequences, attention, masks, truncated = [], [], [], []
+    sequences, attention, masks, truncated, sampled = [], [], [], [], []
     for (batch, b), (p, c) in zip(chosen, widths):
         rows = slice(b * G, (b + 1) * G)
         seq, att = batch.rollout.sequences_NT[rows].cpu(), batch.rollout.attention_mask_NT[rows].cpu()
@@ -423,10 +622,13 @@ def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) 
         attention.append(pad(att, P - p, C - c, 0))
         masks.append(pad(mask, 0, C - c, 0))
         truncated.append(batch.rollout.truncated_N[rows].cpu())
-    rollout_ = Rollout(torch.cat(sequences), torch.cat(attention), torch.cat(masks), torch.cat(truncated))
+        if batch.rollout.sampler_logprobs_NC is not None:
+            sampled.append(pad(batch.rollout.sampler_logprobs_NC[rows].cpu(), 0, C - c, 0.0))
+    rollout_ = Rollout(torch.cat(sequences), torch.cat(attention), torch.cat(masks), torch.cat(truncated),
+                       torch.cat(sampled) if len(sampled) == len(chosen) else None)
     return Groups([batch.problems_B[b] for batch, b in chosen], rollout_,
                   [t for batch, b in chosen for t in batch.texts_N[b * G:(b + 1) * G]],
-                  torch.stack([batch.rewards_BG[b] for batch, b in chosen]), {}, 0.0)
+                  torch.stack([batch.rewards_BG[b].cpu() for batch, b in chosen]), {}, 0.0)
 
 
 # ----------------------------------------------------------------------------- 2. experience
@@ -446,7 +648,9 @@ def make_experience(run: Run, groups: Groups) -> tuple[Experience, dict]:
     cfg, rollout_ = run.cfg, groups.rollout
     rewards_BG = groups.rewards_BG
     experience = Experience(rollout_.sequences_NT.cpu(), rollout_.attention_mask_NT.cpu(),
-                            rollout_.completion_mask_NC.cpu(), rewards_BG.flatten(), torch.zeros(rewards_BG.numel()))
+                            rollout_.completion_mask_NC.cpu(), rewards_BG.flatten(), torch.zeros(rewards_BG.numel()),
+                            sampler_logprobs_NC=(None if rollout_.sampler_logprobs_NC is None
+                                                 else rollout_.sampler_logprobs_NC.cpu()))
     timings = {"reference_s": 0.0, "old_logprobs_s": 0.0}
     if cfg.kl_in_reward:
         experience.ref_logprobs_NC, experience.old_logprobs_NC = logprob_passes(run, experience, timings, old=True)
@@ -454,8 +658,11 @@ def make_experience(run: Run, groups: Groups) -> tuple[Experience, dict]:
                 * experience.completion_mask_NC).sum(dim=1)
         groups.drawn["kl_reward"] = float(-cfg.kl_weight * kl_N.sum())
         rewards_BG = rewards_BG - cfg.kl_weight * kl_N.view_as(rewards_BG)
-    batch_std = (float(distributed.all_gather_cat(rewards_BG.flatten().to(run.policy.device)).std())
-                 if cfg.scale_rewards == "batch" else None)
+    if cfg.scale_rewards == "batch":  # over every scorable reward of the step, on all ranks
+        every = distributed.all_gather_cat(rewards_BG.flatten().to(run.policy.device))
+        batch_std = float(every[~torch.isnan(every)].std())
+    else:
+        batch_std = None
     experience.advantages_N = group_advantages(rewards_BG, cfg.scale_rewards, batch_std).flatten()
     experience.has_signal = distributed.any_rank(bool(experience.advantages_N.any()))
     if experience.has_signal and not cfg.kl_in_reward:
@@ -467,8 +674,11 @@ def make_experience(run: Run, groups: Groups) -> tuple[Experience, dict]:
 
 
 def logprob_passes(run: Run, experience: Experience, timings: dict, old: bool):
-    """(reference log-probs or None, old log-probs or None), timed."""
+    """(reference log-probs or None, old log-probs or None), timed. With --sampler_logprobs_as_old the old
+    log-probs are the ones the rollout engine recorded, and the second pass is skipped."""
     cfg, mb = run.cfg, run.cfg.train_batch_size
+    if old and cfg.sampler_logprobs_as_old and experience.sampler_logprobs_NC is not None:
+        return logprob_passes(run, experience, timings, old=False)[0], experience.sampler_logprobs_NC
     t0 = time.perf_counter()
     ref = None
     if run.reference is not None:
@@ -516,6 +726,7 @@ class UpdatePlan:
     temperature: float
     group_size: int  # whole groups are shuffled together, so a micro-batch holds whole prompts
     shuffle_seed: Optional[tuple] = None  # None: the stored order (tests)
+    correction: Optional[tuple] = None  # (mode, clip_min, clip_max) of the sampling correction; None: off
 
 
 @dataclass
@@ -530,6 +741,32 @@ class UpdateStats:
     grad_norms: list = field(default_factory=list)  # one per finite optimizer step (the global norm)
     finite_steps: list = field(default_factory=list)  # one bool per optimizer step
     nonfinite_losses: list = field(default_factory=list)  # where a micro-batch's loss was not finite
+    # sampler vs trainer log-probs, over the first epoch's tokens (the trainer's: the old log-probs)
+    sampling_diff_sum: float = 0.0
+    sampling_diff_max: float = 0.0
+    sampling_tokens: float = 0.0
+    sampling_ratio_sum: float = 0.0
+    sampling_ratio_count: float = 0.0
+    sampling_ratio_min: float = math.inf
+    sampling_ratio_max: float = 0.0
+    wait_s: float = 0.0  # time this rank waited for the others before each optimizer step's gradient reduction
+
+    def record_mismatch(self, old_NC: torch.Tensor, sampler_NC: torch.Tensor, mask_NC: torch.Tensor,
+                        weights: Optional[torch.Tensor]) -> None:
+        """TRL's sampling metrics: |old - sampler| per token, and the importance ratio (the correction's weights
+        when it is on, per token or per sequence; else the raw per-token ratio exp(old - sampler))."""
+        keep = mask_NC.bool()
+        diff = (old_NC - sampler_NC).abs()[keep].float()
+        ratio = (torch.exp(old_NC - sampler_NC)[keep] if weights is None
+                 else weights.flatten() if weights.shape[1] == 1 else weights[keep]).float()
+        self.sampling_diff_sum += float(diff.sum())
+        self.sampling_tokens += float(diff.numel())
+        self.sampling_diff_max = max(self.sampling_diff_max, float(diff.max()) if diff.numel() else 0.0)
+        if ratio.numel():
+            self.sampling_ratio_sum += float(ratio.sum())
+            self.sampling_ratio_count += float(ratio.numel())
+            self.sampling_ratio_min = min(self.sampling_ratio_min, float(ratio.min()))
+            self.sampling_ratio_max = max(self.sampling_ratio_max, float(ratio.max()))
 
 
 def update(policy, experience: Experience, loss_fn: GRPOLoss, plan: UpdatePlan) -> UpdateStats:
@@ -567,11 +804,23 @@ def update(policy, experience: Experience, loss_fn: GRPOLoss, plan: UpdatePlan) 
                     tokens.unsqueeze(0), torch.ones_like(tokens.unsqueeze(0)), loss_fn.top_entropy_quantile))
             old_NC = logprobs_NC.detach() if batch.old_logprobs_NC is None else batch.old_logprobs_NC.to(device)
             ref_NC = None if batch.ref_logprobs_NC is None else batch.ref_logprobs_NC.to(device)
+            weights = None
+            if batch.sampler_logprobs_NC is not None:
+                sampler_NC = batch.sampler_logprobs_NC.to(device)
+                if plan.correction is not None:
+                    weights = sampling_correction(old_NC, sampler_NC, mask_NC, *plan.correction)
+                if epoch == 0:
+                    stats.record_mismatch(old_NC, sampler_NC, mask_NC, weights)
             loss, metrics = loss_fn(logprobs_NC, old_NC, ref_NC, batch.advantages_N.to(device), mask_NC, totals,
-                                    entropies_NC=entropies_NC)
+                                    entropies_NC=entropies_NC, sampling_weights_NC=weights)
             finite = bool(torch.isfinite(loss))
             if not finite:
                 stats.nonfinite_losses.append(f"rank {torch.distributed.get_rank()} epoch {epoch} micro-batch {i}")
+            if plan.world_size > 1 and (i + 1) % plan.accumulation == 0:
+                # this backward reduces the gradients over the ranks: how long did this rank wait for the others?
+                t0 = time.perf_counter()
+                distributed.barrier()
+                stats.wait_s += time.perf_counter() - t0
             policy.backward(loss * totals.num_micro_batches)
             # An optimizer step only at the accumulation boundary. DeepSpeed skips it on every rank alike when the
             # all-reduced gradient norm is not finite (a NaN on one rank poisons the sum).
@@ -599,14 +848,28 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
     monitors; sample completions; evaluation on the held-out split when due. Rewards and rates describe every
     completion the rollout drew (with dynamic sampling, more than were trained on); the loss, KL, clipping and
     entropy describe the update."""
+    drawn = dict(groups.drawn)
+    if any(term.batched for term in run.rewards):  # log_metric names may differ by rank: sum over their union
+        for name in set().union(*distributed.all_gather_objects([k for k in drawn if k.startswith("logged/")])):
+            drawn.setdefault(name, 0.0)
     total = distributed.all_reduce_dict({
-        **groups.drawn, "loss": stats.loss, "kl_sum": stats.kl_sum, "clipped_tokens": stats.clipped_tokens,
+        **drawn, "loss": stats.loss, "kl_sum": stats.kl_sum, "clipped_tokens": stats.clipped_tokens,
         "num_tokens": stats.num_tokens, "entropy_sum": stats.entropy_sum,
         "skipped_steps": float(stats.finite_steps.count(False)), "grad_norm_sum": sum(stats.grad_norms),
         "grad_norm_count": float(len(stats.grad_norms)),
+        "sampling_diff_sum": stats.sampling_diff_sum, "sampling_tokens": stats.sampling_tokens,
+        "sampling_ratio_sum": stats.sampling_ratio_sum, "sampling_ratio_count": stats.sampling_ratio_count,
+        "update_wait_s": stats.wait_s,
     })
+    trained = group_tokens(groups, run.cfg.group_size)
+    extremes = distributed.all_reduce_max_dict({"diff_max": stats.sampling_diff_max, "update_wait_s": stats.wait_s,
+                                                "rank_tokens_max": trained, "rank_tokens_min_negated": -trained,
+                                                "ratio_max": stats.sampling_ratio_max,
+                                                "engine_compiles": float(run.engine.compiles if run.engine else 0),
+                                                "ratio_min_negated": -stats.sampling_ratio_min})
     tokens, n, world = total["num_tokens"], total["completions"], run.world
-    reward_mean = total["reward_sum"] / n
+    scored = total["scored"]
+    reward_mean = total["reward_sum"] / scored if scored else None
     measured = bool(tokens)  # None (null in metrics.jsonl): no update this step, so nothing was measured
     metrics = {
         "loss": total["loss"] / run.layout.optimizer_steps_per_step,
@@ -616,11 +879,13 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
         "grad_norm": total["grad_norm_sum"] / total["grad_norm_count"] if total["grad_norm_count"] else None,
         "skipped_steps": int(total["skipped_steps"] / world),
         "reward_mean": reward_mean,
-        "reward_std": max(total["reward_sq_sum"] / n - reward_mean ** 2, 0.0) ** 0.5,
+        "reward_std": max(total["reward_sq_sum"] / scored - reward_mean ** 2, 0.0) ** 0.5 if scored else None,
         "success_rate": total["success_rate"] / n,
         "format_rate": total["format_rate"] / n,
         "clean_rate": total["clean_rate"] / n,
-        **{name: total[name] / n for name in sorted(total) if name.startswith("reward/")},
+        # each term's mean over the completions it applies to (a TRL reward's None does not count), as TRL logs it
+        **{name[:-4]: total[name] / total[name[:-4] + "_count"] if total[name[:-4] + "_count"] else None
+           for name in sorted(total) if name.startswith(("reward/", "logged/")) and name.endswith("_sum")},
         **({"overlong_penalty": total["overlong_penalty"] / n} if "overlong_penalty" in total else {}),
         **({"kl_reward": total["kl_reward"] / n} if "kl_reward" in total else {}),
         "reward_errors": int(total["reward_errors"]),
@@ -634,7 +899,20 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
         "train_s": step_s - groups.seconds - sum(timings.values()),
         "step_s": step_s,
         "rollout_tokens_per_s": total["completion_tokens"] / max(total["generation_s"] / world, 1e-9),
+        # the update's balance over the ranks: tokens (prompt once + completions) each rank trained on, and the
+        # time ranks waited for each other before the gradient reductions (mean and worst rank)
+        "rank_tokens_max": extremes["rank_tokens_max"], "rank_tokens_min": -extremes["rank_tokens_min_negated"],
+        "update_wait_s": total["update_wait_s"] / world, "update_wait_s_max": extremes["update_wait_s"],
+        # the compiled engine's decode-step graphs so far (the most on any rank): bounded by the shape buckets
+        **({"engine_compiles": int(extremes["engine_compiles"])} if run.engine is not None else {}),
     }
+    if total["sampling_tokens"]:  # sampler vs trainer, named as TRL logs them
+        metrics.update({"sampling/sampling_logp_difference/mean": total["sampling_diff_sum"] / total["sampling_tokens"],
+                        "sampling/sampling_logp_difference/max": extremes["diff_max"],
+                        "sampling/importance_sampling_ratio/min": -extremes["ratio_min_negated"],
+                        "sampling/importance_sampling_ratio/mean": total["sampling_ratio_sum"]
+                        / total["sampling_ratio_count"],
+                        "sampling/importance_sampling_ratio/max": extremes["ratio_max"]})
     if run.cfg.dynamic_sampling:
         metrics.update(groups_drawn=int(total["groups"]), groups_kept=int(total["groups_kept"]),
                        sampling_rounds=groups.rounds)
@@ -647,15 +925,20 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
     run.logger.log(step, metrics)
     if run.cfg.log_completions_steps and (step == 1 or step % run.cfg.log_completions_steps == 0):
         problem = groups.problems_B[0]
-        run.logger.completions(step, [{"question": problem.question, "gold": problem.answer,
-                                       "completion": groups.texts_N[i], "reward": float(groups.rewards_BG[0, i])}
-                                      for i in range(min(NUM_LOGGED_COMPLETIONS, run.cfg.group_size))])
+        rows = []
+        for i in range(min(NUM_LOGGED_COMPLETIONS, run.cfg.group_size)):
+            reward = float(groups.rewards_BG[0, i])
+            rows.append({"question": problem.question, "gold": problem.answer, "completion": groups.texts_N[i],
+                         "reward": None if math.isnan(reward) else reward,
+                         **{column: values[i] for column, values in groups.extra_columns.items() if i < len(values)}})
+        run.logger.completions(step, rows)
     return metrics
 
 
 def evaluate_policy(run: Run) -> dict:
     """Greedy accuracy on the held-out problems, every rank a share (RNG and train mode restored afterwards)."""
     cfg = run.cfg
+    run.where.enter(run.where.step, "eval")
     with distributed.gathered_for_generation(run.policy, True):
         summary, _ = evaluate(run.policy.module, run.tokenizer, run.eval_problems,
                               max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,

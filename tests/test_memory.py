@@ -2,7 +2,8 @@
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo_ds.memory import GIB, ModelShape, RunShape, architecture, decode_bound, estimate, qwen2_config_dict
+from grpo_ds.memory import (GIB, ModelShape, RunShape, architecture, decode_bound, estimate, host_estimate,
+                            qwen2_config_dict)
 
 
 def test_parameter_count_matches_a_real_model():
@@ -140,3 +141,92 @@ def test_cpu_only_footprint_counts_the_cpu_process_not_the_gpu_terms():
     expected = device["total"] - FRAMEWORK_BYTES + 16 * P // 2 + 4 * P // 2 + CPU_PROCESS_BYTES
     assert cpu_peak(shape, run) == expected
     assert host_estimate(shape, run, cpu_only=True)["process"] == CPU_PROCESS_BYTES
+
+
+def test_reward_model_parameters_match_a_real_classifier():
+    from transformers import LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
+    shape = ModelShape.from_config(config)
+    # by hand: attention 16 x 8 x (2x2 + 2x1) = 768, MLP 3 x 16 x 32 = 1536, two norms 32: 2336 a layer, two layers
+    # 4672; embeddings 100 x 16 = 1600; final norm 16; score head 16 x 1: 6304
+    assert shape.classifier_parameters == 6304
+    assert sum(p.numel() for p in LlamaForSequenceClassification(config).parameters()) == 6304
+
+
+def test_reward_model_by_hand():
+    policy = ModelShape(vocab=1000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=4, head_dim=16, tied=True)
+    rm = ModelShape(vocab=100, hidden=16, intermediate=32, layers=2, heads=2, kv_heads=1, head_dim=8, tied=False)
+    R = 6304  # test_reward_model_parameters_match_a_real_classifier
+    common = dict(num_devices=4, zero_stage=3, train_batch_size=2, prompt_tokens=10, max_new_tokens=6)
+    without = estimate(policy, RunShape(**common))
+    with_rm = estimate(policy, RunShape(**common, reward_model=rm))
+    # bf16, partitioned over 4 ranks like the reference: 2 x 6304 / 4 = 3152 bytes held
+    assert with_rm["reward_model"] == 3152
+    # a forward keeps live what ZeRO-3 fetched: the whole 6304 parameters (below stage3_max_live_parameters), less
+    # the partition already held: 12608 - 3152
+    assert with_rm["reward_gathered"] == 9456
+    # one micro-batch of 2 texts x 16 tokens = 32 tokens, 2 bytes, 4 x 16 + 3 x 32 = 160 values a token
+    assert with_rm["reward_activations"] == 32 * 2 * 160 == 10240
+    # the scoring phase (19696 bytes) is smaller than generation and training here: only the held partition adds
+    assert with_rm["total"] - without["total"] == 3152
+    assert "reward_model" not in without and "offloaded_reward_model" not in host_estimate(policy, RunShape(**common))
+
+    # a reward-model micro-batch of 1024 texts: 1024 x 16 x 2 x 160 = 5242880 bytes of activations, more than
+    # generation's 1.39 MB (96 rows' KV cache and logits, the gathered policy): the scoring phase is the peak, the
+    # resident pieces plus 9456 + 5242880
+    big = estimate(policy, RunShape(**common, reward_model=rm, reward_batch_size=1024))
+    assert big["reward_activations"] == 5242880
+    resident = sum(big[k] for k in ("policy_weights", "gradients", "optimizer", "reference", "framework",
+                                    "reward_model"))
+    assert big["total"] == resident + 9456 + 5242880
+
+    # offloaded: nothing held on the device, all 12608 bytes gathered for a forward, 4 x 6304 / 4 on the host
+    off = RunShape(**common, reward_model=rm, reward_model_offload=True)
+    assert estimate(policy, off)["reward_model"] == 0 and estimate(policy, off)["reward_gathered"] == 12608
+    assert host_estimate(policy, off)["offloaded_reward_model"] == 6304
+
+
+def test_plan_memory_counts_a_reward_model_config(tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import load_script
+
+    rm = tmp_path / "rm.json"
+    rm.write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"],
+                              "vocab_size": 100, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "num_key_value_heads": 1}))
+    plan = load_script("plan_memory")
+    assert plan.main(["--model", "qwen2.5-0.5b", "--num_gpus", "4", "--zero", "3", "--reward_model", str(rm)]) == 0
+    out = capsys.readouterr().out
+    assert "reward model 0.00B" in out and "| reward_model | 0.00 |" in out and "| reward_activations |" in out
+    assert plan.main(["--model", "qwen2.5-0.5b", "--reward_model", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --reward_model '{tmp_path / 'none'}': path does not exist"
+
+
+def test_plan_memory_flags_said_to_be_the_trainers_are(capsys):
+    """A planner flag whose help says "as the trainer's flag" must be one (--prompt_tokens is not: the trainer reads
+    prompts from the dataset)."""
+    import dataclasses
+    import re
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from grpo_ds.config import Config
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import load_script
+
+    with pytest.raises(SystemExit):
+        load_script("plan_memory").main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    claimed = re.findall(r"--(\w+) \w+ as the trainer's flag", help_text)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert "rollouts_per_step" in claimed and set(claimed) <= fields
+    assert "--prompt_tokens PROMPT_TOKENS tokens in the longest prompt" in help_text
