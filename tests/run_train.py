@@ -14,6 +14,12 @@ GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
 - vanish_rank{R}_in_{PHASE}_step{N}: rank R stops there (SIGSTOP) with its connections open, as a node that drops
                                      off the network or a hung GPU does; the test kills it afterwards
   Either writes the time it happened to OUTPUT_DIR/fault_at first.
+- slow_conversion: converting a checkpoint to a universal one takes 65 s longer (a large checkpoint)
+
+Each record also lists the questions of every global batch the step drew from the data order. With
+GRPO_DS_TEST_DUMP_STEP=N, rank 0 saves the full fp32 weights and AdamW moments of every trained parameter, gathered by
+DeepSpeed (safe_get_full_*), to OUTPUT_DIR/full_state_stepN.pt after step N, and to full_state_loaded.pt right
+after a resume has loaded its checkpoint.
 """
 
 import errno
@@ -21,8 +27,8 @@ import json
 import os
 import re
 import signal
-import time
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -100,6 +106,14 @@ def inject_faults(current_step: list) -> None:
             return real_generate(*args, **kwargs)
 
         trainer.generate = interrupted
+    if FAULT == "slow_conversion":
+        real_convert = ckpt.convert_to_universal
+
+        def slow_convert(*args, **kwargs):
+            time.sleep(65)
+            return real_convert(*args, **kwargs)
+
+        ckpt.convert_to_universal = slow_convert
     if FAULT.startswith("nan"):
         original = loss_module.GRPOLoss.__call__
 
@@ -131,11 +145,47 @@ def inject_faults(current_step: list) -> None:
         torch.save = failing_torch_save
 
 
+def full_state(engine) -> dict:
+    """Every trained parameter's fp32 weights and AdamW moments, gathered whole by DeepSpeed (all ranks call)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    params = {name: {"fp32": safe_get_full_fp32_param(p).cpu(),
+                     **{key: safe_get_full_optimizer_state(p, key).cpu() for key in ("exp_avg", "exp_avg_sq")}}
+              for name, p in engine.module.named_parameters() if p.requires_grad}
+    adam_steps = sorted({float(s["step"]) for s in engine.optimizer.optimizer.state.values() if "step" in s})
+    return {"params": params, "adam_steps": adam_steps, "global_steps": engine.global_steps,
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
+
+
+def record_dumps(output_dir: str) -> None:
+    original_load = ckpt.load
+
+    def load_and_dump(engine, path):
+        state = original_load(engine, path)
+        dump = full_state(engine)
+        if torch.distributed.get_rank() == 0:
+            torch.save(dump, Path(output_dir, "full_state_loaded.pt"))
+        return state
+
+    ckpt.load = load_and_dump
+
+
 def main() -> int:
     cfg = parse_args()
-    records, current_step = [], [1]
+    records, current_step, drawn = [], [1], []
     inject_faults(current_step)
     lose_rank(cfg.output_dir)
+    dump_step = int(os.environ.get("GRPO_DS_TEST_DUMP_STEP", "0"))
+    if dump_step:
+        record_dumps(cfg.output_dir)
+    next_batch = trainer.PromptSampler.next_batch
+
+    def recorded_batch(self, batch_size):
+        batch = next_batch(self, batch_size)
+        drawn.append([p.question for p in batch])
+        return batch
+
+    trainer.PromptSampler.next_batch = recorded_batch
 
     def on_step_end(step, policy, reference, metrics):
         held = full = 0
@@ -145,7 +195,12 @@ def main() -> int:
             # replicated one holds all of its data
             held += p.data.numel() or p.ds_tensor.numel()
         records.append({"step": step, "fingerprint": float(distributed.weights_fingerprint(policy)),
-                        "reference_held": held, "reference_full": full, "metrics": metrics})
+                        "reference_held": held, "reference_full": full, "metrics": metrics, "drawn": list(drawn)})
+        drawn.clear()
+        if step == dump_step:
+            dump = full_state(policy)
+            if torch.distributed.get_rank() == 0:
+                torch.save(dump, Path(cfg.output_dir, f"full_state_step{step}.pt"))
         current_step[0] = step + 1
 
     code = 0
