@@ -431,7 +431,7 @@ class Groups:
 class RewardReports:
     """What TRL passes a batched reward besides the data, for one scoring call: `trainer_state` (a transformers
     TrainerState whose global_step counts the GRPO steps done, max_steps the run's), `log_metric(name, value)`
-    (averaged over the step's calls and ranks, logged under its name) and `log_extra(column, values)` (a value per
+    (averaged over the step's calls and ranks, logged as logged/<name>) and `log_extra(column, values)` (a value per
     completion, shown in completions.jsonl)."""
 
     def __init__(self):
