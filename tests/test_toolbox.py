@@ -76,7 +76,9 @@ def test_gspo_delta_top_entropy_and_kl_in_reward(tmp_path, tiny_model):
     logged = metrics(out)
     assert logged[0]["kl_reward"] == 0.0  # before any update the policy is the reference
     assert logged[1]["kl_reward"] < 0  # afterwards the KL costs reward...
-    assert all(r["kl"] == 0.0 for r in logged)  # ...and the loss has no KL term
+    # the loss has no KL term, but the logged KL is the policy's to the reference: 0 in step 1's first epoch, > 0
+    # once the first epoch's optimizer step has moved the policy
+    assert all(r["kl"] > 0 for r in logged)
 
 
 def test_weighted_rewards_are_logged_apart(tmp_path, tiny_model):
