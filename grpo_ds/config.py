@@ -161,8 +161,9 @@ class Config:
     overlong_penalty: float = _field(1.0, "The largest overlong punishment, reached at max_new_tokens.")
     fixed_length: bool = _field(False, "Suppress EOS so every completion is exactly max_new_tokens long (for "
                                 "benchmarks that compare implementations whose sampling differs).")
-    zero3_gather_for_generation: bool = _field(True, "Under ZeRO-3, gather the full policy once for the whole "
-                                               "generation phase (fast); false gathers layer by layer per token "
+    zero3_gather_for_generation: bool = _field(True, "Under ZeRO-3, gather the full policy once for each "
+                                               "generation phase, rollout or held-out evaluation (fast); false "
+                                               "gathers layer by layer per token "
                                                "(slow, for models that do not fit on one device).")
     reference_partitioned: bool = _field(True, "Partition the frozen reference over the ranks (ZeRO-3: each rank "
                                          "holds 1/W of its weights, gathered layer by layer in the reference pass) "

@@ -1,5 +1,6 @@
 """The trainer as the tests run it, under the deepspeed launcher or plain python: train, record after every step
-each rank's weight fingerprint and how much of the reference it holds, and inject the fault named by
+each rank's weight fingerprint, how much of the reference it holds, how many times the whole ZeRO-3 policy was
+gathered for generation so far and the held-out evaluation's completions, and inject the fault named by
 GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
 
 - nan_rank1_step2: rank 1's loss is NaN in step 2 only (the other rank's is finite)
@@ -71,10 +72,33 @@ def inject_faults(current_step: list) -> None:
         torch.save = failing_torch_save
 
 
+def spy() -> dict:
+    """Count DeepSpeed's whole-model gathers for generation (what distributed.gathered_for_generation enters under
+    ZeRO-3) and keep each evaluation's completions."""
+    import deepspeed.runtime.zero
+
+    seen = {"full_gathers": 0, "eval_completions": None}
+    real_unwrap, real_evaluate = deepspeed.runtime.zero.unwrap_model_for_generation, trainer.evaluate
+
+    def counting_unwrap(*args, **kwargs):
+        seen["full_gathers"] += 1
+        return real_unwrap(*args, **kwargs)
+
+    def recording_evaluate(*args, **kwargs):
+        summary, rows = real_evaluate(*args, **kwargs)
+        seen["eval_completions"] = [row["completion"] for row in rows]
+        return summary, rows
+
+    deepspeed.runtime.zero.unwrap_model_for_generation = counting_unwrap
+    trainer.evaluate = recording_evaluate
+    return seen
+
+
 def main() -> int:
     cfg = parse_args()
     records, current_step = [], [1]
     inject_faults(current_step)
+    seen = spy()
 
     def on_step_end(step, policy, reference, metrics):
         held = full = 0
@@ -84,7 +108,9 @@ def main() -> int:
             # replicated one holds all of its data
             held += p.data.numel() or p.ds_tensor.numel()
         records.append({"step": step, "fingerprint": float(distributed.weights_fingerprint(policy)),
-                        "reference_held": held, "reference_full": full, "metrics": metrics})
+                        "reference_held": held, "reference_full": full, "metrics": metrics,
+                        "full_gathers": seen["full_gathers"], "eval_completions": seen["eval_completions"]})
+        seen["eval_completions"] = None
         current_step[0] = step + 1
 
     code = 0

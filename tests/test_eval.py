@@ -361,6 +361,33 @@ def test_doctests_pass():
     assert result.failed == 0 and result.attempted >= 3
 
 
+@pytest.mark.parametrize("synced_gpus, calls", [(False, {0: [[0, 1], [4]], 1: [[2, 3]]}),
+                                                 (True, {0: [[0, 1], [4]], 1: [[2, 3], [4]]})])
+def test_synced_generation_gives_every_rank_the_same_number_of_calls(monkeypatch, synced_gpus, calls):
+    """Layer-by-layer ZeRO-3 generation is a collective per forward: with synced_gpus every rank must call
+    generate as often as the others. 3 batches over 2 ranks: rank 1 steps along in a padding call (the plan's last
+    batch), whose completions it drops."""
+    from grpo_ds.generation import Rollout
+
+    made = []
+
+    def fake_generate(model, tokenizer, prompts, sampling, *, group_size, synced_gpus=False):
+        made.append((rank, [int(p) for p in prompts], synced_gpus))
+        n = len(prompts) * group_size
+        return Rollout(torch.zeros(n, 3, dtype=torch.long), torch.ones(n, 3, dtype=torch.long),
+                       torch.ones(n, 1, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    tokenizer = type("Tok", (), {"batch_decode": lambda self, ids, **kw: ["x"] * len(ids)})()
+    plan = [[0, 1], [2, 3], [4]]
+    for rank in (0, 1):
+        out = ev.generate_share(None, tokenizer, ["0", "1", "2", "3", "4"], plan, rank, 2, num_samples=1, seed=0,
+                                sampling=Sampling(4), synced_gpus=synced_gpus)
+        assert sorted(out) == sorted(i for b in range(rank, 3, 2) for i in plan[b])  # a padding call adds nothing
+    assert {r: [p for rank_, p, _ in made if rank_ == r] for r in (0, 1)} == calls
+    assert all(synced == synced_gpus for _, _, synced in made)
+
+
 def test_eval_module_imports_no_deepspeed():
     code = "import sys, grpo_ds.eval, grpo_ds.inference; print('deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
