@@ -285,6 +285,22 @@ def test_two_ranks_reproduce_one_process(varied_model, dataset_with_known_answer
         assert summaries[0][key] == summaries[1][key], key
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_restores_the_global_rng_and_the_mode(varied_model, training):
+    """The trainer evaluates between steps: evaluate() reseeds per batch and samples, yet the caller's RNG stream
+    and train/eval mode must come back as they were."""
+    model, tokenizer = load(str(varied_model))
+    model.train(training)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    expected = torch.rand(4)  # what the caller would draw next without an evaluation between
+    torch.set_rng_state(state)
+    ev.evaluate(model, tokenizer, [Problem(q, "3") for q in QUESTIONS[:2]], max_new_tokens=6, batch_size=4,
+                num_samples=2, seed=7)
+    assert torch.equal(torch.rand(4), expected)
+    assert model.training is training
+
+
 def test_sampling_is_seeded_and_reports_pass_and_maj(varied_model):
     model, tokenizer = load(str(varied_model))
     problems = [Problem(q, "3") for q in QUESTIONS[:3]]
