@@ -356,7 +356,7 @@ def _to_problems(rows: Iterable[tuple[str, Any]], source: str, bad_answers: str)
 # ------------------------------------------------------------------------------------------------ prompts
 
 def render_chat(tokenizer: Any, messages: list[dict], response_prefix: str = "") -> str:
-    """Prompt text for a conversation (dicts with 'role' and 'content'), ending where the model's answer starts:
+    r"""Prompt text for a conversation (dicts with 'role' and 'content'), ending where the model's answer starts:
     after the assistant's turn opens and after `response_prefix` (text the answer is made to begin with, such as
     "<think>\n"; part of the prompt, so it is neither generated, trained on nor scored).
 

@@ -294,11 +294,11 @@ def lenient_reward(completion: str, gold: str) -> float:
 
 
 def math_verify_reward(completion: str, gold: str) -> float:
-    """1.0 when the first answer block's content and the gold are the same mathematical object by the math-verify
-    package (expressions, fractions, LaTeX: "\\frac{1}{2}" == "0.5" == "1/2"), plus 0.1 when a block exists; the
+    r"""1.0 when the first answer block's content and the gold are the same mathematical object by the math-verify
+    package (expressions, fractions, LaTeX: "\frac{1}{2}" == "0.5" == "1/2"), plus 0.1 when a block exists; the
     numeric extractor of `math` reads only numbers. Needs `pip install math-verify` (the [math] extra).
 
-    >>> math_verify_reward("<answer>\\frac{1}{2}</answer>", "0.5")  # doctest: +SKIP
+    >>> math_verify_reward("<answer>\\frac{1}{2}</answer>", "0.5")
     1.1
     """
     answer = extract_answer(completion)
