@@ -52,6 +52,9 @@ def main() -> int:
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
     parser.add_argument("--no_gather_for_generation", action="store_true",
                         help="--zero3_gather_for_generation false: generate without gathering the whole policy")
+    parser.add_argument("--rollout_engine", choices=("hf", "compiled"), default="hf",
+                        help="the trainer's --rollout_engine; on GPUs its 'auto' picks compiled, whose static KV "
+                             "cache stays allocated through training (default hf: Hugging Face generate)")
     for flag, default in (("rollouts_per_step", 32), ("group_size", 12), ("prompt_tokens", 256),
                           ("max_new_tokens", 512), ("train_batch_size", 16), ("rollout_batch_size", 0)):
         parser.add_argument(f"--{flag}", type=int, default=default, help=f"as the trainer's flag (default {default})")
@@ -68,7 +71,8 @@ def main() -> int:
                    prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
                    train_batch_size=args.train_batch_size, rollout_batch_size=args.rollout_batch_size,
                    gradient_checkpointing=not args.no_gradient_checkpointing,
-                   gather_for_generation=not args.no_gather_for_generation, lora_r=args.lora_r)
+                   gather_for_generation=not args.no_gather_for_generation, lora_r=args.lora_r,
+                   rollout_engine=args.rollout_engine)
     print(report(shape, run, args.gpu_gib, cpu_only=args.cpu))
     return 0
 
