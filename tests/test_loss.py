@@ -1,4 +1,4 @@
-"""Tests for grpo_ds.loss: advantages, the k3 KL estimator, GRPOLoss for every loss_type and the normalization
+"""Tests for grpo_ds.loss: advantages, the KL estimators, GRPOLoss for every loss_type and the normalization
 contract (micro-batch contributions sum to the whole step's loss and gradient).
 
 Every expected number is worked out by hand in the comments; the code under test is never used to produce one.
