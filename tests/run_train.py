@@ -1,6 +1,7 @@
 """The trainer as the tests run it, under the deepspeed launcher or plain python: train, record after every step
-each rank's weight fingerprint, how much of the reference it holds, how many times the whole ZeRO-3 policy was
-gathered for generation so far and the held-out evaluation's completions, and inject the fault named by
+each rank's weight fingerprint, how much of the reference it holds, and what spy() sees (whole-policy gathers for
+generation, the held-out evaluation's completions, the trained groups' rewards, the reference log-probs), and
+inject the fault named by
 GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
 
 - nan_rank1_step2: rank 1's loss is NaN in step 2 only (the other rank's is finite)
@@ -74,11 +75,26 @@ def inject_faults(current_step: list) -> None:
 
 def spy() -> dict:
     """Count DeepSpeed's whole-model gathers for generation (what distributed.gathered_for_generation enters under
-    ZeRO-3) and keep each evaluation's completions."""
+    ZeRO-3); keep each evaluation's completions, the rewards of the groups the step trained on, and the step's
+    reference log-probs with the rows they score."""
     import deepspeed.runtime.zero
 
-    seen = {"full_gathers": 0, "eval_completions": None}
+    seen = {"full_gathers": 0, "eval_completions": None, "trained_rewards": None, "reference": None}
     real_unwrap, real_evaluate = deepspeed.runtime.zero.unwrap_model_for_generation, trainer.evaluate
+    real_make_experience, real_logprob_passes = trainer.make_experience, trainer.logprob_passes
+
+    def recording_make_experience(run, groups, *args, **kwargs):
+        seen["trained_rewards"] = groups.rewards_BG.tolist()
+        return real_make_experience(run, groups, *args, **kwargs)
+
+    def recording_logprob_passes(run, experience, *args, **kwargs):
+        ref, old = real_logprob_passes(run, experience, *args, **kwargs)
+        if ref is not None:
+            seen["reference"] = {"sequences": experience.sequences_NT.tolist(),
+                                 "attention_mask": experience.attention_mask_NT.tolist(),
+                                 "completion_mask": experience.completion_mask_NC.tolist(),
+                                 "logprobs": ref.tolist()}
+        return ref, old
 
     def counting_unwrap(*args, **kwargs):
         seen["full_gathers"] += 1
@@ -91,6 +107,8 @@ def spy() -> dict:
 
     deepspeed.runtime.zero.unwrap_model_for_generation = counting_unwrap
     trainer.evaluate = recording_evaluate
+    trainer.make_experience = recording_make_experience
+    trainer.logprob_passes = recording_logprob_passes
     return seen
 
 
@@ -109,8 +127,9 @@ def main() -> int:
             held += p.data.numel() or p.ds_tensor.numel()
         records.append({"step": step, "fingerprint": float(distributed.weights_fingerprint(policy)),
                         "reference_held": held, "reference_full": full, "metrics": metrics,
-                        "full_gathers": seen["full_gathers"], "eval_completions": seen["eval_completions"]})
-        seen["eval_completions"] = None
+                        "full_gathers": seen["full_gathers"], "eval_completions": seen["eval_completions"],
+                        "trained_rewards": seen["trained_rewards"], "reference": seen["reference"]})
+        seen.update(eval_completions=None, trained_rewards=None, reference=None)
         current_step[0] = step + 1
 
     code = 0

@@ -122,7 +122,9 @@ def test_batch_scaled_rewards_and_several_epochs_per_step(tmp_path, tiny_model):
     assert len({r["fingerprint"] for r in rank0}) == 2
     for row in metrics_of(out):
         assert row["old_logprobs_s"] > 0 and row["skipped_steps"] == 0
-        assert row["clip_frac"] is not None  # the second epoch is off-policy: ratios leave 1
+        # the first epoch is on-policy (every ratio 1, nothing clipped); the second is off-policy and lr 1e-2 moves
+        # the tiny model far enough that some ratios leave [0.8, 1.2]: clipped, but at most the second half
+        assert 0 < row["clip_frac"] <= 0.5
 
 
 def test_export_steps_write_loadable_folders(tmp_path, tiny_model):
