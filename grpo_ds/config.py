@@ -103,8 +103,9 @@ class Config:
     importance_sampling_level: str = _field("token", "'token' (a ratio per token) or 'sequence' (GSPO: one ratio per "
                                             "sequence, the exponent of its mean token log-ratio, clipped per "
                                             "sequence), as TRL.")
-    delta: Optional[float] = _field(None, "Two-sided clipping: also cap the unclipped ratio at delta (>= 1 + clip_eps_high), bounding "
-                                    "the loss of negative-advantage tokens (TRL's delta; none by default).")
+    delta: Optional[float] = _field(None, "Two-sided clipping: also cap the unclipped ratio at delta (>= 1 + "
+                                    "clip_eps_high), bounding the loss of negative-advantage tokens (TRL's delta; "
+                                    "none by default).")
     top_entropy_quantile: float = _field(1.0, "Train only on the tokens whose policy entropy is in this top fraction "
                                          "of the micro-batch's tokens, over all ranks (arXiv:2506.01939 uses 0.2; 1.0: "
                                          "all tokens).")

@@ -285,7 +285,8 @@ def test_validate_train_batch_size_message_shows_the_arithmetic():
                                        dict(top_p=1.0), dict(max_norm=0.0)]
                          + [dict(loss_type=t, clip_eps_high=5.0 if t == "cispo" else None) for t in LOSS_TYPES]
                          + [dict(delta=1.2), dict(delta=1.28, clip_eps_high=0.28), dict(top_entropy_quantile=0.0),
-                            dict(kl_estimator="k1", kl_in_reward=True), dict(kl_estimator="k1", kl_weight=0.0), dict(lora_r=1, lora_alpha=0.5),
+                            dict(kl_estimator="k1", kl_in_reward=True), dict(kl_estimator="k1", kl_weight=0.0),
+                            dict(lora_r=1, lora_alpha=0.5),
                             dict(overlong_buffer=7, max_new_tokens=8), dict(importance_sampling_level="sequence")])
 def test_validate_accepts_boundaries(overrides):
     assert validate(base(**overrides), 2).completions_per_rank == 8
