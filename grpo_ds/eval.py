@@ -9,8 +9,9 @@ eval score agree on the same text.
 
 In-process (e.g. from the trainer, on every rank): `summary, rows = evaluate(model, tokenizer, problems)`.
 
-Scores, per completion: strict (the number in the first <answer> block equals the gold: `is_correct`, what the
-training reward pays for), lenient (the last number anywhere: `is_correct_lenient`), format (`has_format`). With
+Scores, per completion: strict (the first <answer> block's content equals the gold: `is_correct`, what the
+training rewards pay for: as numbers for a numeric gold, by math-verify for any other), lenient (the last answer
+anywhere: `is_correct_lenient`), format (`has_format`). With
 --num_samples k > 1: pass@k (any of the k samples correct, strict and lenient) and maj@k (the most frequent strict
 answer among the k, ties to the earliest, is correct).
 
@@ -31,10 +32,10 @@ import numpy as np
 import torch
 
 from . import distributed
-from .data import SYSTEM_PROMPT, Problem, load_problems, render_prompt
+from .data import SYSTEM_PROMPT, Problem, is_number, load_problems, render_problem
 from .generation import Sampling, generate
-from .rewards import (clean_answer, extract_answer, extract_last_number, has_format, math_equal, numbers_equal,
-                      parse_number)
+from .rewards import (answers_match, clean_answer, extract_answer, extract_last_number, has_format,
+                      is_correct_lenient, math_equal, numbers_equal, parse_number)
 
 log = logging.getLogger("grpo_ds.eval")
 
@@ -51,14 +52,15 @@ class Completion:
 # ----------------------------------------------------------------------------- scoring (pure)
 
 
-SCORERS = ("numeric", "math_verify")
+SCORERS = ("auto", "numeric", "math_verify")
 
 
-def score_texts(texts: list[str], problems: list[Problem], scorer: str = "numeric") -> list[dict]:
+def score_texts(texts: list[str], problems: list[Problem], scorer: str = "auto") -> list[dict]:
     """One row per (text, problem): the strict <answer> content and its number, the lenient last number, and
-    whether each equals the gold. The functions are the rewards' own. With scorer "math_verify", equality is the
-    math-verify package's (expressions, fractions, LaTeX), for the answer block (strict) and for the whole text
-    (lenient).
+    whether each equals the gold. The functions are the rewards' own. Scorer "auto" compares as the rewards do
+    (numbers for a numeric gold, math-verify for any other); "numeric" reads numbers only (the scorer before golds
+    of other forms existed); "math_verify" uses the math-verify package for every gold (expressions, fractions,
+    LaTeX), for the answer block (strict) and for the whole text (lenient).
 
     >>> score_texts(["<think>6*2</think><answer>$12</answer>"], [Problem("q", "12")])[0]["correct"]
     True
@@ -73,6 +75,8 @@ def score_texts(texts: list[str], problems: list[Problem], scorer: str = "numeri
         if scorer == "math_verify":
             correct = extracted is not None and math_equal(extracted, problem.answer)
             correct_lenient = math_equal(text, problem.answer, whole_text=True)
+        elif scorer == "auto":
+            correct, correct_lenient = answers_match(extracted, problem.answer), is_correct_lenient(text, problem.answer)
         elif scorer == "numeric":
             correct, correct_lenient = numbers_equal(predicted, gold_number), numbers_equal(lenient, gold_number)
         else:
@@ -80,19 +84,23 @@ def score_texts(texts: list[str], problems: list[Problem], scorer: str = "numeri
         rows.append({"question": problem.question, "gold": problem.answer, "completion": text,
                      "extracted": extracted, "predicted": predicted, "lenient": lenient,
                      "correct": correct, "correct_lenient": correct_lenient,
-                     "format": has_format(text), "clean": clean_answer(text) is not None})
+                     "format": has_format(text, problem.answer),
+                     "clean": clean_answer(text, math=not is_number(problem.answer)) is not None})
     return rows
 
 
-def majority(numbers: list[float | None]) -> float | None:
-    """The most frequent number (equal as the rewards compare numbers); ties go to the one seen first.
+def majority(values: list, equal=numbers_equal):
+    """The most frequent value (equal by `equal`, the rewards' number comparison by default); ties go to the one
+    seen first; None never wins.
 
     >>> majority([3.0, None, 5.0, 5.0, 3.0]), majority([None, None])
     (3.0, None)
     """
     best, best_count = None, 0
-    for candidate in numbers:
-        count = sum(numbers_equal(candidate, other) for other in numbers)
+    for candidate in values:
+        if candidate is None:
+            continue
+        count = sum(other is not None and equal(candidate, other) for other in values)
         if count > best_count:
             best, best_count = candidate, count
     return best
@@ -117,9 +125,17 @@ def summarize(rows: list[dict], num_samples: int = 1) -> dict:
         groups = [rows[i:i + num_samples] for i in range(0, n_rows, num_samples)]
         summary["pass_at_k"] = _mean(any(r["correct"] for r in g) for g in groups)
         summary["pass_at_k_lenient"] = _mean(any(r["correct_lenient"] for r in g) for g in groups)
-        summary["maj_at_k"] = _mean(numbers_equal(majority([r["predicted"] for r in g]), parse_number(g[0]["gold"]))
-                                    for g in groups)
+        summary["maj_at_k"] = _mean(_majority_correct(g) for g in groups)
     return summary
+
+
+def _majority_correct(rows: list[dict]) -> bool:
+    """maj@k for one problem: the most frequent strict answer is right (numbers compared as numbers; other golds'
+    answers by math-verify, as the rewards do)."""
+    gold = rows[0]["gold"]
+    if is_number(gold):
+        return numbers_equal(majority([r["predicted"] for r in rows]), parse_number(gold))
+    return answers_match(majority([r["extracted"] for r in rows], equal=lambda a, b: math_equal(a, b)), gold)
 
 
 def _mean(values) -> float:
@@ -154,7 +170,7 @@ def rank_and_world() -> tuple[int, int]:
 def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int = 512, batch_size: int = 16,
              num_samples: int = 1, temperature: Optional[float] = None, top_p: float = 1.0, seed: int = 0,
              system_prompt: Optional[str] = SYSTEM_PROMPT, response_prefix: str = "",
-             example: Optional[tuple[str, str]] = None, scorer: str = "numeric",
+             example: Optional[tuple[str, str]] = None, scorer: str = "auto",
              synced_gpus: bool = False) -> tuple[dict, list[dict]]:
     """Evaluate a loaded model (a plain Hugging Face model, or a DeepSpeed engine's `.module`) on `problems`, each
     asked with `system_prompt` (None: the question alone), the worked `example` (None: none) and `response_prefix`,
@@ -171,7 +187,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int =
         temperature = 0.0 if num_samples == 1 else 1.0
     sampling = check_settings(len(problems), max_new_tokens, batch_size, num_samples, temperature, top_p)
     rank, world = rank_and_world()
-    prompts = [render_prompt(tokenizer, p.question, system_prompt, response_prefix, example) for p in problems]
+    prompts = [render_problem(tokenizer, p, system_prompt, response_prefix, example) for p in problems]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     plan = batch_plan(lengths, max(1, batch_size // num_samples))
     device = next(model.parameters()).device
@@ -248,11 +264,12 @@ def generate_share(model, tokenizer, prompts: list[str], plan: list[list[int]], 
 # ----------------------------------------------------------------------------- the gold solutions as completions
 
 
-def gold_solutions(dataset: str, split: str = "test", limit: int | None = None) -> tuple[list[str], list[Problem]]:
-    """(solutions, problems): a GSM8K-style dataset's reference solutions, to be scored as if a model had written
-    them. Rows are read by data.load_problems itself, so the gold is parsed exactly as in training; rows without a
-    parsable final answer are skipped, as there."""
+def gold_solutions(dataset: str, split: str = "test", limit: int | None = None,
+                   **columns) -> tuple[list[str], list[Problem]]:
+    """(solutions, problems): a dataset's reference solutions, to be scored as if a model had written them. Rows are
+    read by data.load_problems itself (with its `prompt_column`/`answer_column`), so the gold is read exactly as in
+    training; rows whose gold cannot be read are skipped, as there."""
     if Path(dataset).suffix.lower() in (".jsonl", ".json", ".parquet") and not Path(dataset).is_file():
         raise ValueError(f"--data '{dataset}': file not found")
-    problems = load_problems(dataset, split, num_problems=limit)
+    problems = load_problems(dataset, split, num_problems=limit, **columns)
     return [p.solution for p in problems], problems

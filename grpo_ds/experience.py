@@ -23,6 +23,7 @@ class Experience:
     advantages_N: torch.Tensor
     old_logprobs_NC: Optional[torch.Tensor] = None  # None when on-policy: the detached current log-probs serve
     ref_logprobs_NC: Optional[torch.Tensor] = None  # None when kl_weight == 0
+    sampler_logprobs_NC: Optional[torch.Tensor] = None  # what the rollout engine recorded while sampling
     has_signal: bool = True  # some group on some rank has non-zero advantages (the same on every rank)
 
     def __len__(self) -> int:
@@ -45,7 +46,7 @@ class Experience:
         end = num_prompt + keep_c
         for name in ("sequences_NT", "attention_mask_NT"):
             rows[name] = rows[name][:, start:end]
-        for name in ("completion_mask_NC", "old_logprobs_NC", "ref_logprobs_NC"):
+        for name in ("completion_mask_NC", "old_logprobs_NC", "ref_logprobs_NC", "sampler_logprobs_NC"):
             if rows[name] is not None:
                 rows[name] = rows[name][:, :keep_c]
         return Experience(**rows)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .logprobs import position_ids
 
@@ -47,12 +47,15 @@ class Sampling:
         return self.temperature == 0
 
     def generate_kwargs(self, max_new_tokens: Optional[int] = None) -> dict:
+        """Hugging Face generate's arguments. Temperature and top-p are not among them: _SamplerLogprobs applies
+        them (sampling_scores, as HF's warpers do) as the last logits processor, so that it sees the distribution
+        each token is drawn from; HF's own warpers are kept off (temperature 1, top-p 1, top-k 0)."""
         budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         common = {"max_new_tokens": budget, "min_new_tokens": budget if self.fixed_length else 0,
                   "repetition_penalty": 1.0}
         if self.greedy:
             return {**common, "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        return {**common, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+        return {**common, "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
 
 @dataclass
@@ -61,6 +64,9 @@ class Rollout:
     attention_mask_NT: torch.Tensor
     completion_mask_NC: torch.Tensor
     truncated_N: torch.Tensor  # bool: no EOS within the generation budget
+    # the log-probability of each sampled token under the distribution it was drawn from (after temperature and
+    # top-p; greedy: the plain softmax), recorded while sampling; 0 outside the completion mask
+    sampler_logprobs_NC: Optional[torch.Tensor] = None
 
     @property
     def completion_ids_NC(self) -> torch.Tensor:
@@ -97,6 +103,37 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     if not ids:
         raise ValueError("the model and tokenizer define no EOS token; completions could never end")
     return ids
+
+
+class _SamplerLogprobs(LogitsProcessor):
+    """The last logits processor of Hugging Face's generate: applies the sampling transform (sampling_scores) and
+    records, for each row, the log-probability of the token then drawn from those scores (read from the next
+    step's input_ids, so only one step's log-softmax is ever held)."""
+
+    def __init__(self, sampling: Sampling):
+        self.sampling = sampling
+        self.previous_NV: Optional[torch.Tensor] = None
+        self.logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self._take(input_ids[:, -1])
+        scores = sampling_scores(scores, self.sampling)
+        self.previous_NV = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, tokens_N: torch.Tensor) -> None:
+        if self.previous_NV is not None:
+            self.logprobs.append(self.previous_NV.gather(1, tokens_N.unsqueeze(1)).squeeze(1))
+            self.previous_NV = None
+
+    def finish(self, completion_ids_NC: torch.Tensor) -> torch.Tensor:
+        """N x C: the recorded log-probs, the last drawn token's included."""
+        if completion_ids_NC.shape[1]:
+            self._take(completion_ids_NC[:, -1])
+        logprobs = self.logprobs[:completion_ids_NC.shape[1]]
+        if not logprobs:
+            return torch.zeros(completion_ids_NC.shape, dtype=torch.float32, device=completion_ids_NC.device)
+        return torch.stack(logprobs, dim=1)
 
 
 class _StopWhen(StoppingCriteria):
@@ -164,7 +201,7 @@ def generate(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampl
     chunk = batch_size or n
     criteria = ([_StopWhen(should_stop)] if should_stop is not None else []) + ([stopping] if stopping else [])
     share = share_prefill and group_size > 1 and chunk % group_size == 0 and num_prompt > 1
-    completions = []
+    completions, sampler_logprobs = [], []
     for start in range(0, n, chunk):
         first, count = start // group_size, chunk // group_size
         if engine is not None:
@@ -173,22 +210,28 @@ def generate(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampl
             whole_groups = chunk % group_size == 0
             ids, mask, g = ((ids_BP[first:first + count], mask_BP[first:first + count], group_size) if whole_groups
                             else (prompt_ids_NP[start:start + chunk], prompt_mask_NP[start:start + chunk], 1))
-            completions.append(engine.decode(ids, mask, g, sampling, max_new_tokens, eos_ids,
-                                             tokenizer.pad_token_id, should_stop))
+            ids_NC, logprobs_NC = engine.decode(ids, mask, g, sampling, max_new_tokens, eos_ids,
+                                                tokenizer.pad_token_id, should_stop)
+            completions.append(ids_NC)
+            sampler_logprobs.append(logprobs_NC)
             continue
         cache = (_shared_prefill(model, ids_BP[first:first + count], mask_BP[first:first + count], group_size)
                  if share else None)
+        recorder = _SamplerLogprobs(sampling)
         out = model.generate(
             input_ids=prompt_ids_NP[start:start + chunk], attention_mask=prompt_mask_NP[start:start + chunk],
             **({"cache": cache} if cache is not None else {}), eos_token_id=eos_ids,
             pad_token_id=tokenizer.pad_token_id, use_cache=True, synced_gpus=synced_gpus,
             stopping_criteria=StoppingCriteriaList(criteria) if criteria else None,
-            **sampling.generate_kwargs(max_new_tokens))
+            logits_processor=LogitsProcessorList([recorder]), **sampling.generate_kwargs(max_new_tokens))
         completions.append(out[:, num_prompt:])
+        sampler_logprobs.append(recorder.finish(completions[-1]))
     width = max(c.shape[1] for c in completions)
     completion_ids_NC = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long, device=device)
-    for start, c in zip(range(0, n, chunk), completions):
+    logprobs_NC = torch.zeros((n, width), dtype=torch.float32, device=device)
+    for start, c, lp in zip(range(0, n, chunk), completions, sampler_logprobs):
         completion_ids_NC[start:start + c.shape[0], :c.shape[1]] = c
+        logprobs_NC[start:start + lp.shape[0], :lp.shape[1]] = lp
     # A chunk shorter than `width` stopped because every one of its rows had emitted an EOS, so the padding added
     # here always lies after a row's first EOS and stays outside the mask.
     mask_NC, truncated_N = completion_mask(completion_ids_NC, eos_ids)
@@ -197,6 +240,7 @@ def generate(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampl
         attention_mask_NT=torch.cat([prompt_mask_NP, mask_NC], dim=1),
         completion_mask_NC=mask_NC,
         truncated_N=truncated_N,
+        sampler_logprobs_NC=logprobs_NC * mask_NC,
     )
 
 
@@ -215,11 +259,19 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
 
 
 def sample_next(logits_NV: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """The next token of every row, on the device, as Hugging Face's generate draws it: temperature, then top-p
-    (its TopPLogitsWarper: drop the lowest tokens whose cumulative probability stays within 1 - top_p, keep at
-    least one), then one multinomial draw, so both engines consume the random stream alike."""
+    """The next token of every row, on the device, as Hugging Face's generate draws it: sampling_scores, then one
+    multinomial draw, so both engines consume the random stream alike."""
     if sampling.greedy:
         return logits_NV.argmax(dim=-1)
+    return torch.multinomial(torch.softmax(sampling_scores(logits_NV, sampling), dim=-1), num_samples=1).squeeze(1)
+
+
+def sampling_scores(logits_NV: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The scores tokens are drawn from, as Hugging Face's warpers make them: temperature, then top-p (its
+    TopPLogitsWarper: drop the lowest tokens whose cumulative probability stays within 1 - top_p, keep at least
+    one). Greedy decoding keeps the logits (its recorded log-probs are the plain softmax's)."""
+    if sampling.greedy:
+        return logits_NV
     scores = logits_NV / sampling.temperature
     if sampling.top_p < 1.0:
         sorted_scores, sorted_index = torch.sort(scores, descending=False)
@@ -227,7 +279,7 @@ def sample_next(logits_NV: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         remove = cumulative <= (1 - sampling.top_p)
         remove[..., -1:] = False
         scores = scores.masked_fill(remove.scatter(1, sorted_index, remove), -float("inf"))
-    return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return scores
 
 
 class StaticDecoder:
@@ -273,8 +325,9 @@ class StaticDecoder:
     @torch.no_grad()
     def decode(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, group_size: int, sampling: Sampling,
                max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
-               should_stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
-        """Completion ids N x C (C <= max_new_tokens: decoding ends once every row has emitted an EOS) for B
+               should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(completion ids N x C, the sampler's log-prob of each, N x C) (C <= max_new_tokens: decoding ends once
+        every row has emitted an EOS) for B
         prompts, each repeated group_size times. The prompts (minus their last token) are prefilled once each and
         their cache repeated for the group; the last prompt token is the first decode step, as in generate()."""
         n, p = ids_BP.shape[0] * group_size, ids_BP.shape[1]
@@ -304,6 +357,7 @@ class StaticDecoder:
         finished_N = torch.zeros(n, dtype=torch.bool, device=device)
         ended_at_N = torch.zeros(n, dtype=torch.long, device=device)  # the step of each row's first EOS
         out_NC = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        logprobs_NC = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
         rng_states = []  # the random state before each draw since the last check, to undo draws past the end
         for t in range(max_new_tokens):
             logits_NV = self.step(tokens_N.unsqueeze(1), position_N.unsqueeze(1), mask_NL)
@@ -311,7 +365,11 @@ class StaticDecoder:
                 logits_NV[:, eos_N] = -float("inf")
             if not sampling.greedy:
                 rng_states.append(_rng_state(device))
-            tokens_N = torch.where(finished_N, pad_id, sample_next(logits_NV, sampling))
+            scores_NV = sampling_scores(logits_NV, sampling)
+            drawn_N = (scores_NV.argmax(dim=-1) if sampling.greedy else
+                       torch.multinomial(torch.softmax(scores_NV, dim=-1), num_samples=1).squeeze(1))
+            logprobs_NC[:, t] = torch.log_softmax(scores_NV.float(), dim=-1).gather(1, drawn_N.unsqueeze(1)).squeeze(1)
+            tokens_N = torch.where(finished_N, pad_id, drawn_N)
             out_NC[:, t] = tokens_N
             ended_N = ~finished_N & torch.isin(tokens_N, eos_N)
             ended_at_N = torch.where(ended_N, t, ended_at_N)
@@ -322,11 +380,11 @@ class StaticDecoder:
                     last = int(ended_at_N.max())
                     if last < t and rng_states:  # draws made after it: restore the stream generate leaves
                         _set_rng_state(device, rng_states[len(rng_states) - (t - last)])
-                    return out_NC[:, :last + 1]
+                    return out_NC[:, :last + 1], logprobs_NC[:, :last + 1]
                 if should_stop is not None and should_stop():
-                    return out_NC[:, :t + 1]
+                    return out_NC[:, :t + 1], logprobs_NC[:, :t + 1]
                 rng_states.clear()
-        return out_NC
+        return out_NC, logprobs_NC
 
     def _head_dim(self) -> int:
         config = self.model.config

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .data import SYSTEM_PROMPT, gsm8k_final_answer, render_prompt
+from .data import SYSTEM_PROMPT, read_gold, render_prompt
 from .generation import Sampling, generate
 from .models import load_model, load_tokenizer, resolve_model
 from .rewards import extract_answer, extract_last_number, is_correct, is_correct_lenient
@@ -157,7 +157,7 @@ def read_questions(path: str) -> list[tuple[str, Optional[str]]]:
         if not isinstance(row, dict) or not isinstance(row.get("question"), str):
             raise ValueError(f"{path}:{lineno}: expected an object with a string 'question' field")
         answer = row.get("answer")
-        gold = None if answer is None else (gsm8k_final_answer(str(answer)) or str(answer).strip())
+        gold = None if answer is None else (read_gold(answer) or str(answer).strip())
         items.append((row["question"], gold))
     return items
 

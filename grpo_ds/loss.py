@@ -24,6 +24,7 @@ contribution by `num_micro_batches` before `engine.backward` to undo exactly tha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,29 +43,75 @@ def group_advantages(rewards_BG: torch.Tensor, scale_rewards: str = "group",
       keeps the relative scale of easy and hard prompts (Understanding R1-Zero, arXiv:2503.20783);
     - "none":  `r - mean_g`, no scaling.
 
-    A group whose rewards are all equal gets zero advantages: it carries no learning signal.
+    A group whose rewards are all equal gets zero advantages: it carries no learning signal. A NaN reward marks an
+    unscorable completion (every reward term returned None, TRL's convention): it is left out of its group's mean
+    and std and gets advantage 0, as in TRL.
 
     >>> group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]]))  # mean 0.5, std 0.5774
     tensor([[ 0.8659, -0.8659, -0.8659,  0.8659]])
+    >>> group_advantages(torch.tensor([[1.0, float("nan"), 0.0]]))  # mean 0.5, std 0.7071
+    tensor([[ 0.7070,  0.0000, -0.7070]])
     """
-    centered_BG = rewards_BG - rewards_BG.mean(dim=1, keepdim=True)
+    if scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}")
+    if scale_rewards == "batch" and batch_std is None:
+        raise ValueError("scale_rewards='batch' needs batch_std, the std of all rewards of the step")
+    scorable_BG = ~torch.isnan(rewards_BG)
+    if scorable_BG.all():
+        mean_B1, std_B1 = rewards_BG.mean(dim=1, keepdim=True), rewards_BG.std(dim=1, keepdim=True)
+    else:
+        count_B1 = scorable_BG.sum(dim=1, keepdim=True)
+        mean_B1 = rewards_BG.nan_to_num(0.0).sum(dim=1, keepdim=True) / count_B1.clamp(min=1)
+        squares_B1 = ((rewards_BG - mean_B1) ** 2).nan_to_num(0.0).sum(dim=1, keepdim=True)
+        std_B1 = (squares_B1 / (count_B1 - 1).clamp(min=1)).sqrt()
     # A float32 mean of equal values is not always that value (12 x 1.1 is off by ~1e-7), and dividing the residue
     # by a ~1e-7 std would turn "no signal" into a small systematic push; equal groups get exactly zero.
-    centered_BG = centered_BG.masked_fill(uniform_groups(rewards_BG).unsqueeze(1), 0.0)
+    centered_BG = (rewards_BG - mean_B1).masked_fill(uniform_groups(rewards_BG).unsqueeze(1) | ~scorable_BG, 0.0)
     if scale_rewards == "group":
-        return centered_BG / (rewards_BG.std(dim=1, keepdim=True) + ADVANTAGE_EPS)
+        return centered_BG / (std_B1 + ADVANTAGE_EPS)
     if scale_rewards == "batch":
-        if batch_std is None:
-            raise ValueError("scale_rewards='batch' needs batch_std, the std of all rewards of the step")
         return centered_BG / (batch_std + ADVANTAGE_EPS)
-    if scale_rewards == "none":
-        return centered_BG
-    raise ValueError(f"unknown scale_rewards {scale_rewards!r}")
+    return centered_BG
 
 
 def uniform_groups(rewards_BG: torch.Tensor) -> torch.Tensor:
-    """B bools: the groups whose rewards are all equal (zero advantages, no learning signal)."""
-    return (rewards_BG == rewards_BG[:, :1]).all(dim=1)
+    """B bools: the groups whose rewards are all equal (zero advantages, no learning signal), NaN rewards
+    (unscorable completions) set aside; a group with fewer than two scorable completions is uniform too."""
+    scorable_BG = ~torch.isnan(rewards_BG)
+    if scorable_BG.all():
+        return (rewards_BG == rewards_BG[:, :1]).all(dim=1)
+    high_B = rewards_BG.nan_to_num(-math.inf).amax(dim=1)
+    low_B = rewards_BG.nan_to_num(math.inf).amin(dim=1)
+    return (high_B == low_B) | (scorable_BG.sum(dim=1) < 2)
+
+
+SAMPLING_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampling_correction(old_logprobs_NC: torch.Tensor, sampler_logprobs_NC: torch.Tensor,
+                        completion_mask_NC: torch.Tensor, mode: str = "sequence_mask",
+                        clip_min: Optional[float] = None, clip_max: Optional[float] = 3.0) -> torch.Tensor:
+    """Importance weights for the mismatch between the rollout engine's sampling distribution and the trainer's
+    (TRL's vllm_importance_sampling_correction; "Your efficient RL framework secretly brings you off-policy RL",
+    Yao et al. 2025): ratio = exp(old - sampler) per token ("token_*", N x C) or exp of its sum over the sequence
+    ("sequence_*", N x 1); "*_truncate" clamps it to [clip_min, clip_max], "*_mask" sets it to 0 outside. Masked
+    positions count as a ratio of 1.
+
+    >>> old, sampler, mask = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-2.0, -2.0]]), torch.ones(1, 2)
+    >>> sampling_correction(old, sampler, mask, "token_truncate", clip_max=2.0)  # exp(1) = 2.72 -> 2
+    tensor([[2., 1.]])
+    >>> sampling_correction(old, sampler, mask, "sequence_mask", clip_max=2.0)  # exp(1) > 2: masked out
+    tensor([[0.]])
+    """
+    if mode not in SAMPLING_CORRECTION_MODES:
+        raise ValueError(f"unknown importance sampling mode {mode!r}")
+    diff_NC = torch.nan_to_num((old_logprobs_NC - sampler_logprobs_NC) * completion_mask_NC, nan=0.0)
+    ratio = torch.exp(diff_NC.sum(dim=1, keepdim=True) if mode.startswith("sequence") else diff_NC)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -185,10 +232,13 @@ class GRPOLoss:
     def __call__(self, logprobs_NC: torch.Tensor, old_logprobs_NC: torch.Tensor,
                  ref_logprobs_NC: Optional[torch.Tensor], advantages_N: torch.Tensor,
                  completion_mask_NC: torch.Tensor, totals: BatchTotals,
-                 entropies_NC: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+                 entropies_NC: Optional[torch.Tensor] = None,
+                 sampling_weights_NC: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         """Returns (loss contribution, metrics). Metrics are sums over this micro-batch's completion tokens, so
         the caller can add them over micro-batches and ranks before dividing by `num_tokens`; `kl_sum` is the
-        policy's KL to the reference whenever `ref_logprobs_NC` is given, even when kl_weight is 0."""
+        policy's KL to the reference whenever `ref_logprobs_NC` is given, even when kl_weight is 0.
+        `sampling_weights_NC` (N x C or N x 1, from sampling_correction) multiplies each token's policy loss, after
+        the entropy mask and before the KL term, as TRL applies its vLLM importance-sampling correction."""
         mask_NC = completion_mask_NC.to(logprobs_NC.dtype)
         # Zero the inputs outside the mask before any arithmetic: a masked position may hold any value (padding
         # after EOS, trimmed columns), and an inf there would turn 0 * inf into NaN in the forward or backward.
@@ -220,6 +270,8 @@ class GRPOLoss:
                          else entropy_threshold(entropies_NC, completion_mask_NC, self.top_entropy_quantile))
             high_entropy_NC = ((entropies_NC * mask_NC) >= threshold) & keep_NC
             per_token = per_token * high_entropy_NC
+        if sampling_weights_NC is not None:
+            per_token = per_token * sampling_weights_NC.to(per_token.dtype)
         per_token_NC = per_token.expand_as(logprobs_NC) if per_token.shape != logprobs_NC.shape else per_token
         if ref_logprobs_NC is not None:
             # Measured whenever the reference is given, also with kl_weight 0 (--kl_in_reward puts the penalty in

@@ -20,6 +20,12 @@ The pieces (bytes per device, P parameters, W devices, b bytes per compute eleme
   checkpointing one hidden state per layer plus one layer recomputed in full, without it every layer's; under
   ZeRO-3 the parameters fetched for the forward and backward stay until stage3_max_live_parameters (1e9 in
   zero3.json, so the whole policy for models below 1B parameters).
+- reward model (--reward_model, a sequence classifier with R parameters): partitioned like the reference, R*b/W,
+  0 on the device with --reward_model_offload; its scoring phase (after generation, before the reference's
+  log-probs) gathers what ZeRO-3 keeps live during a forward (as the policy's training, up to
+  stage3_max_live_parameters) and holds one micro-batch's inference activations: the residual stream, the normed
+  input, the attention projections and output (about 4 hidden states per token) and the gated MLP's gate, up and
+  their product (3 intermediate ones), one layer at a time.
 Attention is taken as memory-efficient (SDPA / flash: no T x T matrix is stored).
 
 Not counted: with bf16 logits, training keeps every chunk's fp32 copy for backward (logsumexp saves its input), so
@@ -32,8 +38,8 @@ reference (the policy with its adapters off).
 
 Host memory (with offload, and always on a CPU-only host where the "device" is the host): the offloaded optimizer
 (fp32 master, two moments and the fp32 gradient partition DeepSpeed's CPU Adam steps on, 16 bytes per trainable
-parameter / W), the offloaded parameters (their fp32 partition, 4P/W; the device keeps none), and the process
-itself (Python, torch, DeepSpeed, the tokenizer: PROCESS_BYTES).
+parameter / W), the offloaded parameters (their fp32 partition, 4P/W; the device keeps none; the same for an
+offloaded reference, and 4R/W for an offloaded reward model), and the process itself (Python, torch, DeepSpeed, the tokenizer: PROCESS_BYTES).
 """
 
 from __future__ import annotations
@@ -76,6 +82,14 @@ class ModelShape:
         per_layer = attention + mlp + 2 * self.hidden
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
         return self.layers * per_layer + embeddings + self.hidden
+
+    @property
+    def classifier_parameters(self) -> int:
+        """The same decoder as a sequence classifier with one output (a reward model): the input embeddings, no LM
+        head, a score head of one row."""
+        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        per_layer = attention + 3 * self.hidden * self.intermediate + 2 * self.hidden
+        return self.layers * per_layer + self.vocab * self.hidden + self.hidden + self.hidden
 
     def lora_parameters(self, r: int) -> int:
         """Adapter parameters at rank r on every linear layer of the blocks (peft's 'all-linear'): r x (in + out)
@@ -133,6 +147,9 @@ class RunShape:
     max_live_parameters: int = 1_000_000_000  # ZeRO-3's stage3_max_live_parameters
     lora_r: int = 0  # LoRA rank on every linear layer of the blocks (0: full fine-tuning)
     rollout_engine: str = "hf"  # --rollout_engine: "hf" (generate) or "compiled" (the static KV cache engine)
+    reward_model: ModelShape | None = None  # --reward_model's shape (a sequence classifier), or None
+    reward_model_offload: bool = False
+    reward_batch_size: int = 0  # texts per reward-model forward; 0 = train_batch_size
 
 
 def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
@@ -157,9 +174,9 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
         "reference": (0 if not has_reference or run.reference_offload
                       else P * b // W if zero3 or run.reference_partitioned else P * b),
         "framework": FRAMEWORK_BYTES,
-        # the static engine's cache, sized once for rows x (prompt + new tokens) and kept between rollouts
-        "static_kv_cache": rows * total_tokens * kv_per_token if static else 0,
     }
+    if static:  # the static engine's cache, sized once for rows x (prompt + new tokens) and kept between rollouts
+        resident["static_kv_cache"] = rows * total_tokens * kv_per_token
     generation = {
         # ZeRO-3 gathers the whole policy for generation, or else streams it a layer (and a prefetched one) at a time
         "gathered_policy": (0 if not zero3 else P * b - resident["policy_weights"] if run.gather_for_generation
@@ -181,8 +198,20 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
         "activations": activations,
         "logits": micro * (C + 1) * model.vocab * b + 8 * C * model.vocab * 4,
     }
-    out = {**resident, **generation, **training}
-    out["total"] = sum(resident.values()) + max(sum(generation.values()), sum(training.values()))
+    scoring = {}
+    if run.reward_model is not None:
+        rm = run.reward_model
+        R = rm.classifier_parameters
+        resident["reward_model"] = 0 if run.reward_model_offload else R * b // W
+        rm_tokens = (run.reward_batch_size or run.train_batch_size) * total_tokens
+        live = max(min(run.max_live_parameters, R), 2 * (R // rm.layers))  # as the policy's gathered_params
+        scoring = {
+            "reward_gathered": live * b - resident["reward_model"],
+            "reward_activations": rm_tokens * b * (4 * rm.hidden + 3 * rm.intermediate),
+        }
+    out = {**resident, **generation, **scoring, **training}
+    out["total"] = sum(resident.values()) + max(sum(generation.values()), sum(scoring.values()),
+                                                sum(training.values()))
     return out
 
 
@@ -195,6 +224,8 @@ def host_estimate(model: ModelShape, run: RunShape, cpu_only: bool = False) -> d
         "offloaded_optimizer": 16 * T // W if run.offload else 0,
         "offloaded_parameters": 4 * P // W if run.offload else 0,
         "offloaded_reference": (4 * P // W if run.reference_offload and run.reference and not run.lora_r else 0),
+        **({"offloaded_reward_model": 4 * run.reward_model.classifier_parameters // W if run.reward_model_offload
+            else 0} if run.reward_model is not None else {}),
         "process": CPU_PROCESS_BYTES if cpu_only else PROCESS_BYTES,
     }
     out["total"] = sum(out.values())
@@ -220,8 +251,10 @@ def decode_bound(model: ModelShape, params: int, rows: int, prompt_tokens: float
 def report(model: ModelShape, run: RunShape, device_gib: float, cpu_only: bool = False) -> str:
     parts, host = estimate(model, run), host_estimate(model, run, cpu_only)
     lora = f", LoRA r={run.lora_r} ({model.lora_parameters(run.lora_r) / 1e6:.1f}M trainable)" if run.lora_r else ""
+    rm = (f", reward model {run.reward_model.classifier_parameters / 1e9:.2f}B"
+          f"{' (offloaded)' if run.reward_model_offload else ''}" if run.reward_model is not None else "")
     lines = [f"{model.num_parameters / 1e9:.2f}B parameters, {run.num_devices} device(s), ZeRO-{run.zero_stage}"
-             f"{' + offload' if run.offload else ''}, {run.precision}{lora}",
+             f"{' + offload' if run.offload else ''}, {run.precision}{lora}{rm}",
              "| piece | GiB per device |", "| --- | --- |"]
     lines += [f"| {name} | {value / GIB:.2f} |" for name, value in parts.items() if name != "total"]
     verdict = "fits" if parts["total"] <= device_gib * GIB else "does NOT fit"

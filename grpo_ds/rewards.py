@@ -1,20 +1,28 @@
-"""Reward functions for GRPO on GSM8K-style math: ``reward_fn(completion, gold) -> float``.
+r"""Reward functions: grpo_ds's presets, ``reward_fn(completion, gold) -> float``, and TRL's batched convention.
 
-Presets (``--reward NAME``):
+What each preset pays (``--reward NAME``; "block" is the first ``<answer>...</answer>``, "clean" means the block holds
+just the answer, a number or an equation ending in it, or for a non-numeric gold any expression without words, with
+nothing after it). "Right" compares the block's content with the gold as numbers when the gold is a plain number
+("$1,234.00" == "1234", "5/2" == "2.5", "6 apples" == "6"), otherwise with math-verify (answers_match:
+"\frac{1}{2}" == "0.5", "(1, 2)" != "(2, 1)", intervals, LaTeX):
 
-* ``math`` (default): 1.0 when the number in the first ``<answer>`` block equals the gold number after numeric
-  normalization ("$1,234.00" == "1234", "5/2" == "2.5", "6 apples" == "6"), plus a 0.1 format bonus when that block
-  holds a number at all. Scores: 1.1 correct, 0.1 formatted but wrong, 0.0 without a parseable answer block.
-* ``math_clean``: for small models learning the format (the CPU recipe): 1.2 for a clean answer block (just the
-  number, or an equation ending in it, and nothing after the block) holding the gold, 0.2 for a clean one holding
-  another number, 0.25 without a clean block when the last number in the text is the gold, else 0.
-* ``math_shaped``: math plus 0.05 per answer tag and 0.25 for a right last number (gameable: recited tags pay).
-* ``seed``: the tiny-grpo tutorial's string matching, kept to reproduce it: 1.0 exact match, 0.5 when the gold
-  string appears inside the answer (gameable: "72 or 73 or 74" gets 0.5), 0.01 for any other answer block, 0.0
-  without one.
-* ``hash``: benchmarks only, a pseudo-random score of the text, so groups never tie.
+| preset | right answer in the block | wrong answer in the block | no block, right last answer | no block |
+| --- | --- | --- | --- | --- |
+| ``math`` (default) | 1.1 | 0.1 (0 when a numeric gold's block holds no number) | 0 | 0 |
+| ``math_clean`` (the CPU recipe) | 1.2 if clean right after ``</think>``, else 0.25 | 0.2 if clean after ``</think>`` | 0.25 | 0 |
+| ``math_shaped`` | math + 0.05 per answer tag + 0.25 | 0.1 + tags | 0.25 + tags | 0.05 per tag |
+| ``math_verify`` | 1.1 (math-verify for every gold) | 0.1 | 0 | 0 |
+| ``correct`` / ``format`` / ``lenient`` | 1 / 1 if clean / 1 | 0 / 1 if clean / 1 if its last answer is right | 0 / 0 / 1 | 0 |
+| ``seed`` (tiny-grpo) | 1.0 exact string, 0.5 if the gold is inside | 0.01 | 0 | 0 |
+| ``hash`` | benchmarks only: a pseudo-random score of the text, so groups never tie |
 
-Anything else is loaded with ``--reward package.module:function`` (see `get_reward_fn`).
+"Last answer" (lenient): the last number in the text for a numeric gold; for other golds, math-verify's reading of
+the whole text (its last ``\boxed{}`` or expression).
+
+Anything else is loaded with ``--reward package.module:function`` (see `get_reward_fn`) in either form:
+grpo_ds's ``f(completion, gold) -> float``, called per completion, or TRL's batched
+``f(completions, prompts=, completion_ids=, **columns) -> list[float | None]``, called once per rollout batch with
+every dataset column by name (see `is_batched`, `score_completions`), so TRL's ``trl.rewards`` work unchanged.
 
 Nothing here raises on model output: malformed text scores 0. The module is pure Python (no torch), so rewards are
 cheap to test and usable from evaluation scripts.
@@ -22,6 +30,7 @@ cheap to test and usable from evaluation scripts.
 
 import hashlib
 import importlib
+import inspect
 import logging
 import math
 import numbers
@@ -30,6 +39,8 @@ import re
 import sys
 from dataclasses import dataclass
 from typing import Callable
+
+from .data import Problem, is_number
 
 RewardFn = Callable[[str, str], float]
 
@@ -127,31 +138,66 @@ def numbers_equal(a: float | None, b: float | None) -> bool:
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
 
 
+def answers_match(answer: str | None, gold: str) -> bool:
+    r"""True when an extracted answer equals the gold: as numbers when the gold is a plain number (data.is_number),
+    otherwise as mathematical objects by math-verify (fractions, LaTeX, expressions, tuples, intervals).
+
+    >>> answers_match("$72.00", "72"), answers_match("6 apples", "6"), answers_match(None, "6")
+    (True, True, False)
+    >>> answers_match("0.5", "\\frac{1}{2}"), answers_match("(2, 1)", "(1, 2)")
+    (True, False)
+    """
+    if answer is None:
+        return False
+    if is_number(gold):
+        return numbers_equal(parse_number(answer), float(gold))
+    return math_equal(answer, gold)
+
+
 def is_correct(completion: str, gold: str) -> bool:
-    """Strict: the number in the first <answer> block equals the gold number.
+    r"""Strict: the content of the first <answer> block equals the gold (answers_match).
 
     >>> is_correct("<answer>$72.00</answer>", "72"), is_correct("The answer is 72", "72")
     (True, False)
+    >>> is_correct("<answer>\\frac{3}{6}</answer>", "\\frac{1}{2}")
+    True
     """
-    return numbers_equal(parse_number(extract_answer(completion)), parse_number(gold))
+    return answers_match(extract_answer(completion), gold)
+
+
+_FRACTION_RE = re.compile(r"-?(?:\d+/\d+|\\[dt]?frac\{\d+\}\{\d+\})")  # golds with a numeric value
 
 
 def is_correct_lenient(completion: str, gold: str) -> bool:
-    """Lenient: the last number anywhere in the completion equals the gold number.
+    r"""Lenient: for a numeric gold, the last number anywhere in the completion equals it; otherwise the strict check,
+    the last number for a fraction gold ("5/2", "\frac{5}{2}"), or math-verify's reading of the whole completion
+    (its last \boxed{}, or last expression).
 
-    >>> is_correct_lenient("The answer is 72", "72")
-    True
+    >>> is_correct_lenient("The answer is 72", "72"), is_correct_lenient("so it is \\boxed{\\frac{1}{2}}", "0.5")
+    (True, True)
     """
-    return numbers_equal(extract_last_number(completion), parse_number(gold))
+    if is_number(gold):
+        return numbers_equal(extract_last_number(completion), float(gold))
+    if not isinstance(completion, str):
+        return False
+    fraction = parse_number(gold) if _FRACTION_RE.fullmatch(str(gold).strip()) else None
+    return (is_correct(completion, gold) or numbers_equal(extract_last_number(completion), fraction)
+            or math_equal(completion, gold, whole_text=True))
 
 
-def has_format(completion: str) -> bool:
-    """True when the completion has an <answer> block whose content parses to a number.
+def has_format(completion: str, gold: str | None = None) -> bool:
+    """True when the completion has an <answer> block holding an answer: a number when the gold is a number (or
+    unknown), any non-empty content for other golds (a fraction, an interval, a letter).
 
     >>> has_format("<answer>6 apples</answer>"), has_format("<answer>seventy-two</answer>")
     (True, False)
+    >>> has_format("<answer>(1, 2]</answer>", "(1, 2]"), has_format("<answer> </answer>", "(1, 2]")
+    (True, False)
     """
-    return parse_number(extract_answer(completion)) is not None
+    answer = extract_answer(completion)
+    if gold is not None and not is_number(gold):
+        return bool(answer)
+    return parse_number(answer) is not None
 
 
 def seed_reward(completion: str, gold: str) -> float:
@@ -179,7 +225,7 @@ def math_reward(completion: str, gold: str) -> float:
     >>> [math_reward(c, "72") for c in ["<answer>$72</answer>", "<answer>73</answer>", "72"]]
     [1.1, 0.1, 0.0]
     """
-    return (1.0 if is_correct(completion, gold) else 0.0) + (0.1 if has_format(completion) else 0.0)
+    return (1.0 if is_correct(completion, gold) else 0.0) + (0.1 if has_format(completion, gold) else 0.0)
 
 
 def math_shaped_reward(completion: str, gold: str) -> float:
@@ -202,15 +248,28 @@ def math_shaped_reward(completion: str, gold: str) -> float:
 
 
 _CLEAN_CONTENT_RE = re.compile(r"[\d\s.,$()+\-*/×÷x=]*\d")  # a number, or an equation ending in one
+_LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
+_WORD_RE = re.compile(r"[A-Za-z]{3,}")
 
 
-def clean_answer(completion: str, after_reasoning: bool = False) -> str | None:
+def _clean_math(content: str) -> bool:
+    r"""A math answer with no words: LaTeX commands set aside, no run of three letters or more ("\frac{1}{2}",
+    "(1, 2]", "x = 3", "B" are clean; "22 stickers" and "the answer" are not).
+
+    >>> [_clean_math(c) for c in ["\\frac{1}{2}", "3\\sqrt{2}", "(1, 2]", "B", "22 stickers", ""]]
+    [True, True, True, True, False, False]
+    """
+    return bool(content) and not _WORD_RE.search(_LATEX_COMMAND_RE.sub(" ", content))
+
+
+def clean_answer(completion: str, after_reasoning: bool = False, math: bool = False) -> str | None:
     r"""The content of the completion's answer block when the block holds just the answer and nothing follows it;
     None otherwise. Just the answer: a number, or an equation ending in the number ("5 + 17 = 22"), no words or
     units. Nothing follows: only whitespace after `</answer>` (the end of turn is a special token, not text), and
     no second block. Reciting a prompt that quotes the tags ("... <answer> </answer> tags") is never clean. With
     `after_reasoning`, the block must also come right after the reasoning's closing `</think>` (the format the
-    R1-style prompts ask for: `<think> reasoning </think> <answer> answer </answer>`).
+    R1-style prompts ask for: `<think> reasoning </think> <answer> answer </answer>`). With `math` (a gold that is
+    not a plain number), the answer may also be any expression without words (_clean_math: "\\frac{1}{2}").
 
     >>> [clean_answer(c) for c in ["<think>5 + 17</think>\n<answer>22</answer>", "<answer>5 + 17 = 22</answer>\n",
     ...                            "<answer>22 stickers</answer>", "<answer>22</answer> The answer is 22."]]
@@ -223,7 +282,9 @@ def clean_answer(completion: str, after_reasoning: bool = False) -> str | None:
     head, _, rest = completion.partition("<answer>")
     content, found, tail = rest.partition("</answer>")
     content = content.strip()
-    if not found or tail.strip() or not _CLEAN_CONTENT_RE.fullmatch(content) or content.startswith("="):
+    if not found or tail.strip() or content.startswith("="):
+        return None
+    if not (_CLEAN_CONTENT_RE.fullmatch(content) or (math and _clean_math(content))):
         return None
     if after_reasoning and (completion.count("</think>") != 1 or not head.rstrip().endswith("</think>")):
         return None
@@ -247,9 +308,9 @@ def math_clean_reward(completion: str, gold: str) -> float:
     ...  "</think><answer>22</answer> Yes, 22.", "5 + 17 = 22\n<answer>22</answer>", "21"]]
     [1.2, 1.2, 0.2, 0.25, 0.25, 0.25, 0.0]
     """
-    content = clean_answer(completion, after_reasoning=True)
+    content = clean_answer(completion, after_reasoning=True, math=not is_number(gold))
     if content is not None:
-        return 0.2 + (1.0 if numbers_equal(parse_number(content), parse_number(gold)) else 0.0)
+        return 0.2 + (1.0 if answers_match(content, gold) else 0.0)
     return 0.25 if is_correct_lenient(completion, gold) else 0.0
 
 
@@ -281,7 +342,7 @@ def format_reward(completion: str, gold: str) -> float:
     >>> format_reward("<answer>3 + 4 = 7</answer>", "7"), format_reward("<answer>7</answer> done", "7")
     (1.0, 0.0)
     """
-    return float(clean_answer(completion) is not None)
+    return float(clean_answer(completion, math=not is_number(gold)) is not None)
 
 
 def lenient_reward(completion: str, gold: str) -> float:
@@ -295,11 +356,11 @@ def lenient_reward(completion: str, gold: str) -> float:
 
 def math_verify_reward(completion: str, gold: str) -> float:
     r"""1.0 when the first answer block's content and the gold are the same mathematical object by the math-verify
-    package (expressions, fractions, LaTeX: "\frac{1}{2}" == "0.5" == "1/2"), plus 0.1 when a block exists; the
-    numeric extractor of `math` reads only numbers. Needs `pip install math-verify` (the [math] extra).
+    package (expressions, fractions, LaTeX: "\\frac{1}{2}" == "0.5" == "1/2"), plus 0.1 when a block exists, for numeric
+    golds too (the other presets compare numeric golds as numbers and hand every other gold to math-verify).
 
-    >>> math_verify_reward("<answer>\\frac{1}{2}</answer>", "0.5")
-    1.1
+    >>> math_verify_reward("<answer>\\frac{1}{2}</answer>", "0.5"), math_verify_reward("<answer>1/3</answer>", "0.5")
+    (1.1, 0.1)
     """
     answer = extract_answer(completion)
     if answer is None:
@@ -319,7 +380,8 @@ def math_equal(answer: str, gold: str, whole_text: bool = False) -> bool:
 
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
-        parsed_gold = parse(str(gold), parsing_timeout=timeout)
+        gold = str(gold)
+        parsed_gold = parse(gold if "$" in gold else f"${gold}$", parsing_timeout=timeout)
         wrapped = answer if whole_text or "$" in answer else f"${answer}$"  # LaTeX is read between $ signs
         parsed = parse(wrapped, parsing_timeout=timeout)
         return bool(parsed_gold and parsed and verify(parsed_gold, parsed, timeout_seconds=timeout))
@@ -335,20 +397,55 @@ REWARDS: dict[str, RewardFn] = {"math": math_reward, "seed": seed_reward, "math_
 
 @dataclass(frozen=True)
 class WeightedReward:
-    name: str  # as written in --reward: a preset or module:function
-    fn: RewardFn
+    name: str  # as written in --reward: a preset, module:function, or a scorer's name ('model', 'remote')
+    fn: Callable
     weight: float
+    batched: bool = False  # TRL's convention: fn(prompts=, completions=, completion_ids=, **columns) -> list
 
 
-def parse_reward(spec: str) -> list[WeightedReward]:
-    """`--reward` as a weighted sum: comma-separated terms, each a preset or module:function with an optional
-    ":weight" (default 1.0). The advantages use the sum; each term is logged as reward/<name>.
+# What TRL passes to a batched reward besides the dataset's columns; a required parameter outside these and the
+# columns cannot be filled.
+TRL_REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+
+
+def is_batched(fn: Callable) -> bool:
+    """TRL's batched convention (`f(completions, **kwargs) -> list`), told apart from grpo_ds's per-completion
+    `f(completion, gold) -> float` by the signature: batched when the first parameter is named `completions` or
+    `prompts`, or the function takes **kwargs.
+
+    >>> is_batched(math_reward), is_batched(lambda completions, solution, **kwargs: [])
+    (False, True)
+    """
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: the per-completion form
+        return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return True
+    return bool(parameters) and parameters[0].name in ("completions", "prompts")
+
+
+def required_columns(term: WeightedReward) -> list[str]:
+    """The keyword arguments a batched reward requires that only dataset columns can fill (e.g. TRL's
+    accuracy_reward needs `solution`)."""
+    if not term.batched:
+        return []
+    parameters = inspect.signature(term.fn).parameters.values()
+    return [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in TRL_REWARD_ARGUMENTS
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+
+def parse_reward(spec: str, scorers: dict[str, Callable] | None = None) -> list[WeightedReward]:
+    """`--reward` as a weighted sum: comma-separated terms, each a preset, module:function, or the name of one of
+    `scorers` (a reward model 'model', a remote scorer 'remote'), with an optional ":weight" (default 1.0). The
+    advantages use the sum; each term is logged as reward/<name>.
 
     >>> [(r.name, r.weight) for r in parse_reward("correct:1.0,format:0.2")]
     [('correct', 1.0), ('format', 0.2)]
-    >>> [(r.name, r.weight) for r in parse_reward("math")]
-    [('math', 1.0)]
+    >>> [(r.name, r.weight, r.batched) for r in parse_reward("math")]
+    [('math', 1.0, False)]
     """
+    scorers = scorers or {}
     terms = []
     for item in str(spec).split(","):
         item = item.strip()
@@ -363,7 +460,8 @@ def parse_reward(spec: str) -> list[WeightedReward]:
             raise ValueError(f"--reward {spec!r}: the weight of {name!r} is not a finite number")
         if name in [t.name for t in terms]:
             raise ValueError(f"--reward {spec!r}: {name!r} appears twice")
-        terms.append(WeightedReward(name, get_reward_fn(name), weight))
+        fn = scorers[name] if name in scorers else get_reward_fn(name)
+        terms.append(WeightedReward(name, fn, weight, is_batched(fn)))
     return terms
 
 
@@ -424,40 +522,98 @@ def _safe_reward(reward_fn: RewardFn, completion: str, gold: str) -> tuple[float
     return (value, "") if math.isfinite(value) else (None, f"returned {value}")
 
 
-def score_completions(completions: list[str], golds: list[str],
-                      rewards: RewardFn | list[WeightedReward]) -> tuple[list[float], dict[str, float]]:
-    """Rewards for each (completion, gold), and stats: success_rate, format_rate, clean_rate, reward_errors and,
-    for a weighted sum of terms (parse_reward), each term's mean as reward/<name> (unweighted).
+class RewardAbort(Exception):
+    """A reward source failed in a way that must stop the run (a remote scorer that stays unreachable), rather
+    than score 0: raised through score_completions unchanged, so the trainer can checkpoint and stop."""
 
-    A reward that raises or is not a finite number scores 0.0 and is counted in reward_errors.
+
+def _batched_rewards(term: WeightedReward, texts: list[str], problems: list, completion_ids: list | None,
+                     extras: dict) -> tuple[list[float | None], list[str]]:
+    """One call of a TRL-convention reward for the whole batch: (values, None where the reward does not apply;
+    failures). Completions are strings for string prompts and [{"role": "assistant", "content": text}] for chat
+    prompts; every column of the rows is passed by name, as TRL does."""
+    prompts = [p.prompt for p in problems]
+    completions = [[{"role": "assistant", "content": t}] if p.messages else t for t, p in zip(texts, problems)]
+    keys = [k for k in problems[0].columns if k not in TRL_REWARD_ARGUMENTS] if problems else []
+    columns = {k: [p.columns.get(k) for p in problems] for k in keys}
+    try:
+        values = term.fn(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                         **columns, **extras)
+        values = list(values)
+    except RewardAbort:
+        raise
+    except Exception as e:  # noqa: BLE001 - counted, as a per-completion failure is
+        return [0.0] * len(texts), [f"{term.name} raised {type(e).__name__}: {e}"] * len(texts)
+    if len(values) != len(texts):
+        return [0.0] * len(texts), [f"{term.name} returned {len(values)} rewards for {len(texts)} completions"] * \
+            len(texts)
+    out, failures = [], []
+    for value in values:
+        if value is None:  # TRL: this reward does not apply to this completion
+            out.append(None)
+        elif isinstance(value, numbers.Real) and math.isfinite(float(value)):
+            out.append(float(value))
+        else:
+            out.append(0.0)
+            failures.append(f"{term.name} returned {value!r}")
+    return out, failures
+
+
+def score_completions(completions: list[str], problems: list, rewards: RewardFn | list[WeightedReward],
+                      completion_ids: list | None = None,
+                      extras: dict | None = None) -> tuple[list[float], dict[str, float]]:
+    """Rewards for each completion of `problems` (data.Problem, or bare gold strings), and stats: success_rate,
+    format_rate, clean_rate, reward_errors and, for a weighted sum of terms (parse_reward), each term's sum and
+    count over the completions it applies to as reward/<name>_sum and reward/<name>_count (unweighted).
+
+    Per-completion terms are called as f(completion, gold); batched terms (TRL's convention) once for the whole
+    batch, with `completion_ids` and `extras` (TRL's trainer_state, log_metric, ...) passed on. A reward that
+    raises or is not a finite number scores 0.0 and is counted in reward_errors. A batched reward's None means
+    "does not apply" and is aggregated as TRL does: the weighted sum skips it, and a completion to which no term
+    applies gets NaN (unscorable: loss.group_advantages leaves it out of its group's baseline, advantage 0).
 
     >>> score_completions(["<answer>72</answer>", "72"], ["72", "72"], math_reward)
     ([1.1, 0.0], {'success_rate': 0.5, 'format_rate': 0.5, 'clean_rate': 0.5, 'reward_errors': 0})
     """
-    if len(completions) != len(golds):
-        raise ValueError(f"score_completions: {len(completions)} completions but {len(golds)} golds")
-    terms = rewards if isinstance(rewards, list) else [WeightedReward("", rewards, 1.0)]
-    totals = [0.0] * len(completions)
-    failures, components = [], {}
+    if len(completions) != len(problems):
+        raise ValueError(f"score_completions: {len(completions)} completions but {len(problems)} golds")
+    problems = [_as_problem(p) for p in problems]
+    golds = [p.answer for p in problems]
+    terms = rewards if isinstance(rewards, list) else [WeightedReward("", rewards, 1.0, is_batched(rewards))]
+    totals: list[float | None] = [None] * len(completions)
+    failures, stats = [], {}
     for term in terms:
-        values = []
-        for completion, gold in zip(completions, golds):
-            value, why = _safe_reward(term.fn, completion, gold)
-            if value is None:
-                failures.append(f"{term.name or 'reward'} {why}")
-            values.append(0.0 if value is None else value)
-        totals = [t + term.weight * v for t, v in zip(totals, values)]
-        components[term.name] = values
+        if term.batched:
+            values, failed = _batched_rewards(term, completions, problems, completion_ids, extras or {})
+            failures += failed
+        else:
+            values = []
+            for completion, gold in zip(completions, golds):
+                value, why = _safe_reward(term.fn, completion, gold)
+                if value is None:
+                    failures.append(f"{term.name or 'reward'} {why}")
+                values.append(0.0 if value is None else value)
+        totals = [t if v is None else (t or 0.0) + term.weight * v for t, v in zip(totals, values)]
+        if len(terms) > 1:
+            applied = [v for v in values if v is not None]
+            stats[f"reward/{term.name}_sum"], stats[f"reward/{term.name}_count"] = sum(applied), len(applied)
     if failures:  # one line per batch, not per completion, so a broken reward does not flood the log
         log.warning("reward function failed on %d/%d completions (scored 0.0); first: %s",
                     len(failures), len(completions) * len(terms), failures[0])
+    unscorable = [i for i, t in enumerate(totals) if t is None]
+    if unscorable:
+        log.warning("every reward returned None for %d completion(s) (first: gold %r): they are left out of their "
+                    "groups' baselines, with advantage 0", len(unscorable), golds[unscorable[0]])
     n = max(len(completions), 1)  # an empty batch has rates of 0, not a ZeroDivisionError
     stats = {
         "success_rate": sum(is_correct(c, g) for c, g in zip(completions, golds)) / n,
-        "format_rate": sum(has_format(c) for c in completions) / n,
-        "clean_rate": sum(clean_answer(c) is not None for c in completions) / n,
-        "reward_errors": len(failures),
+        "format_rate": sum(has_format(c, g) for c, g in zip(completions, golds)) / n,
+        "clean_rate": sum(clean_answer(c, math=not is_number(g)) is not None for c, g in zip(completions, golds)) / n,
+        "reward_errors": len(failures), **stats,
     }
-    if isinstance(rewards, list) and len(terms) > 1:
-        stats.update({f"reward/{name}": sum(values) / n for name, values in components.items()})
-    return totals, stats
+    return [math.nan if t is None else t for t in totals], stats
+
+
+def _as_problem(problem):
+    """A bare gold string as a problem with no prompt or columns (for callers that have only golds)."""
+    return Problem("", problem) if isinstance(problem, str) else problem

@@ -28,16 +28,19 @@ import torch
 
 from . import checkpoint, distributed
 from .config import BatchLayout, Config, LoraSettings, dumps, validate
-from .data import Problem, PromptSampler, load_problems, render_prompt
+from .data import Problem, PromptSampler, load_problems, render_problem
 from .eval import evaluate
 from .experience import Experience
 from .generation import Rollout, Sampling, StaticDecoder, generate
 from .logprobs import completion_logprobs
-from .loss import BatchTotals, GRPOLoss, entropy_threshold, group_advantages, kl_estimate, uniform_groups
+from .loss import (BatchTotals, GRPOLoss, entropy_threshold, group_advantages, kl_estimate, sampling_correction,
+                   uniform_groups)
 from .metrics import MetricsLogger, setup_logging
 from .models import check_lora_targets, load_model, load_tokenizer, resolve_model
 from .plot import plot_runs
-from .rewards import overlong_penalties, parse_reward, score_completions
+from .remote_reward import RemoteReward
+from .reward_model import RewardModel, check_reward_model
+from .rewards import RewardAbort, overlong_penalties, parse_reward, required_columns, score_completions
 
 log = logging.getLogger("grpo_ds.trainer")
 
@@ -52,6 +55,11 @@ def seed_for(*parts: int) -> int:
 
 class Preempted(Exception):
     """Raised on every rank after a SIGTERM/SIGINT once the checkpoint is written; the message says how to resume."""
+
+
+class RewardAbortedRun(ValueError):
+    """A reward source failed for good mid-run (e.g. --reward_url unreachable after its retries); raised on every
+    rank once the last complete step is checkpointed."""
 
 
 class NonFiniteError(RuntimeError):
@@ -141,16 +149,21 @@ class Run:
     consecutive_skips: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def prompt(self, question: str) -> str:
-        return render_prompt(self.tokenizer, question, self.cfg.system_prompt_text(), self.cfg.response_prefix,
-                             self.cfg.example())
+    def prompt(self, problem: Problem | str) -> str:
+        """The prompt text of a problem (or a bare question), as training, evaluation, ask and serve render it."""
+        problem = Problem(problem, "") if isinstance(problem, str) else problem
+        return render_problem(self.tokenizer, problem, self.cfg.system_prompt_text(), self.cfg.response_prefix,
+                              self.cfg.example())
 
     def update_plan(self, step: int) -> "UpdatePlan":
         return UpdatePlan(micro_batch_size=self.cfg.train_batch_size,
                           accumulation=self.layout.gradient_accumulation_steps, epochs=self.cfg.epochs_per_step,
                           world_size=self.world, max_new_tokens=self.cfg.max_new_tokens,
                           temperature=self.cfg.temperature, group_size=self.cfg.group_size,
-                          shuffle_seed=(self.cfg.seed, step, self.rank))
+                          shuffle_seed=(self.cfg.seed, step, self.rank),
+                          correction=((self.cfg.importance_sampling_mode, self.cfg.importance_sampling_clip_min,
+                                       self.cfg.importance_sampling_clip_max)
+                                      if self.cfg.importance_sampling_correction else None))
 
     def save(self, step: int) -> None:
         state = {"step": step, "sampler": self.sampler.state_dict(), "consecutive_skips": self.consecutive_skips,
@@ -198,12 +211,23 @@ def setup(cfg: Config) -> Run:
     layout = validate(cfg, world)
     ds_config, precision = distributed.build_ds_config(distributed.load_ds_json(cfg.ds_config), cfg, layout,
                                                        distributed.on_gpu())
-    rewards = parse_reward(cfg.reward)
+    remote = None
+    if cfg.reward_url:  # a dead or slow scorer is refused now, not at the first step
+        remote = RemoteReward(cfg.reward_url, cfg.reward_url_timeout, cfg.reward_url_retries)
+        remote.check()
+    if cfg.reward_model:  # the checkpoint's head, read from its config alone
+        check_reward_model(cfg.reward_model)
+    rewards = parse_reward(cfg.reward, {"remote": remote, "model": _reward_model_pending})
+    columns = dict(prompt_column=cfg.prompt_column, answer_column=cfg.answer_column)
     problems = load_problems(cfg.dataset, "train", num_problems=cfg.num_problems, difficulty=cfg.difficulty,
-                             seed=cfg.seed, bad_answers=cfg.bad_answers)
+                             seed=cfg.seed, bad_answers=cfg.bad_answers, **columns)
+    check_reward_columns(rewards, problems, cfg.dataset)
     eval_problems = (load_problems(cfg.eval_dataset or cfg.dataset, "test", num_problems=cfg.eval_limit,
-                                   difficulty=cfg.difficulty, seed=cfg.seed, bad_answers=cfg.bad_answers)
+                                   difficulty=cfg.difficulty, seed=cfg.seed, bad_answers=cfg.bad_answers, **columns)
                      if cfg.eval_steps else [])
+    if cfg.example() is not None and any(p.messages for p in problems):
+        log.warning("--example_question: the dataset's prompts are chat conversations, rendered as written; the "
+                    "worked example (and --system_prompt) apply to question strings only")
     resume_path = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from)
     resume_state = None
     if resume_path is not None:
@@ -240,6 +264,11 @@ def setup(cfg: Config) -> Run:
               eval_problems=eval_problems, logger=None, output_dir=output_dir,
               export_dtype={"auto": dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype])
     run.engine = rollout_engine(cfg, policy)
+    if cfg.reward_model:  # partitioned over the ranks like the reference (ZeRO-3), offloaded on request
+        scorer = RewardModel(cfg.reward_model,
+                             distributed.reward_model_ds_config(ds_config, cfg.reward_model_offload),
+                             micro_batch_size=cfg.train_batch_size)
+        run.rewards = [dataclasses.replace(t, fn=scorer) if t.name == "model" else t for t in run.rewards]
     if resume_path is not None:
         state = checkpoint.load(policy, resume_path)
         _warn_config_changes(state["config"], cfg)
@@ -250,6 +279,22 @@ def setup(cfg: Config) -> Run:
     run.logger = MetricsLogger(cfg.output_dir, rank, cfg.max_steps, monitor=policy.monitor,
                                first_step=run.start_step + 1)
     return run
+
+
+def _reward_model_pending(prompts, completions, **kwargs):
+    """Stands for the 'model' term until setup() has loaded the reward model."""
+    raise AssertionError("the reward model is scored before it was loaded")
+
+
+def check_reward_columns(rewards: list, problems: list[Problem], dataset: str) -> None:
+    """Refuse a TRL-style reward whose required arguments no dataset column fills (TRL's accuracy_reward needs
+    `solution`), before any model loads."""
+    have = set(problems[0].columns) if problems else set()
+    for term in rewards:
+        missing = [name for name in required_columns(term) if name not in have]
+        if missing:
+            raise ValueError(f"--reward {term.name}: needs the dataset column '{missing[0]}', which --dataset "
+                             f"{dataset} does not have (its columns: {', '.join(sorted(have)) or 'none'})")
 
 
 def rollout_engine(cfg: Config, policy) -> Optional[StaticDecoder]:
@@ -332,6 +377,29 @@ class Groups:
     drawn: dict
     seconds: float
     rounds: int = 1
+    extra_columns: dict = field(default_factory=dict)  # what reward functions logged per completion (log_extra)
+
+
+class RewardReports:
+    """What TRL passes a batched reward besides the data, for one scoring call: `trainer_state` (a transformers
+    TrainerState whose global_step counts the GRPO steps done, max_steps the run's), `log_metric(name, value)`
+    (averaged over the step's calls and ranks, logged under its name) and `log_extra(column, values)` (a value per
+    completion, shown in completions.jsonl)."""
+
+    def __init__(self):
+        self.metrics: dict[str, list[float]] = {}
+        self.columns: dict[str, list] = {}
+
+    def extras(self, step: int, max_steps: int) -> dict:
+        from transformers import TrainerState
+
+        return {"trainer_state": TrainerState(global_step=step - 1, max_steps=max_steps),
+                "log_metric": lambda name, value: self.metrics.setdefault(str(name), []).append(float(value)),
+                "log_extra": lambda column, values: self.columns.setdefault(str(column), []).extend(values)}
+
+    def metric_sums(self) -> dict:
+        return {f"logged/{name}_{part}": float(sum(values) if part == "sum" else len(values))
+                for name, values in self.metrics.items() for part in ("sum", "count")}
 
 
 def rollout(run: Run, step: int, stop: StopSignal) -> Groups:
@@ -375,7 +443,7 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
     run.policy.eval()
     t0 = time.perf_counter()
     with distributed.gathered_for_generation(run.policy, cfg.zero3_gather_for_generation):
-        result = generate(run.policy.module, run.tokenizer, [run.prompt(p.question) for p in problems_B],
+        result = generate(run.policy.module, run.tokenizer, [run.prompt(p) for p in problems_B],
                           run.sampling, group_size=G, batch_size=cfg.rollout_batch_size, max_length=cfg.max_length,
                           share_prefill=cfg.share_prefill, should_stop=lambda: stop.received is not None,
                           synced_gpus=distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation,
@@ -385,7 +453,23 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
         run.sampler.load_state_dict(sampler_before)
         run.preempt(stop.received or "a signal on another rank", step - 1)
     texts_N = result.texts(run.tokenizer)
-    rewards, stats = score_completions(texts_N, [p.answer for p in problems_B for _ in range(G)], run.rewards)
+    completion_ids = [row[mask.bool()].tolist() for row, mask in zip(result.completion_ids_NC.cpu(),
+                                                                   result.completion_mask_NC.cpu())]
+    reported, failure = RewardReports(), None
+    try:
+        rewards, stats = score_completions(texts_N, [p for p in problems_B for _ in range(G)], run.rewards,
+                                           completion_ids, reported.extras(step, cfg.max_steps))
+    except RewardAbort as err:  # a remote scorer that stays unreachable: save what we have and stop, all ranks
+        failure = str(err)
+    if cfg.reward_url and distributed.any_rank(failure is not None):
+        run.sampler.load_state_dict(sampler_before)  # this step never happened
+        if step - 1 > run.saved_step:
+            run.save(step - 1)
+        why = next(f for f in distributed.all_gather_objects(failure) if f)  # every rank joins the gather
+        raise RewardAbortedRun(f"{why}; stopped at step {step}, checkpoint "
+                               f"{checkpoint.latest_checkpoint(cfg.output_dir)} (resume with --resume_from latest)")
+    if failure is not None:
+        raise RewardAbortedRun(failure)
     lengths_N = result.completion_mask_NC.sum(dim=1).tolist()
     if cfg.overlong_buffer:
         penalties = overlong_penalties(lengths_N, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
@@ -393,13 +477,16 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
         stats["overlong_penalty"] = sum(penalties) / len(penalties)
     rewards_BG = torch.tensor(rewards, dtype=torch.float32).view(B, G)
     n = float(B * G)
-    drawn = {"completions": n, "groups": float(B), "reward_sum": float(rewards_BG.double().sum()),
-             "reward_sq_sum": float((rewards_BG.double() ** 2).sum()),
+    scored = rewards_BG.double()[~torch.isnan(rewards_BG)]  # NaN: no reward term applied (TRL's None)
+    rates = ("success_rate", "format_rate", "clean_rate", "overlong_penalty")
+    drawn = {"completions": n, "groups": float(B), "scored": float(scored.numel()),
+             "reward_sum": float(scored.sum()), "reward_sq_sum": float((scored ** 2).sum()),
              "zero_std_groups": float(uniform_groups(rewards_BG).sum()), "completion_tokens": float(sum(lengths_N)),
              "truncated": float(result.truncated_N.sum()), "generation_s": seconds,
-             **{name: value * n for name, value in stats.items() if name != "reward_errors"},
-             "reward_errors": float(stats["reward_errors"])}
-    return Groups(problems_B, result, texts_N, rewards_BG, drawn, seconds)
+             **{name: value * n for name, value in stats.items() if name in rates},
+             **{name: float(value) for name, value in stats.items() if name.startswith("reward/")},
+             **reported.metric_sums(), "reward_errors": float(stats["reward_errors"])}
+    return Groups(problems_B, result, texts_N, rewards_BG, drawn, seconds, extra_columns=reported.columns)
 
 
 def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) -> Groups:
@@ -411,7 +498,7 @@ def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) 
     widths = [(batch.rollout.sequences_NT.shape[1] - batch.rollout.completion_mask_NC.shape[1],
                batch.rollout.completion_mask_NC.shape[1]) for batch, _ in chosen]
     P, C = max(p for p, _ in widths), max(c for _, c in widths)
-    sequences, attention, masks, truncated = [], [], [], []
+    sequences, attention, masks, truncated, sampled = [], [], [], [], []
     for (batch, b), (p, c) in zip(chosen, widths):
         rows = slice(b * G, (b + 1) * G)
         seq, att = batch.rollout.sequences_NT[rows].cpu(), batch.rollout.attention_mask_NT[rows].cpu()
@@ -421,7 +508,10 @@ def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) 
         attention.append(pad(att, P - p, C - c, 0))
         masks.append(pad(mask, 0, C - c, 0))
         truncated.append(batch.rollout.truncated_N[rows].cpu())
-    rollout_ = Rollout(torch.cat(sequences), torch.cat(attention), torch.cat(masks), torch.cat(truncated))
+        if batch.rollout.sampler_logprobs_NC is not None:
+            sampled.append(pad(batch.rollout.sampler_logprobs_NC[rows].cpu(), 0, C - c, 0.0))
+    rollout_ = Rollout(torch.cat(sequences), torch.cat(attention), torch.cat(masks), torch.cat(truncated),
+                       torch.cat(sampled) if len(sampled) == len(chosen) else None)
     return Groups([batch.problems_B[b] for batch, b in chosen], rollout_,
                   [t for batch, b in chosen for t in batch.texts_N[b * G:(b + 1) * G]],
                   torch.stack([batch.rewards_BG[b] for batch, b in chosen]), {}, 0.0)
@@ -444,7 +534,9 @@ def make_experience(run: Run, groups: Groups) -> tuple[Experience, dict]:
     cfg, rollout_ = run.cfg, groups.rollout
     rewards_BG = groups.rewards_BG
     experience = Experience(rollout_.sequences_NT.cpu(), rollout_.attention_mask_NT.cpu(),
-                            rollout_.completion_mask_NC.cpu(), rewards_BG.flatten(), torch.zeros(rewards_BG.numel()))
+                            rollout_.completion_mask_NC.cpu(), rewards_BG.flatten(), torch.zeros(rewards_BG.numel()),
+                            sampler_logprobs_NC=(None if rollout_.sampler_logprobs_NC is None
+                                                 else rollout_.sampler_logprobs_NC.cpu()))
     timings = {"reference_s": 0.0, "old_logprobs_s": 0.0}
     if cfg.kl_in_reward:
         experience.ref_logprobs_NC, experience.old_logprobs_NC = logprob_passes(run, experience, timings, old=True)
@@ -452,8 +544,11 @@ def make_experience(run: Run, groups: Groups) -> tuple[Experience, dict]:
                 * experience.completion_mask_NC).sum(dim=1)
         groups.drawn["kl_reward"] = float(-cfg.kl_weight * kl_N.sum())
         rewards_BG = rewards_BG - cfg.kl_weight * kl_N.view_as(rewards_BG)
-    batch_std = (float(distributed.all_gather_cat(rewards_BG.flatten().to(run.policy.device)).std())
-                 if cfg.scale_rewards == "batch" else None)
+    if cfg.scale_rewards == "batch":  # over every scorable reward of the step, on all ranks
+        every = distributed.all_gather_cat(rewards_BG.flatten().to(run.policy.device))
+        batch_std = float(every[~torch.isnan(every)].std())
+    else:
+        batch_std = None
     experience.advantages_N = group_advantages(rewards_BG, cfg.scale_rewards, batch_std).flatten()
     experience.has_signal = distributed.any_rank(bool(experience.advantages_N.any()))
     if experience.has_signal and not cfg.kl_in_reward:
@@ -465,8 +560,11 @@ def make_experience(run: Run, groups: Groups) -> tuple[Experience, dict]:
 
 
 def logprob_passes(run: Run, experience: Experience, timings: dict, old: bool):
-    """(reference log-probs or None, old log-probs or None), timed."""
+    """(reference log-probs or None, old log-probs or None), timed. With --sampler_logprobs_as_old the old
+    log-probs are the ones the rollout engine recorded, and the second pass is skipped."""
     cfg, mb = run.cfg, run.cfg.train_batch_size
+    if old and cfg.sampler_logprobs_as_old and experience.sampler_logprobs_NC is not None:
+        return logprob_passes(run, experience, timings, old=False)[0], experience.sampler_logprobs_NC
     t0 = time.perf_counter()
     ref = None
     if run.reference is not None:
@@ -514,6 +612,7 @@ class UpdatePlan:
     temperature: float
     group_size: int  # whole groups are shuffled together, so a micro-batch holds whole prompts
     shuffle_seed: Optional[tuple] = None  # None: the stored order (tests)
+    correction: Optional[tuple] = None  # (mode, clip_min, clip_max) of the sampling correction; None: off
 
 
 @dataclass
@@ -528,6 +627,31 @@ class UpdateStats:
     grad_norms: list = field(default_factory=list)  # one per finite optimizer step (the global norm)
     finite_steps: list = field(default_factory=list)  # one bool per optimizer step
     nonfinite_losses: list = field(default_factory=list)  # where a micro-batch's loss was not finite
+    # sampler vs trainer log-probs, over the first epoch's tokens (the trainer's: the old log-probs)
+    sampling_diff_sum: float = 0.0
+    sampling_diff_max: float = 0.0
+    sampling_tokens: float = 0.0
+    sampling_ratio_sum: float = 0.0
+    sampling_ratio_count: float = 0.0
+    sampling_ratio_min: float = math.inf
+    sampling_ratio_max: float = 0.0
+
+    def record_mismatch(self, old_NC: torch.Tensor, sampler_NC: torch.Tensor, mask_NC: torch.Tensor,
+                        weights: Optional[torch.Tensor]) -> None:
+        """TRL's sampling metrics: |old - sampler| per token, and the importance ratio (the correction's weights
+        when it is on, per token or per sequence; else the raw per-token ratio exp(old - sampler))."""
+        keep = mask_NC.bool()
+        diff = (old_NC - sampler_NC).abs()[keep].float()
+        ratio = (torch.exp(old_NC - sampler_NC)[keep] if weights is None
+                 else weights.flatten() if weights.shape[1] == 1 else weights[keep]).float()
+        self.sampling_diff_sum += float(diff.sum())
+        self.sampling_tokens += float(diff.numel())
+        self.sampling_diff_max = max(self.sampling_diff_max, float(diff.max()) if diff.numel() else 0.0)
+        if ratio.numel():
+            self.sampling_ratio_sum += float(ratio.sum())
+            self.sampling_ratio_count += float(ratio.numel())
+            self.sampling_ratio_min = min(self.sampling_ratio_min, float(ratio.min()))
+            self.sampling_ratio_max = max(self.sampling_ratio_max, float(ratio.max()))
 
 
 def update(policy, experience: Experience, loss_fn: GRPOLoss, plan: UpdatePlan) -> UpdateStats:
@@ -565,8 +689,15 @@ def update(policy, experience: Experience, loss_fn: GRPOLoss, plan: UpdatePlan) 
                     tokens.unsqueeze(0), torch.ones_like(tokens.unsqueeze(0)), loss_fn.top_entropy_quantile))
             old_NC = logprobs_NC.detach() if batch.old_logprobs_NC is None else batch.old_logprobs_NC.to(device)
             ref_NC = None if batch.ref_logprobs_NC is None else batch.ref_logprobs_NC.to(device)
+            weights = None
+            if batch.sampler_logprobs_NC is not None:
+                sampler_NC = batch.sampler_logprobs_NC.to(device)
+                if plan.correction is not None:
+                    weights = sampling_correction(old_NC, sampler_NC, mask_NC, *plan.correction)
+                if epoch == 0:
+                    stats.record_mismatch(old_NC, sampler_NC, mask_NC, weights)
             loss, metrics = loss_fn(logprobs_NC, old_NC, ref_NC, batch.advantages_N.to(device), mask_NC, totals,
-                                    entropies_NC=entropies_NC)
+                                    entropies_NC=entropies_NC, sampling_weights_NC=weights)
             finite = bool(torch.isfinite(loss))
             if not finite:
                 stats.nonfinite_losses.append(f"rank {torch.distributed.get_rank()} epoch {epoch} micro-batch {i}")
@@ -597,14 +728,24 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
     monitors; sample completions; evaluation on the held-out split when due. Rewards and rates describe every
     completion the rollout drew (with dynamic sampling, more than were trained on); the loss, KL, clipping and
     entropy describe the update."""
+    drawn = dict(groups.drawn)
+    if any(term.batched for term in run.rewards):  # log_metric names may differ by rank: sum over their union
+        for name in set().union(*distributed.all_gather_objects([k for k in drawn if k.startswith("logged/")])):
+            drawn.setdefault(name, 0.0)
     total = distributed.all_reduce_dict({
-        **groups.drawn, "loss": stats.loss, "kl_sum": stats.kl_sum, "clipped_tokens": stats.clipped_tokens,
+        **drawn, "loss": stats.loss, "kl_sum": stats.kl_sum, "clipped_tokens": stats.clipped_tokens,
         "num_tokens": stats.num_tokens, "entropy_sum": stats.entropy_sum,
         "skipped_steps": float(stats.finite_steps.count(False)), "grad_norm_sum": sum(stats.grad_norms),
         "grad_norm_count": float(len(stats.grad_norms)),
+        "sampling_diff_sum": stats.sampling_diff_sum, "sampling_tokens": stats.sampling_tokens,
+        "sampling_ratio_sum": stats.sampling_ratio_sum, "sampling_ratio_count": stats.sampling_ratio_count,
     })
+    extremes = distributed.all_reduce_max_dict({"diff_max": stats.sampling_diff_max,
+                                                "ratio_max": stats.sampling_ratio_max,
+                                                "ratio_min_negated": -stats.sampling_ratio_min})
     tokens, n, world = total["num_tokens"], total["completions"], run.world
-    reward_mean = total["reward_sum"] / n
+    scored = total["scored"]
+    reward_mean = total["reward_sum"] / scored if scored else None
     measured = bool(tokens)  # None (null in metrics.jsonl): no update this step, so nothing was measured
     metrics = {
         "loss": total["loss"] / run.layout.optimizer_steps_per_step,
@@ -614,11 +755,13 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
         "grad_norm": total["grad_norm_sum"] / total["grad_norm_count"] if total["grad_norm_count"] else None,
         "skipped_steps": int(total["skipped_steps"] / world),
         "reward_mean": reward_mean,
-        "reward_std": max(total["reward_sq_sum"] / n - reward_mean ** 2, 0.0) ** 0.5,
+        "reward_std": max(total["reward_sq_sum"] / scored - reward_mean ** 2, 0.0) ** 0.5 if scored else None,
         "success_rate": total["success_rate"] / n,
         "format_rate": total["format_rate"] / n,
         "clean_rate": total["clean_rate"] / n,
-        **{name: total[name] / n for name in sorted(total) if name.startswith("reward/")},
+        # each term's mean over the completions it applies to (a TRL reward's None does not count), as TRL logs it
+        **{name[:-4]: total[name] / total[name[:-4] + "_count"] if total[name[:-4] + "_count"] else None
+           for name in sorted(total) if name.startswith(("reward/", "logged/")) and name.endswith("_sum")},
         **({"overlong_penalty": total["overlong_penalty"] / n} if "overlong_penalty" in total else {}),
         **({"kl_reward": total["kl_reward"] / n} if "kl_reward" in total else {}),
         "reward_errors": int(total["reward_errors"]),
@@ -633,6 +776,13 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
         "step_s": step_s,
         "rollout_tokens_per_s": total["completion_tokens"] / max(total["generation_s"] / world, 1e-9),
     }
+    if total["sampling_tokens"]:  # sampler vs trainer, named as TRL logs them
+        metrics.update({"sampling/sampling_logp_difference/mean": total["sampling_diff_sum"] / total["sampling_tokens"],
+                        "sampling/sampling_logp_difference/max": extremes["diff_max"],
+                        "sampling/importance_sampling_ratio/min": -extremes["ratio_min_negated"],
+                        "sampling/importance_sampling_ratio/mean": total["sampling_ratio_sum"]
+                        / total["sampling_ratio_count"],
+                        "sampling/importance_sampling_ratio/max": extremes["ratio_max"]})
     if run.cfg.dynamic_sampling:
         metrics.update(groups_drawn=int(total["groups"]), groups_kept=int(total["groups_kept"]),
                        sampling_rounds=groups.rounds)
@@ -645,9 +795,13 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
     run.logger.log(step, metrics)
     if run.cfg.log_completions_steps and (step == 1 or step % run.cfg.log_completions_steps == 0):
         problem = groups.problems_B[0]
-        run.logger.completions(step, [{"question": problem.question, "gold": problem.answer,
-                                       "completion": groups.texts_N[i], "reward": float(groups.rewards_BG[0, i])}
-                                      for i in range(min(NUM_LOGGED_COMPLETIONS, run.cfg.group_size))])
+        rows = []
+        for i in range(min(NUM_LOGGED_COMPLETIONS, run.cfg.group_size)):
+            reward = float(groups.rewards_BG[0, i])
+            rows.append({"question": problem.question, "gold": problem.answer, "completion": groups.texts_N[i],
+                         "reward": None if math.isnan(reward) else reward,
+                         **{column: values[i] for column, values in groups.extra_columns.items() if i < len(values)}})
+        run.logger.completions(step, rows)
     return metrics
 
 

@@ -30,9 +30,13 @@ def parser() -> argparse.ArgumentParser:
         "summary.json to --output_dir and prints a table."))
     p.add_argument("model", nargs="?", help="Hub id, Hugging Face folder, a training run's output folder (its "
                                             "final/), DeepSpeed checkpoint, .gguf file or 'embedded'.")
-    p.add_argument("--data", default=None, help="'openai/gsm8k' (hub), a local .jsonl/.json/.parquet file with "
-                   "question/answer fields, or 'arithmetic' (default: a training run's own held-out problems, "
+    p.add_argument("--data", default=None, help="A hub dataset id ('openai/gsm8k'), a local .jsonl/.json/.parquet "
+                   "file, or 'arithmetic' (default: a training run's own held-out problems, "
                    f"else {DEFAULT_DATA}).")
+    p.add_argument("--prompt_column", default=None, help="The column holding each prompt, a string or chat messages "
+                   "(default: a training run's, else the first of prompt, question, problem).")
+    p.add_argument("--answer_column", default=None, help="The column holding each gold answer (default: a training "
+                   "run's, else the first of answer, solution, ground_truth).")
     p.add_argument("--split", default="test", help="Split for hub datasets and 'arithmetic'.")
     p.add_argument("--limit", type=int, default=None, help="Evaluate only the first N problems.")
     p.add_argument("--max_new_tokens", type=int, default=None,
@@ -52,9 +56,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
     p.add_argument("--difficulty", type=int, default=None,
                    help="Difficulty of --data arithmetic (default: a training run's, else 2).")
-    p.add_argument("--scorer", default="numeric", choices=["numeric", "math_verify"],
-                   help="How answers are compared: 'numeric' (the rewards' number extractor) or 'math_verify' "
-                        "(expressions, fractions, LaTeX; needs the math-verify package).")
+    p.add_argument("--scorer", default=None, choices=["auto", "numeric", "math_verify"],
+                   help="How answers are compared: 'auto' (as the training rewards do: numbers for numeric golds, "
+                        "math-verify for any other), 'numeric' (numbers only) or 'math_verify' (math-verify for "
+                        "every gold) (default: 'math_verify' for a run trained with --reward math_verify, else "
+                        "'auto').")
     p.add_argument("--like", default=None, metavar="RUN",
                    help="Ask as the training run RUN was trained (its system prompt, response prefix, data and "
                         "budget) whatever MODEL is: to evaluate a base model exactly as its trained run.")
@@ -75,6 +81,12 @@ def fill_defaults(args) -> None:
                      or DEFAULT_DATA)
     if args.difficulty is None:
         args.difficulty = trained.get("difficulty", 2)
+    if args.data == trained.get("eval_dataset") or args.data == trained.get("dataset"):  # the run's own columns
+        args.prompt_column = args.prompt_column or trained.get("prompt_column")
+        args.answer_column = args.answer_column or trained.get("answer_column")
+    if args.scorer is None:
+        terms = [t.strip().split(":")[0] for t in str(trained.get("reward", "")).split(",")]
+        args.scorer = "math_verify" if "math_verify" in terms else "auto"
     if args.max_new_tokens is None:
         args.max_new_tokens = trained.get("eval_max_new_tokens") or trained.get("max_new_tokens") or 512
     if args.temperature is None:
@@ -95,7 +107,8 @@ def evaluate_args(args) -> tuple[dict, list[dict]]:
     check_args(args)
     settings = {"data": args.data, "split": args.split, "limit": args.limit}
     if args.score_gold:
-        solutions, problems = gold_solutions(args.data, args.split, args.limit)
+        solutions, problems = gold_solutions(args.data, args.split, args.limit, prompt_column=args.prompt_column,
+                                             answer_column=args.answer_column)
         rows = score_texts(solutions, problems, args.scorer)
         for i, row in enumerate(rows):
             row.update(index=i, sample=0)
@@ -105,7 +118,8 @@ def evaluate_args(args) -> tuple[dict, list[dict]]:
         "prompt from %s: system prompt %s, response prefix %r, worked example %s", fmt.source,
         "none" if fmt.system_prompt is None else f"{fmt.system_prompt[:40]!r}...", fmt.response_prefix,
         "none" if fmt.example is None else f"{fmt.example[0][:40]!r}...")
-    problems = load_problems(args.data, args.split, num_problems=args.limit, difficulty=args.difficulty)
+    problems = load_problems(args.data, args.split, num_problems=args.limit, difficulty=args.difficulty,
+                             prompt_column=args.prompt_column, answer_column=args.answer_column)
     model, tokenizer = load(args.model, args.dtype)
     summary, rows = evaluate(model, tokenizer, problems, max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size, num_samples=args.num_samples, temperature=args.temperature,

@@ -5,12 +5,14 @@
     python scripts/plan_memory.py --model qwen2.5-32b --num_gpus 8 --zero 3 --offload
     python scripts/plan_memory.py --model embedded --num_gpus 2 --zero 2 --precision fp32 --cpu   # 2 CPU ranks
     python scripts/plan_memory.py --model qwen2.5-7b --num_gpus 8 --zero 2 --lora_r 16             # LoRA
+    python scripts/plan_memory.py --model qwen2.5-7b --num_gpus 8 --zero 3 --reward_model qwen2.5-1.5b  # an RM
 
 The device table is per GPU; the host table is the host memory each rank needs beyond it (offloaded optimizer and
 parameters, the process). With --cpu (a CPU-only host, where the device is the host) the two add up.
 
---model takes a config.json, a model folder, 'embedded', a hub id (needs the hub), or one of the built-in
-architectures below (their published config.json numbers), so the planner works offline.
+--model and --reward_model take a config.json, a model folder, 'embedded', a hub id (needs the hub), or one of the
+built-in architectures below (their published config.json numbers), so the planner works offline. A reward model is
+counted as that decoder with a one-output score head instead of the LM head.
 """
 
 import argparse
@@ -34,7 +36,7 @@ def model_shape(spec: str) -> ModelShape:
     return ModelShape.from_config(AutoConfig.from_pretrained(resolve_model(spec)))
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help=f"config.json, folder, hub id, 'embedded' or one of "
                                                        f"{', '.join(ARCHITECTURES)}")
@@ -55,15 +57,26 @@ def main() -> int:
     parser.add_argument("--rollout_engine", choices=("hf", "compiled"), default="hf",
                         help="the trainer's --rollout_engine; on GPUs its 'auto' picks compiled, whose static KV "
                              "cache stays allocated through training (default hf: Hugging Face generate)")
+    parser.add_argument("--reward_model", default=None,
+                        help="the reward model's config.json, folder, hub id or built-in architecture (a sequence "
+                             "classifier, partitioned like the reference)")
+    parser.add_argument("--reward_model_offload", action="store_true", help="the reward model in CPU memory")
+    parser.add_argument("--reward_batch_size", type=int, default=0,
+                        help="texts per reward-model forward (default: --train_batch_size)")
     for flag, default in (("rollouts_per_step", 32), ("group_size", 12), ("prompt_tokens", 256),
                           ("max_new_tokens", 512), ("train_batch_size", 16), ("rollout_batch_size", 0)):
         parser.add_argument(f"--{flag}", type=int, default=default, help=f"as the trainer's flag (default {default})")
-    args = parser.parse_args()
-    try:
-        shape = model_shape(args.model)
-    except (OSError, ValueError) as err:
-        print(f"error: --model {args.model!r}: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    shapes = {}
+    for flag, spec in (("--model", args.model), ("--reward_model", args.reward_model)):
+        try:
+            shapes[flag] = model_shape(spec) if spec else None
+        except (OSError, ValueError) as err:
+            first = str(err).splitlines()[0]
+            first = first.split(": ", 1)[-1] if first.startswith("--model ") else first  # resolve_model's flag
+            print(f"error: {flag} {spec!r}: {first}", file=sys.stderr)
+            return 2
+    shape = shapes["--model"]
     run = RunShape(num_devices=args.num_gpus, zero_stage=args.zero, offload=args.offload, precision=args.precision,
                    reference=not args.no_reference, reference_offload=args.reference_offload,
                    reference_partitioned=not args.replicated_reference,
@@ -72,7 +85,8 @@ def main() -> int:
                    train_batch_size=args.train_batch_size, rollout_batch_size=args.rollout_batch_size,
                    gradient_checkpointing=not args.no_gradient_checkpointing,
                    gather_for_generation=not args.no_gather_for_generation, lora_r=args.lora_r,
-                   rollout_engine=args.rollout_engine)
+                   rollout_engine=args.rollout_engine, reward_model=shapes["--reward_model"],
+                   reward_model_offload=args.reward_model_offload, reward_batch_size=args.reward_batch_size)
     print(report(shape, run, args.gpu_gib, cpu_only=args.cpu))
     return 0
 

@@ -11,12 +11,14 @@ answers open with its response prefix (both from its config.json; the flags over
 
 import argparse
 import logging
+import os
 import sys
 
 import torch
 
 from grpo_ds.inference import load, prompt_format
-from grpo_ds.serve import Server, create_app
+from grpo_ds.serve import (API_KEY_ENV, MAX_BODY_BYTES, MAX_TOKENS_LIMIT, Server, check_limits, create_app,
+                           exposure_warning)
 
 log = logging.getLogger("grpo_ds.serve")
 
@@ -36,7 +38,13 @@ def parser() -> argparse.ArgumentParser:
                    "(the training default), 'none' or the text (default: the training run's, else 'default').")
     p.add_argument("--response_prefix", default=None, help="Text every answer starts with, written by the server "
                    "and returned as part of the answer (default: the training run's, else none).")
-    p.add_argument("--max_queue", type=int, default=256, help="Queued requests beyond which new ones get a 503.")
+    p.add_argument("--max_queue", type=int, default=256, help="Requests that may wait for the model; one more "
+                   "gets a 503 at once (at most --max_batch_size completions generate at a time).")
+    p.add_argument("--api_key", default=None, help=f"Key every request but /health must send ('Authorization: "
+                   f"Bearer KEY'; else 401). Default: ${API_KEY_ENV}, which keeps it out of process listings.")
+    p.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES, help="Largest request body (else 413).")
+    p.add_argument("--max_tokens_limit", type=int, default=MAX_TOKENS_LIMIT,
+                   help="Most completion tokens a request may ask for (else 400).")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
     p.add_argument("--seed", type=int, default=0, help="Seed for sampling.")
     return p
@@ -47,20 +55,29 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[serve] %(asctime)s %(message)s")
+    if args.api_key is not None:
+        log.warning("--api_key on the command line is visible to other users in process listings; $%s is not",
+                    API_KEY_ENV)
+    api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     try:
         if args.max_batch_size < 1 or args.max_tokens < 1 or args.max_queue < 1 or args.batch_wait_ms < 0:
             raise ValueError("--max_batch_size, --max_tokens, --max_queue: expected positive; --batch_wait_ms >= 0")
+        check_limits(api_key, args.max_body_bytes, args.max_tokens_limit, args.max_tokens)
         fmt = prompt_format(args.model, args.system_prompt, args.response_prefix)
         torch.manual_seed(args.seed)
         model, tokenizer = load(args.model, args.dtype)
         server = Server(model, tokenizer, args.served_model_name or args.model, max_batch_size=args.max_batch_size,
                         batch_wait_ms=args.batch_wait_ms, default_max_tokens=args.max_tokens, prompt_format=fmt,
-                        max_queue=args.max_queue)
+                        max_queue=args.max_queue, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                        max_tokens_limit=args.max_tokens_limit)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    log.info("serving %s (context %d tokens) on http://%s:%d; prompt from %s", server.name, server.context,
-             args.host, args.port, fmt.source)
+    log.info("serving %s (context %d tokens) on http://%s:%d; prompt from %s; API key %s", server.name,
+             server.context, args.host, args.port, fmt.source, "required" if api_key else "none")
+    warning = exposure_warning(args.host, args.port, api_key)
+    if warning:
+        log.warning("WARNING: %s", warning)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
 

@@ -9,6 +9,8 @@ GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
 - disk_full_save2: the second checkpoint's writes fail with ENOSPC
 - kill_in_save2:   the process is SIGKILLed in the middle of writing the second checkpoint
 - sigterm_mid_step3: rank 0 receives SIGTERM while step 3 generates (a preemption in the middle of a step)
+- trainer_temperature_1: the update scores log-probs at temperature 1 whatever --temperature says (a sampler/trainer
+  mismatch, the bug the sampling/* metrics exist to show)
 """
 
 import errno
@@ -33,6 +35,11 @@ FAULT = os.environ.get("GRPO_DS_TEST_FAULT", "")
 
 
 def inject_faults(current_step: list) -> None:
+    if FAULT == "trainer_temperature_1":
+        import dataclasses
+
+        real_plan = trainer.Run.update_plan
+        trainer.Run.update_plan = lambda self, step: dataclasses.replace(real_plan(self, step), temperature=1.0)
     if FAULT == "sigterm_mid_step3":
         real_generate = trainer.generate
 

@@ -183,12 +183,17 @@ def test_load_jsonl_json_parquet(tmp_path):
 
 @pytest.mark.parametrize("lines,message", [
     ([ROWS[0], ROWS[1], "not json"], ":3: malformed JSON (Expecting value)"),
-    ([ROWS[0], {"answer": "#### 1"}], ":2: row has no 'question' field"),
-    ([{"question": "q"}], ":1: row has no 'answer' field"),
-    ([{"question": 5, "answer": "#### 1"}], ":1: field 'question' is not a string"),
-    ([{"question": "q", "answer": ["#### 1"]}], ":1: field 'answer' is not a string"),
+    ([ROWS[0], {"answer": "#### 1"}], ":2: none of the columns prompt, question, problem; name the one to use with "
+                                      "--prompt_column (the row has answer)"),
+    ([{"question": "q"}], ":1: none of the columns answer, solution, ground_truth; name the one to use with "
+                          "--answer_column (the row has question)"),
+    ([{"question": 5, "answer": "#### 1"}], ":1: column 'question' is neither a string nor a list of chat messages"),
+    ([{"question": "q", "answer": ["#### 1", "#### 2"]}], ":1: column 'answer' holds no readable gold answer (a "
+                                                         "number, '#### x', \\boxed{x} or a short answer): "
+                                                         "\"['#### 1', '#### 2']\""),
     ([ROWS[0], "", ROWS[1], ROWS[0], ROWS[0], ROWS[0], {"question": "q", "answer": "It is seventy-two."}],
-     ":7: answer has no parsable final number ('#### n'): 'It is seventy-two.'"),
+     ":7: column 'answer' holds no readable gold answer (a number, '#### x', \\boxed{x} or a short answer): "
+     "'It is seventy-two.'"),
 ])
 def test_jsonl_errors_name_file_and_line(tmp_path, lines, message):
     path = write_jsonl(tmp_path / "x.jsonl", lines)
@@ -201,7 +206,8 @@ def test_bad_answer_is_cut_to_60_chars(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "word " * 40}])
     with pytest.raises(ValueError) as excinfo:
         load_problems(path, bad_answers="error")
-    assert str(excinfo.value) == f"{path}:1: answer has no parsable final number ('#### n'): {('word ' * 12)!r}"
+    assert str(excinfo.value) == (f"{path}:1: column 'answer' holds no readable gold answer (a number, '#### x', "
+                                  f"\\boxed{{x}} or a short answer): {('word ' * 12)!r}")
 
 
 def test_skip_bad_answers_logs_count(tmp_path, caplog):
@@ -210,11 +216,14 @@ def test_skip_bad_answers_logs_count(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="grpo_ds.data"):
         assert load_problems(path) == [EXPECTED[0]]
     warnings = [r for r in caplog.records if r.name == "grpo_ds.data"]
-    assert len(warnings) == 1 and "skipped 2 rows" in warnings[0].getMessage()
+    assert len(warnings) == 1
+    assert warnings[0].getMessage() == (f"{path}: skipped 2 of 3 rows whose gold answer cannot be read (first "
+                                        f"{path}:1: '#### n/a'); --bad_answers error stops instead")
     only_bad = write_jsonl(tmp_path / "bad.jsonl", [bad, bad])
     with pytest.raises(ValueError) as excinfo:
         load_problems(only_bad, bad_answers="skip")
-    assert str(excinfo.value) == f"{only_bad}: no usable rows (2 skipped without a parsable answer)"
+    assert str(excinfo.value) == (f"{only_bad}: no usable rows (2 without a readable gold answer; first "
+                                  f"{only_bad}:1: '#### n/a')")
 
 
 def test_file_level_errors(tmp_path):
@@ -243,7 +252,8 @@ def test_json_rows_are_named_by_row_number(tmp_path):
     path.write_text(json.dumps({"data": [ROWS[0], {"question": "q"}]}))
     with pytest.raises(ValueError) as excinfo:
         load_problems(str(path))
-    assert str(excinfo.value) == f"{path} (row 2): row has no 'answer' field"
+    assert str(excinfo.value) == (f"{path} (row 2): none of the columns answer, solution, ground_truth; name the one "
+                                  f"to use with --answer_column (the row has question)")
 
 
 def test_hub_failure_is_one_line_and_offline(monkeypatch):

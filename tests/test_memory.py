@@ -2,7 +2,8 @@
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo_ds.memory import GIB, ModelShape, RunShape, architecture, decode_bound, estimate, qwen2_config_dict
+from grpo_ds.memory import (GIB, ModelShape, RunShape, architecture, decode_bound, estimate, host_estimate,
+                            qwen2_config_dict)
 
 
 def test_parameter_count_matches_a_real_model():
@@ -151,7 +152,7 @@ def test_the_static_engine_keeps_its_kv_cache_through_training():
     hf = estimate(shape, RunShape(**run))
     static = estimate(shape, RunShape(**run, rollout_engine="compiled"))
     # bf16 K and V: 2 x 2 layers x 2 KV heads x 16 dims x 2 bytes = 256 bytes per token; 4 / 2 ranks x 4 = 8 rows
-    assert hf["static_kv_cache"] == 0 and hf["kv_cache"] == 8 * 16 * 256  # generate's cache, 10 + 6 tokens
+    assert "static_kv_cache" not in hf and hf["kv_cache"] == 8 * 16 * 256  # generate's cache, 10 + 6 tokens
     assert static["static_kv_cache"] == 8 * 16 * 256 == 32768
     assert static["kv_cache"] == 8 * 9 * 256  # the prefill's cache of the prompts less their last token
     # here training is the larger phase (its logits alone: 8 x 7 x 1000 x 2 + 8 x 6 x 1000 x 4 bytes), so the
@@ -160,3 +161,68 @@ def test_the_static_engine_keeps_its_kv_cache_through_training():
     # a rollout batch size bounds the rows generated together, and so the cache
     assert estimate(shape, RunShape(**run, rollout_engine="compiled", rollout_batch_size=4))["static_kv_cache"] \
         == 4 * 16 * 256
+
+
+def test_reward_model_parameters_match_a_real_classifier():
+    from transformers import LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
+    shape = ModelShape.from_config(config)
+    # by hand: attention 16 x 8 x (2x2 + 2x1) = 768, MLP 3 x 16 x 32 = 1536, two norms 32: 2336 a layer, two layers
+    # 4672; embeddings 100 x 16 = 1600; final norm 16; score head 16 x 1: 6304
+    assert shape.classifier_parameters == 6304
+    assert sum(p.numel() for p in LlamaForSequenceClassification(config).parameters()) == 6304
+
+
+def test_reward_model_by_hand():
+    policy = ModelShape(vocab=1000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=4, head_dim=16, tied=True)
+    rm = ModelShape(vocab=100, hidden=16, intermediate=32, layers=2, heads=2, kv_heads=1, head_dim=8, tied=False)
+    R = 6304  # test_reward_model_parameters_match_a_real_classifier
+    common = dict(num_devices=4, zero_stage=3, train_batch_size=2, prompt_tokens=10, max_new_tokens=6)
+    without = estimate(policy, RunShape(**common))
+    with_rm = estimate(policy, RunShape(**common, reward_model=rm))
+    # bf16, partitioned over 4 ranks like the reference: 2 x 6304 / 4 = 3152 bytes held
+    assert with_rm["reward_model"] == 3152
+    # a forward keeps live what ZeRO-3 fetched: the whole 6304 parameters (below stage3_max_live_parameters), less
+    # the partition already held: 12608 - 3152
+    assert with_rm["reward_gathered"] == 9456
+    # one micro-batch of 2 texts x 16 tokens = 32 tokens, 2 bytes, 4 x 16 + 3 x 32 = 160 values a token
+    assert with_rm["reward_activations"] == 32 * 2 * 160 == 10240
+    # the scoring phase (19696 bytes) is smaller than generation and training here: only the held partition adds
+    assert with_rm["total"] - without["total"] == 3152
+    assert "reward_model" not in without and "offloaded_reward_model" not in host_estimate(policy, RunShape(**common))
+
+    # a reward-model micro-batch of 1024 texts: 1024 x 16 x 2 x 160 = 5242880 bytes of activations, more than
+    # generation's 1.39 MB (96 rows' KV cache and logits, the gathered policy): the scoring phase is the peak, the
+    # resident pieces plus 9456 + 5242880
+    big = estimate(policy, RunShape(**common, reward_model=rm, reward_batch_size=1024))
+    assert big["reward_activations"] == 5242880
+    resident = sum(big[k] for k in ("policy_weights", "gradients", "optimizer", "reference", "framework",
+                                    "reward_model"))
+    assert big["total"] == resident + 9456 + 5242880
+
+    # offloaded: nothing held on the device, all 12608 bytes gathered for a forward, 4 x 6304 / 4 on the host
+    off = RunShape(**common, reward_model=rm, reward_model_offload=True)
+    assert estimate(policy, off)["reward_model"] == 0 and estimate(policy, off)["reward_gathered"] == 12608
+    assert host_estimate(policy, off)["offloaded_reward_model"] == 6304
+
+
+def test_plan_memory_counts_a_reward_model_config(tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import load_script
+
+    rm = tmp_path / "rm.json"
+    rm.write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"],
+                              "vocab_size": 100, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "num_key_value_heads": 1}))
+    plan = load_script("plan_memory")
+    assert plan.main(["--model", "qwen2.5-0.5b", "--num_gpus", "4", "--zero", "3", "--reward_model", str(rm)]) == 0
+    out = capsys.readouterr().out
+    assert "reward model 0.00B" in out and "| reward_model | 0.00 |" in out and "| reward_activations |" in out
+    assert plan.main(["--model", "qwen2.5-0.5b", "--reward_model", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --reward_model '{tmp_path / 'none'}': path does not exist"

@@ -259,7 +259,8 @@ def test_weighted_reward_terms_are_summed_and_reported_apart():
     rewards, stats = score_completions(texts, ["72"] * 4, terms)
     # correct: 1, 0, 0, 1; format (clean block): 1, 1, 0, 0 -> 1.2, 0.2, 0, 1.0
     assert rewards == pytest.approx([1.2, 0.2, 0.0, 1.0])
-    assert stats["reward/correct"] == 0.5 and stats["reward/format"] == 0.5  # unweighted means
+    assert stats["reward/correct_sum"] == 2 and stats["reward/format_sum"] == 2  # unweighted sums
+    assert stats["reward/correct_count"] == stats["reward/format_count"] == 4
 
 
 def test_reward_specs_with_modules_and_weights(reward_module):
