@@ -71,8 +71,8 @@ class Config:
                          "expressions, LaTeX), 'correct', 'format' (a clean answer block), 'lenient' (1/0 terms), "
                          "'math_shaped', 'seed' (the tutorial's 1/0.5/0.01) and 'hash' (benchmarks only). Golds that "
                          "are not plain numbers are compared by math-verify in every preset.")
-    reward_model: Optional[str] = _field(None, "A reward model (hub id or folder of an AutoModelForSequenceClassification "
-                                         "with one label), scored on prompt + completion through its own chat "
+    reward_model: Optional[str] = _field(None, "A reward model (hub id or folder of an "
+                                         "AutoModelForSequenceClassification with one label), scored on prompt + completion through its own chat "
                                          "template, partitioned over the ranks like the reference; the 'model' term "
                                          "of --reward.")
     reward_model_offload: bool = _field(False, "Keep the reward model's parameters in CPU memory (ZeRO-3 "
@@ -196,6 +196,11 @@ class Config:
                                     "prompts until every rank holds rollouts_per_step / ranks groups with a signal, "
                                     "or --max_sampling_rounds is reached (then ties fill the rest, and the log says "
                                     "so).")
+    balance_ranks: bool = _field(True, "The distributed replay buffer: after scoring, pool the step's groups over the "
+                                 "ranks and deal them out with token counts as even as possible, so no rank waits for "
+                                 "one whose completions ran long; with --dynamic_sampling, groups with a signal are "
+                                 "pooled too (no rank draws more rounds while another throws surplus away). false: "
+                                 "each rank trains on its own groups.")
     max_sampling_rounds: int = _field(4, "With --dynamic_sampling, the most rounds of rollouts_per_step prompts drawn "
                                       "for one step.")
     mask_truncated_completions: bool = _field(False, "Completions that hit max_new_tokens without an EOS leave the "

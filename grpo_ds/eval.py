@@ -76,7 +76,8 @@ def score_texts(texts: list[str], problems: list[Problem], scorer: str = "auto")
             correct = extracted is not None and math_equal(extracted, problem.answer)
             correct_lenient = math_equal(text, problem.answer, whole_text=True)
         elif scorer == "auto":
-            correct, correct_lenient = answers_match(extracted, problem.answer), is_correct_lenient(text, problem.answer)
+            correct = answers_match(extracted, problem.answer)
+            correct_lenient = is_correct_lenient(text, problem.answer)
         elif scorer == "numeric":
             correct, correct_lenient = numbers_equal(predicted, gold_number), numbers_equal(lenient, gold_number)
         else:

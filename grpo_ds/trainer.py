@@ -30,7 +30,7 @@ from . import checkpoint, distributed
 from .config import BatchLayout, Config, LoraSettings, dumps, validate
 from .data import Problem, PromptSampler, load_problems, render_problem
 from .eval import evaluate
-from .experience import Experience
+from .experience import Experience, balanced_assignment
 from .generation import Rollout, Sampling, StaticDecoder, generate
 from .logprobs import completion_logprobs
 from .loss import (BatchTotals, GRPOLoss, entropy_threshold, group_advantages, kl_estimate, sampling_correction,
@@ -407,9 +407,15 @@ def rollout(run: Run, step: int, stop: StopSignal) -> Groups:
     completions per prompt with the policy's live weights (gathered once under ZeRO-3), and score them.
 
     With --dynamic_sampling (DAPO), groups whose rewards all tie are set aside and further rounds of prompts are
-    drawn until every rank holds B groups with a signal, or --max_sampling_rounds is reached; ranks decide together,
-    so they stay in lockstep. Every round advances the data cursor, so a resumed run draws what this one drew."""
+    drawn until the ranks hold B groups with a signal each (pooled over the ranks with --balance_ranks, else on
+    every rank), or --max_sampling_rounds is reached; ranks decide together, so they stay in lockstep. Every round
+    advances the data cursor, so a resumed run draws what this one drew.
+
+    With --balance_ranks (and several ranks) the step's groups are then pooled over the ranks and dealt out B to a
+    rank with token counts as even as possible (share_groups), so that no rank waits for one whose completions ran
+    long."""
     cfg, B = run.cfg, run.layout.prompts_per_rank
+    pooled = cfg.balance_ranks and run.world > 1
     sampler_before = run.sampler.state_dict()
     started = time.perf_counter()
     with_signal, tied, drawn = [], [], {}
@@ -418,9 +424,21 @@ def rollout(run: Run, step: int, stop: StopSignal) -> Groups:
         for name, value in batch.drawn.items():
             drawn[name] = drawn.get(name, 0.0) + value
         for b in range(B):
-            (tied if bool(uniform_groups(batch.rewards_BG[b:b + 1])) else with_signal).append((batch, b))
-        if not cfg.dynamic_sampling or not distributed.any_rank(len(with_signal) < B):
+            (tied if bool(uniform_groups(batch.rewards_BG[b:b + 1])) else with_signal).append((batch, b, round_))
+        if not cfg.dynamic_sampling:
             break
+        if pooled:
+            found = float(distributed.all_reduce_sum(torch.tensor([float(len(with_signal))],
+                                                                  device=run.policy.device)))
+            if found >= B * run.world:
+                break
+        elif not distributed.any_rank(len(with_signal) < B):
+            break
+    if pooled:
+        groups = share_groups(run, step, with_signal, tied, drawn)
+        groups.seconds, groups.rounds = time.perf_counter() - started, round_ + 1
+        return groups
+    with_signal, tied = [(batch, b) for batch, b, _ in with_signal], [(batch, b) for batch, b, _ in tied]
     if not cfg.dynamic_sampling:
         chosen = [(batch, b) for b in range(B)]  # every group, in order
     else:
@@ -489,6 +507,54 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
     return Groups(problems_B, result, texts_N, rewards_BG, drawn, seconds, extra_columns=reported.columns)
 
 
+def share_groups(run: Run, step: int, with_signal: list, tied: list, drawn: dict) -> Groups:
+    """The distributed replay buffer: every rank's groups (with their rewards) are gathered, the step's B x ranks
+    groups are chosen (all of them; with --dynamic_sampling those with a signal first, earliest round first, then
+    tied ones if too few), and dealt out B to a rank by balanced_assignment over each group's token count (its
+    prompt once and its completions: what a packed forward pass costs). Every rank computes the same deal."""
+    cfg, B, G, world = run.cfg, run.layout.prompts_per_rank, run.cfg.group_size, run.world
+    mine = [(round_, run.rank, b, signal, one_group(batch, b, G))
+            for signal, candidates in ((True, with_signal), (False, tied)) for batch, b, round_ in candidates]
+    pool = sorted((entry for part in distributed.all_gather_objects(mine) for entry in part),
+                  key=lambda e: (not e[3], e[0], e[1], e[2]))  # signal first, then by round, rank, index
+    num_signal = sum(1 for e in pool if e[3])
+    chosen = pool[:B * world]
+    if cfg.dynamic_sampling and num_signal < B * world and run.rank == 0:
+        log.warning("step %d: dynamic sampling found %d of %d groups with a signal in %d rounds "
+                    "(--max_sampling_rounds); training on them and %d tied groups", step, num_signal, B * world,
+                    cfg.max_sampling_rounds, B * world - num_signal)
+    drawn["groups_kept"] = float(min(num_signal, B * world)) / world  # summed over the ranks in the logs
+    costs = [group_tokens(e[4], G) for e in chosen]
+    assigned = balanced_assignment(costs, world)[run.rank]
+    groups = take_groups([(chosen[i][4], 0) for i in assigned], G, run.tokenizer.pad_token_id)
+    groups.drawn = drawn
+    return groups
+
+
+def one_group(batch: Groups, b: int, group_size: int) -> Groups:
+    """Group b of a round's batch on its own, on the CPU, without the padding columns none of its rows uses (so it
+    travels small between ranks)."""
+    rows = slice(b * group_size, (b + 1) * group_size)
+    r = batch.rollout
+    seq, att, mask = r.sequences_NT[rows].cpu(), r.attention_mask_NT[rows].cpu(), r.completion_mask_NC[rows].cpu()
+    num_prompt = seq.shape[1] - mask.shape[1]
+    used = att[:, :num_prompt].any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else num_prompt - 1
+    completion_used = mask.any(dim=0).nonzero()
+    keep = int(completion_used[-1]) + 1 if len(completion_used) else 1
+    sampler = None if r.sampler_logprobs_NC is None else r.sampler_logprobs_NC[rows, :keep].cpu()
+    rollout_ = Rollout(seq[:, start:num_prompt + keep], att[:, start:num_prompt + keep], mask[:, :keep],
+                       r.truncated_N[rows].cpu(), sampler)
+    return Groups([batch.problems_B[b]], rollout_, batch.texts_N[rows], batch.rewards_BG[b:b + 1].cpu(), {}, 0.0)
+
+
+def group_tokens(groups: Groups, group_size: int) -> float:
+    """What groups cost a packed forward pass: each prompt's tokens once, plus the completions' tokens."""
+    r = groups.rollout
+    num_prompt = r.sequences_NT.shape[1] - r.completion_mask_NC.shape[1]
+    return float(r.attention_mask_NT[::group_size, :num_prompt].sum() + r.completion_mask_NC.sum())
+
+
 def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) -> Groups:
     """One batch of the chosen groups (group b of a round's batch each), prompts re-padded on the left and
     completions on the right to the widest among them."""
@@ -514,7 +580,7 @@ def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) 
                        torch.cat(sampled) if len(sampled) == len(chosen) else None)
     return Groups([batch.problems_B[b] for batch, b in chosen], rollout_,
                   [t for batch, b in chosen for t in batch.texts_N[b * G:(b + 1) * G]],
-                  torch.stack([batch.rewards_BG[b] for batch, b in chosen]), {}, 0.0)
+                  torch.stack([batch.rewards_BG[b].cpu() for batch, b in chosen]), {}, 0.0)
 
 
 # ----------------------------------------------------------------------------- 2. experience
@@ -635,6 +701,7 @@ class UpdateStats:
     sampling_ratio_count: float = 0.0
     sampling_ratio_min: float = math.inf
     sampling_ratio_max: float = 0.0
+    wait_s: float = 0.0  # time this rank waited for the others before each optimizer step's gradient reduction
 
     def record_mismatch(self, old_NC: torch.Tensor, sampler_NC: torch.Tensor, mask_NC: torch.Tensor,
                         weights: Optional[torch.Tensor]) -> None:
@@ -701,6 +768,11 @@ def update(policy, experience: Experience, loss_fn: GRPOLoss, plan: UpdatePlan) 
             finite = bool(torch.isfinite(loss))
             if not finite:
                 stats.nonfinite_losses.append(f"rank {torch.distributed.get_rank()} epoch {epoch} micro-batch {i}")
+            if plan.world_size > 1 and (i + 1) % plan.accumulation == 0:
+                # this backward reduces the gradients over the ranks: how long did this rank wait for the others?
+                t0 = time.perf_counter()
+                distributed.barrier()
+                stats.wait_s += time.perf_counter() - t0
             policy.backward(loss * totals.num_micro_batches)
             # An optimizer step only at the accumulation boundary. DeepSpeed skips it on every rank alike when the
             # all-reduced gradient norm is not finite (a NaN on one rank poisons the sum).
@@ -739,8 +811,11 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
         "grad_norm_count": float(len(stats.grad_norms)),
         "sampling_diff_sum": stats.sampling_diff_sum, "sampling_tokens": stats.sampling_tokens,
         "sampling_ratio_sum": stats.sampling_ratio_sum, "sampling_ratio_count": stats.sampling_ratio_count,
+        "update_wait_s": stats.wait_s,
     })
-    extremes = distributed.all_reduce_max_dict({"diff_max": stats.sampling_diff_max,
+    trained = group_tokens(groups, run.cfg.group_size)
+    extremes = distributed.all_reduce_max_dict({"diff_max": stats.sampling_diff_max, "update_wait_s": stats.wait_s,
+                                                "rank_tokens_max": trained, "rank_tokens_min_negated": -trained,
                                                 "ratio_max": stats.sampling_ratio_max,
                                                 "ratio_min_negated": -stats.sampling_ratio_min})
     tokens, n, world = total["num_tokens"], total["completions"], run.world
@@ -775,6 +850,10 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
         "train_s": step_s - groups.seconds - sum(timings.values()),
         "step_s": step_s,
         "rollout_tokens_per_s": total["completion_tokens"] / max(total["generation_s"] / world, 1e-9),
+        # the update's balance over the ranks: tokens (prompt once + completions) each rank trained on, and the
+        # time ranks waited for each other before the gradient reductions (mean and worst rank)
+        "rank_tokens_max": extremes["rank_tokens_max"], "rank_tokens_min": -extremes["rank_tokens_min_negated"],
+        "update_wait_s": total["update_wait_s"] / world, "update_wait_s_max": extremes["update_wait_s"],
     }
     if total["sampling_tokens"]:  # sampler vs trainer, named as TRL logs them
         metrics.update({"sampling/sampling_logp_difference/mean": total["sampling_diff_sum"] / total["sampling_tokens"],

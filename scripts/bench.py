@@ -60,7 +60,8 @@ def bench_config(given: dict, output_dir: str, max_steps: int) -> Config:
 def summarize(cfg: Config, measured: list[dict], **fields) -> dict:
     """The JSON of a benchmark run: medians over the measured steps' rows, completions/s and completion tokens/s
     end to end, the settings, `fields`, and the rows themselves."""
-    keys = (*PHASES, "rollout_tokens_per_s", "completion_len_mean")
+    keys = (*PHASES, "rollout_tokens_per_s", "completion_len_mean", "update_wait_s", "update_wait_s_max",
+            "rank_tokens_max", "rank_tokens_min")
     median = {k: statistics.median(r.get(k, 0.0) for r in measured) for k in keys}
     completions = cfg.rollouts_per_step * cfg.group_size
     return {"settings": cfg.to_dict(), **fields, "median": median,
@@ -130,7 +131,8 @@ def side_by_side(vs: str, nproc: int, rounds: int, cfg: Config, json_path: str |
                       file=sys.stderr)
                 return 1
             runs[impl].append(json.loads(path.read_text()))
-    keys = (*PHASES, "rollout_tokens_per_s", "completion_len_mean")
+    keys = (*PHASES, "rollout_tokens_per_s", "completion_len_mean", "update_wait_s", "update_wait_s_max",
+            "rank_tokens_max", "rank_tokens_min")
     median = {impl: {k: statistics.median(s.get(k, 0.0) for run in rs for s in run["steps"]) for k in keys}
               for impl, rs in runs.items()}
     completions = cfg.rollouts_per_step * cfg.group_size
@@ -204,6 +206,9 @@ def main() -> int:
              ("completions/s (end to end)", f"{result['completions_per_s']:.3f}"),
              ("completion tokens/s (end to end)", f"{result['completion_tokens_per_s']:.1f}"),
              ("completion length (mean)", f"{median['completion_len_mean']:.1f}"),
+             ("update wait per rank, mean / max (s)",
+              f"{median['update_wait_s']:.2f} / {median['update_wait_s_max']:.2f}"),
+             ("tokens per rank, max / min", f"{median['rank_tokens_max']:.0f} / {median['rank_tokens_min']:.0f}"),
              ("peak memory per rank (GiB)", ", ".join(f"{p:.2f}" for p in result["peak_memory_gib_per_rank"]))]
     print(f"\ngrpo_ds bench: {len(peaks)} rank(s), {cfg.rollouts_per_step} prompts x {cfg.group_size}, "
           f"{cfg.max_new_tokens} new tokens{' (fixed length)' if cfg.fixed_length else ''}; median of {steps} "

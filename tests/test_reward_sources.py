@@ -80,7 +80,8 @@ def example_server(port: int) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_a_remote_scorer_drives_a_two_rank_run(tmp_path, tiny_model):
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
+def test_a_remote_scorer_drives_a_two_rank_run(tmp_path, tiny_model, ds_config):
     spec = __import__("importlib.util").util.spec_from_file_location("example_server",
                                                                       ROOT / "scripts" / "reward_server_example.py")
     server_module = __import__("importlib.util").util.module_from_spec(spec)
@@ -89,12 +90,15 @@ def test_a_remote_scorer_drives_a_two_rank_run(tmp_path, tiny_model):
     server = example_server(port)
     try:
         out = tmp_path / "run"
-        run(["--model", str(tiny_model), "--output_dir", str(out), "--max_steps", "2",
-             *with_reward("remote:1.0,learnable:sevens_dense:0.5"), "--reward_url", f"http://127.0.0.1:{port}/"],
-            tmp_path)
+        run(["--ds_config", zero_config(tmp_path, ds_config), "--model", str(tiny_model), "--output_dir", str(out),
+             "--max_steps", "2", *with_reward("remote:1.0,learnable:sevens_dense:0.5"),
+             "--reward_url", f"http://127.0.0.1:{port}/"], tmp_path)
     finally:
         server.kill()
-    for row in logged(out):
+    rows = logged(out)
+    assert rows and any(server_module.score(r["question"], r["completion"], {"answer": r["gold"]}) is not None
+                        for r in rows)
+    for row in rows:
         expected = server_module.score(row["question"], row["completion"], {"answer": row["gold"]})
         assert row["reward"] == pytest.approx(expected + 0.5 * sevens_dense(row["completion"], row["gold"]))
 

@@ -1,0 +1,80 @@
+"""The distributed replay buffer: after scoring, the step's groups are pooled over the ranks and dealt out with even
+token counts (--balance_ranks); with dynamic sampling, groups with a signal are pooled. The gradient is the whole
+step's whatever rank holds which group, so balancing changes the weights by float rounding only."""
+
+import json
+import random
+
+import pytest
+
+from grpo_ds.experience import balanced_assignment
+from helpers import TINY_FLAGS, records, run
+
+# ----------------------------------------------------------------------------------------------- the deal
+
+
+def test_balanced_assignment_by_hand():
+    # costs 8, 7, 6, 5, 4, 3 over 2 ranks, 3 each: 8 -> r0; 7 -> r1; 6 -> r1 (7 < 8); 5 -> r0 (8 < 13);
+    # 4 -> r0 (13 = 13, lower rank), r0 is full; 3 -> r1: sums 17 and 16 (in order: 21 and 12)
+    assert balanced_assignment([8, 7, 6, 5, 4, 3], 2) == [[0, 3, 4], [1, 2, 5]]
+    assert balanced_assignment([1, 1, 1, 1], 4) == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError):
+        balanced_assignment([1, 2, 3], 2)
+
+
+def test_balanced_assignment_properties():
+    rng = random.Random(0)
+    for _ in range(3000):
+        ranks, per_rank = rng.randint(2, 5), rng.randint(1, 6)
+        costs = [rng.randint(1, 500) for _ in range(ranks * per_rank)]
+        deal = balanced_assignment(costs, ranks)
+        assert sorted(i for part in deal for i in part) == list(range(len(costs)))  # every item once
+        assert all(len(part) == per_rank for part in deal)  # equal counts: ranks run the same micro-batches
+        loads = [sum(costs[i] for i in part) for part in deal]
+        assert max(loads) - min(loads) <= max(costs)  # no rank more than one item's cost ahead
+
+
+# ----------------------------------------------------------------------------------------------- in training
+
+
+def metrics(out) -> list:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+NATURAL = list(TINY_FLAGS)
+NATURAL[NATURAL.index("--max_new_tokens") + 1] = "16"  # lengths vary: an EOS ends some completions early
+
+
+@pytest.mark.slow
+def test_balancing_deals_even_tokens_and_keeps_the_gradient(tmp_path, tiny_model):
+    """Same rollouts (seeded per rank and step), dealt two ways: the first step's weights agree to float rounding,
+    and the tokens over the ranks add up the same."""
+    flags = ["--model", str(tiny_model), "--max_steps", "1", *NATURAL, "--rollouts_per_step", "8",
+             "--train_batch_size", "8"]
+    run([*flags, "--output_dir", str(tmp_path / "on")], tmp_path)
+    run([*flags, "--output_dir", str(tmp_path / "off"), "--balance_ranks", "false"], tmp_path)
+    on, off = records(tmp_path / "on"), records(tmp_path / "off")
+    assert on[0][0]["fingerprint"] == on[1][0]["fingerprint"]  # ranks in lockstep
+    assert on[0][0]["fingerprint"] == pytest.approx(off[0][0]["fingerprint"], rel=1e-5)
+    a, b = metrics(tmp_path / "on")[0], metrics(tmp_path / "off")[0]
+    assert a["reward_mean"] == b["reward_mean"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    assert a["rank_tokens_max"] + a["rank_tokens_min"] == b["rank_tokens_max"] + b["rank_tokens_min"]  # 2 ranks
+    assert {"update_wait_s", "update_wait_s_max"} <= set(a)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_pools_groups_with_a_signal(tmp_path, tiny_model):
+    """A sparse reward ties many groups: pooled over the ranks, the first step needs no more rounds than each rank
+    finding its own B groups; the groups trained on all carry a signal unless the rounds ran out."""
+    sparse = [f if f != "learnable:sevens_dense" else "learnable:has_seven" for f in TINY_FLAGS]
+    flags = ["--model", str(tiny_model), "--max_steps", "2", *sparse, "--dynamic_sampling", "true",
+             "--max_sampling_rounds", "6"]
+    run([*flags, "--output_dir", str(tmp_path / "pooled")], tmp_path)
+    run([*flags, "--output_dir", str(tmp_path / "apart"), "--balance_ranks", "false"], tmp_path)
+    pooled, apart = metrics(tmp_path / "pooled"), metrics(tmp_path / "apart")
+    assert pooled[0]["sampling_rounds"] <= apart[0]["sampling_rounds"]
+    for row in pooled:
+        assert row["groups_drawn"] == 4 * row["sampling_rounds"]
+        assert row["groups_kept"] == 4 or row["sampling_rounds"] == 6
+    rank0, rank1 = records(tmp_path / "pooled")
+    assert [r["fingerprint"] for r in rank0] == [r["fingerprint"] for r in rank1]
