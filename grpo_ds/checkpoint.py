@@ -2,14 +2,21 @@
 
 Layout under OUTPUT_DIR/checkpoints:
 
-    step_0000010/            a complete checkpoint: DeepSpeed's files (model, optimizer, scheduler, ZeRO
-                             partitions), trainer_state.json, rng_state_rank{R}.pt, hf/ (config and tokenizer)
-    latest                   the name of the newest complete checkpoint, replaced last
-    .staging-step_0000020/   a checkpoint being written (ignored, removed by the next save)
+    step_0000010/                     a complete checkpoint: DeepSpeed's files (model, optimizer, scheduler, ZeRO
+                                      partitions), trainer_state.json, rng_state_rank{R}.pt, hf/ (config, tokenizer)
+    latest                            the name of the newest complete checkpoint, replaced last
+    .staging-step_0000020-1a2b3c4d/   a checkpoint being written (ignored, removed by the next save)
+    .replaced-step_0000020/           during a re-save of a step, its previous checkpoint (removed once replaced)
 
-A checkpoint is written into its staging folder and renamed into place only once every rank has written all of
-its files, then `latest` is replaced (write-aside and os.replace), so a crash at any point leaves `latest` naming a
-complete checkpoint. DeepSpeed writes the files; this module decides where and when they become visible.
+A checkpoint is written into its staging folder; once every rank has written all of its files, each node flushes
+them to disk (fsync of every file and directory), the folder is renamed into place and `latest` is replaced (a
+flushed temporary file renamed over it, then the folder's entry flushed), so a crash or power loss at any point
+leaves `latest` naming a complete checkpoint. Re-saving a step that exists keeps that true throughout: `latest`
+names the new copy while the old one moves aside, and the old one while the new one moves into place.
+
+Every rank writes into the staging folder that rank 0 creates, so the output folder must be one that every rank
+sees (one filesystem that every node mounts); check_shared() refuses a run whose ranks do not share it.
+DeepSpeed writes the files; this module decides where and when they become visible.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import logging
 import os
 import random
 import shutil
+import socket
+import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,6 +43,8 @@ log = logging.getLogger("grpo_ds.checkpoint")
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+STAGING = ".staging-"
+REPLACED = ".replaced-"
 STATE_FILE = "trainer_state.json"
 HF_DIR = "hf"
 
@@ -128,17 +139,20 @@ def save(engine, tokenizer, output_dir: str, step: int, trainer_state: dict, sav
     rank = torch.distributed.get_rank()
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
-    staging = root / f".staging-{tag}"
-    error = ""
-    try:
-        if rank == 0:
-            for stale in root.glob(".staging-*") if root.is_dir() else []:
-                shutil.rmtree(stale, ignore_errors=True)
+    name, error = None, ""
+    if rank == 0:
+        try:
+            remove_leftovers(root)
+            # a fresh name each time: an interrupted re-save may have left `latest` naming a staging folder
+            staging = root / f"{STAGING}{tag}-{uuid.uuid4().hex[:8]}"
             staging.mkdir(parents=True)
-    except OSError as err:
-        error = f"{type(err).__name__}: {err}"
-    if distributed.any_rank(bool(error)):
-        raise CheckpointError(_failed(step, error or "another rank failed", output_dir))
+            name = staging.name
+        except OSError as err:
+            error = f"{type(err).__name__}: {err}"
+    name, error = distributed.all_gather_objects((name, error))[0]  # rank 0's
+    if error:
+        raise CheckpointError(_failed(step, error, output_dir))
+    staging = root / name
     try:
         # With LoRA, only the adapters and their optimizer state: the frozen base is the model the run started from
         with _frozen_aliases_excluded(engine):
@@ -150,22 +164,127 @@ def save(engine, tokenizer, output_dir: str, step: int, trainer_state: dict, sav
             tokenizer.save_pretrained(staging / tag / HF_DIR)
             (staging / tag / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
+        if distributed.is_peer_loss(err):  # inside DeepSpeed's save: the any_rank below would only fail again
+            raise
         error = f"{type(err).__name__}: {err}"
+    if not distributed.any_rank(bool(error)):
+        # Durable before visible: every rank has written, now each node flushes the whole folder (one rank per
+        # node: the page cache belongs to the node, and a file another node wrote costs nothing to flush here)
+        try:
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                fsync_tree(staging / tag)
+        except OSError as err:
+            error = f"{type(err).__name__}: {err}"
     if distributed.any_rank(bool(error)):
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointError(_failed(step, error or "another rank failed", output_dir))
     if rank == 0:
-        final = root / tag
-        shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step (resumed run) replaces it
-        os.replace(staging / tag, final)
-        shutil.rmtree(staging, ignore_errors=True)  # what DeepSpeed adds beside the tag (zero_to_fp32.py)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(tag + "\n")
-        os.replace(pointer, root / LATEST)  # last: `latest` only ever names a complete checkpoint
-        rotate(root, save_total_limit, keep=final)
-    distributed.barrier()
+        try:
+            publish(root, staging, tag)
+            rotate(root, save_total_limit, keep=root / tag)
+        except OSError as err:  # `latest` still names a complete checkpoint, whichever
+            error = f"{type(err).__name__}: {err}"
+    if distributed.any_rank(bool(error)):  # also every rank's wait for the publication
+        raise CheckpointError(_failed(step, error or "rank 0 could not publish it", output_dir))
     return root / tag
+
+
+def publish(root: Path, staging: Path, tag: str) -> None:
+    """Move the complete, flushed checkpoint `staging`/`tag` to `root`/`tag` and point `latest` at it; `latest`
+    names a complete checkpoint at every moment. When `tag` exists (a step saved again, by a run resumed from an
+    earlier checkpoint), deleting it before the rename would leave `latest` naming a missing or half-deleted
+    folder: instead it moves aside, and if `latest` names it, `latest` names the new copy (still in staging) while
+    it moves, and its new place while the new copy moves into place; it is deleted last."""
+    final = root / tag
+    if final.exists():
+        aside = root / f"{REPLACED}{tag}-{uuid.uuid4().hex[:8]}"
+        named = latest_target(root) == final
+        if named:
+            point_latest(root, f"{staging.name}/{tag}")
+        os.replace(final, aside)
+        fsync_path(root)
+        if named:
+            point_latest(root, aside.name)
+    os.replace(staging / tag, final)
+    fsync_path(root)
+    point_latest(root, tag)
+    remove_leftovers(root)  # the old copy, this staging folder (DeepSpeed's zero_to_fp32.py beside the tag)
+
+
+def latest_target(root: Path) -> Optional[Path]:
+    """The folder that `latest` names (complete or not), or None."""
+    pointer = root / LATEST
+    return root / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Replace `latest` with `name`, durably: a temporary file written and flushed, renamed over it, and the
+    folder's entry flushed."""
+    pointer = root / f".{LATEST}.tmp"
+    with open(pointer, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer, root / LATEST)
+    fsync_path(root)
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete the staging and set-aside folders of interrupted saves, except one that `latest` names (a save
+    interrupted in the middle of a re-save leaves `latest` naming one of them)."""
+    if not root.is_dir():
+        return
+    named = latest_target(root)
+    for stale in [*root.glob(f"{STAGING}*"), *root.glob(f"{REPLACED}*")]:
+        if named is None or not (named == stale or stale in named.parents):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path`, then every directory, deepest first, so that a directory is flushed after
+    the entries it holds."""
+    for folder, _, files in os.walk(path, topdown=False):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+
+
+def check_shared(output_dir: str) -> None:
+    """Refuse, on every rank and before any model loads, an output folder that some rank cannot see. Every rank
+    writes its part of each checkpoint into the staging folder that rank 0 creates, so ranks on several nodes need
+    a folder on a filesystem that every node mounts; a node-local path of the same name would split each
+    checkpoint across the nodes without an error. Rank 0 writes a file with a fresh token; every rank reads it."""
+    if torch.distributed.get_world_size() == 1:
+        return
+    rank = torch.distributed.get_rank()
+    token = distributed.all_gather_objects(uuid.uuid4().hex)[0]  # rank 0's
+    probe = Path(output_dir) / f".shared-check-{token}"
+    if rank == 0:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    distributed.barrier()
+    try:
+        sees = probe.read_text() == token
+    except OSError:
+        sees = False
+    seen = distributed.all_gather_objects((sees, socket.gethostname()))  # also: everyone has read before the unlink
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"{r} ({host})" for r, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise ValueError(f"--output_dir {output_dir}: rank(s) {', '.join(blind)} cannot see the file rank 0 "
+                         f"({seen[0][1]}) wrote there; every rank writes its part of each checkpoint into this "
+                         f"folder, so it must be on a filesystem that every node mounts")
 
 
 @contextlib.contextmanager

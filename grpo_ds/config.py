@@ -3,7 +3,7 @@
 The Python config owns the algorithm (batch sizes, lr, clipping); the DeepSpeed JSON owns engine settings (ZeRO
 stage, bf16, offload, communication). `distributed.build_ds_config` merges the two and refuses contradictions.
 
-Batch vocabulary (see README "Batch sizes"), for W ranks:
+Batch vocabulary (see docs/DISTRIBUTED.md "Batch sizes"), for W ranks:
 - each step samples `rollouts_per_step` prompts; each rank takes B = rollouts_per_step / W of them and generates
   G = group_size completions for each, so a rank holds N = B * G experiences;
 - the rank's buffer is cut into micro-batches of `train_batch_size` completions (DeepSpeed's
@@ -41,7 +41,8 @@ class Config:
     config: Optional[str] = _field(None, "A YAML or JSON file of flag values (a recipe; see grpo_ds/recipes/); "
                                    "flags on the command line override it. Without one, the embedded model on the "
                                    "built-in arithmetic problems takes its settings from "
-                                   "grpo_ds/recipes/smollm2_arithmetic.yaml, the recipe that learns on a CPU.")
+                                   "grpo_ds/recipes/smollm2_arithmetic.yaml, the recipe that learns on a CPU; a "
+                                   "--config file replaces that recipe, it is not layered on it.")
 
     # --- model, data, output
     model: str = _field("embedded", "Policy: a hub id, a local Hugging Face folder, a .gguf file, or 'embedded' "
@@ -235,6 +236,10 @@ class Config:
     max_nonfinite_skips: int = _field(3, "Stop with an error after this many consecutive optimizer steps skipped "
                                       "because the gradient norm was not finite (a NaN or inf loss on any rank "
                                       "makes it so; every rank skips the step alike).")
+    dist_timeout: float = _field(10.0, "Minutes a rank waits for its peers in any collective before failing (gloo "
+                                 "and NCCL); a lost rank then ends the job within this bound, naming the step and "
+                                 "phase. Raise it when one rank legitimately works alone longer (a large final "
+                                 "export).")
 
     # --- evaluation during training
     eval_steps: int = _field(0, "Evaluate every N steps (and after the last) on a held-out split, logging "
@@ -418,6 +423,8 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         bad("eval_steps", "a local --dataset file has no held-out split; pass --eval_dataset FILE")
     if cfg.max_nonfinite_skips < 1:
         bad("max_nonfinite_skips", "must be at least 1")
+    if not cfg.dist_timeout > 0:
+        bad("dist_timeout", "must be positive (minutes a rank waits for its peers)")
     for name, choices in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS), ("precision", PRECISIONS),
                           ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS), ("kl_estimator", KL_ESTIMATORS),
                           ("importance_sampling_mode", SAMPLING_CORRECTION_MODES),
@@ -474,19 +481,27 @@ def _kind(f: dataclasses.Field):
             "Optional[float]": _optional(float), "Optional[str]": _optional(str)}[str(f.type)]
 
 
+PRECEDENCE = ("Where each setting comes from, the first that has it: (1) the command line; (2) the --config FILE, "
+              "when one is given; (3) without --config, and only for --model embedded on --dataset arithmetic, the "
+              "built-in recipe grpo_ds/recipes/smollm2_arithmetic.yaml; (4) the defaults shown below. A --config "
+              "file replaces the built-in recipe rather than adding to it: what the file leaves out takes the "
+              "default shown, not the recipe's value. config.json in the run folder records every value used.")
+
+
 def build_parser(defaults: Optional[Config] = None, suppress: bool = False) -> argparse.ArgumentParser:
-    """The training CLI, one flag per Config field. With `suppress`, flags not given are absent from the result
-    (so that a config file can fill them)."""
+    """The training CLI, one flag per Config field, its default written into its help. With `suppress`, flags not
+    given are absent from the parsed result (so that a config file or the recipe can fill them); --help shows the
+    same defaults either way (argparse's own "(default: ...)" would vanish with SUPPRESS)."""
     defaults = defaults or Config()
-    parser = argparse.ArgumentParser(
-        description="GRPO training on DeepSpeed. Every flag is a field of grpo_ds.config.Config. Precedence: the "
-                    "command line, then --config FILE, then (for the embedded model on arithmetic) the built-in "
-                    "recipe, then the defaults shown.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="GRPO training on DeepSpeed. Every flag is a field of "
+                                                 "grpo_ds.config.Config. " + PRECEDENCE)
     for f in dataclasses.fields(Config):
         kind = _kind(f)
-        parser.add_argument(f"--{f.name}", type=kind, help=f.metadata["help"],
-                            default=argparse.SUPPRESS if suppress else getattr(defaults, f.name),
+        shown = getattr(defaults, f.name)
+        help_text = f"{f.metadata['help']} (default: {shown!r})" if isinstance(shown, str) and not shown \
+            else f"{f.metadata['help']} (default: {shown})"
+        parser.add_argument(f"--{f.name}", type=kind, help=help_text.replace("%", "%%"),
+                            default=argparse.SUPPRESS if suppress else shown,
                             metavar=f.name.upper() if kind is not _parse_bool else "{true,false}")
     return parser
 
@@ -524,8 +539,8 @@ def read_config_file(path: str) -> dict:
 
 
 def parse_args(argv: Optional[list] = None) -> Config:
-    """Flags to a Config: the command line over --config FILE over, for the embedded model on the built-in
-    arithmetic problems, grpo_ds/recipes/smollm2_arithmetic.yaml, over the dataclass defaults. The deepspeed
+    """Flags to a Config: the command line over --config FILE (or, without one, for the embedded model on the
+    built-in arithmetic problems, grpo_ds/recipes/smollm2_arithmetic.yaml) over the dataclass defaults. The deepspeed
     launcher appends --local_rank=N; it is accepted and ignored (the rank comes from the environment)."""
     parser = build_parser(suppress=True)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
@@ -548,7 +563,7 @@ def resolve(given: dict, defaults: Optional[dict] = None) -> Config:
 
 
 def flags_markdown() -> str:
-    """The README's flag table, generated from the dataclass (tests/test_config.py keeps the README in sync)."""
+    """The flag table of docs/FLAGS.md, generated from the dataclass (tests/test_config.py keeps the page in sync)."""
     lines = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(Config):
         lines.append(f"| `--{f.name}` | `{getattr(Config(), f.name)}` | {f.metadata['help']} |")

@@ -105,18 +105,21 @@ def last_boxed(text: str) -> str | None:
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
 _WORD = re.compile(r"[A-Za-z]{2,}")
 _PLACEHOLDERS = {"n/a", "na", "none", "null", "nan", "-", "?", "unknown"}  # a missing answer, written as text
+_MATHLIKE = re.compile(r"[\d\\()\[\]{}^_=+*/<>|]")  # a digit, a LaTeX command or a math symbol: not a plain word
+_CHOICE = re.compile(r"\(?[A-Za-z]\)?\.?")  # a multiple-choice letter: "B", "(B)", "B."
 
 
 def read_gold(value: Any) -> str | None:
     r"""The gold final answer in a dataset's answer field, or None when it cannot be read. In order: a plain number
     ("$1,000" -> "1000"); the text after GSM8K's last '####'; the last \boxed{} of a worked solution (MATH); else a
     short answer as written (one line, at most 80 characters, fewer than three words once LaTeX commands are set
-    aside: fractions, LaTeX, tuples, intervals, letters). A worked solution with no such marker cannot be read.
+    aside, with a digit, a LaTeX command or a math symbol in it, or a single choice letter: fractions, LaTeX,
+    tuples, intervals, letters). A worked solution with no such marker, or a bare word, cannot be read.
 
     >>> [read_gold(v) for v in [72, "$1,000", "... #### 1/2", "so \\boxed{3\\sqrt{2}}.", "$\\frac{1}{2}$", "(1, 2)"]]
     ['72', '1000', '1/2', '3\\sqrt{2}', '\\frac{1}{2}', '(1, 2)']
-    >>> [read_gold(v) for v in ["It is 12 minus 5, which leaves 7.", "", None, True, "#### ", "#### n/a"]]
-    [None, None, None, None, None, None]
+    >>> [read_gold(v) for v in ["It is 12 minus 5, which leaves 7.", "", None, True, "#### ", "#### n/a", "many"]]
+    [None, None, None, None, None, None, None]
     """
     if isinstance(value, bool) or value is None:
         return None
@@ -139,7 +142,8 @@ def read_gold(value: Any) -> str | None:
     if len(text) > 2 and text[0] == text[-1] == "$" and "$" not in text[1:-1].strip("$"):  # "$x$", "$$x$$"
         text = text.strip("$").strip()
     if not text or "\n" in text or len(text) > 80 or text.lower() in _PLACEHOLDERS \
-            or len(_WORD.findall(_LATEX_COMMAND.sub(" ", text))) >= 3:
+            or len(_WORD.findall(_LATEX_COMMAND.sub(" ", text))) >= 3 \
+            or not (_MATHLIKE.search(text) or _CHOICE.fullmatch(text)):
         return None
     return text
 

@@ -35,12 +35,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
+DEFAULT_TIMEOUT_MINUTES = 10.0  # DeepSpeed's own default (DEEPSPEED_TIMEOUT) and NCCL's: no legitimate wait changes
+
+
+def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> tuple[int, int]:
     """Join (or, for a plain `python` run, create) the process group; returns (rank, world_size). Each rank gets
-    its share of the CPU threads: N ranks on C cores oversubscribe badly with C threads each."""
+    its share of the CPU threads: N ranks on C cores oversubscribe badly with C threads each.
+
+    `timeout_minutes` (--dist_timeout) bounds every collective, on every backend: a rank that waits longer for a
+    peer fails instead of waiting forever. A peer that dies outright closes its sockets, and gloo fails at once; one
+    that vanishes without closing them (a frozen process, a lost node, any NCCL peer) is only noticed at the
+    timeout. Under NCCL, collectives run on the GPU and only torch's watchdog thread sees the timeout: with
+    TORCH_NCCL_ASYNC_ERROR_HANDLING 3 (torch 2.13's default, set here unless the environment chose) it ends the
+    process at the timeout; 0 would leave it waiting, so it is warned about. TORCH_NCCL_BLOCKING_WAIT=1 (off:
+    each collective then blocks the CPU until the GPU finishes it, losing the overlap of communication and compute)
+    raises the timeout in the training loop instead, which then names the step and phase it was in."""
+    if not timeout_minutes > 0:
+        raise ValueError(f"--dist_timeout {timeout_minutes}: must be positive (minutes a rank waits for its peers)")
     if "RANK" not in os.environ:  # no launcher: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    import faulthandler
+    from datetime import timedelta
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -48,9 +65,18 @@ def init_distributed() -> tuple[int, int]:
         local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        backend = get_accelerator().communication_backend_name()
+        if backend == "nccl":
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # read when the group is created
+            if os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "0":
+                log.warning("TORCH_NCCL_ASYNC_ERROR_HANDLING=0: a lost peer will leave this rank waiting forever "
+                            "instead of failing after --dist_timeout %g min", timeout_minutes)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
         if not on_gpu():
             unlink_shm_buffer()
+    if not faulthandler.is_enabled():  # a watchdog's abort (NCCL timeout) prints where each thread was
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a stderr without a file descriptor
+            faulthandler.enable()
     if on_gpu():
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -79,13 +105,39 @@ def shutdown(synchronize: bool) -> None:
         torch.distributed.destroy_process_group()
 
 
+class PeerLost(RuntimeError):
+    """A collective failed because another rank died or stopped answering; the trainer has already logged where
+    (step and phase) and how to resume."""
+
+
+EXIT_PEER_LOST = 4
+
+# How a lost peer shows in a collective's error: gloo's messages (a peer that died closes its connections; one that
+# stopped answering times out), and torch's distributed errors (NCCL, the rendezvous store)
+_PEER_LOSS_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+                       "Application timeout caused pair closure", "Broken pipe", "Connection refused",
+                       "communicator was aborted")
+
+
+def is_peer_loss(err: BaseException) -> bool:
+    """Whether `err`, raised on this rank, says that a peer rank is gone or stopped answering."""
+    if isinstance(err, getattr(torch.distributed, "DistError", ())):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _PEER_LOSS_MESSAGES)
+
+
 def run(main: Callable[[], int]) -> int:
-    """main()'s exit code, after leaving the process group (waiting for every rank only if main returned)."""
-    code = None
+    """main()'s exit code, after leaving the process group (waiting for every rank only if main returned). After
+    PeerLost (already logged) the exit code is EXIT_PEER_LOST and the group is left as it is: a barrier, or a
+    destroy that flushes NCCL work, could wait on the lost peer."""
     try:
         code = main()
-    finally:
-        shutdown(synchronize=code is not None)
+    except PeerLost:
+        return EXIT_PEER_LOST
+    except BaseException:
+        shutdown(synchronize=False)
+        raise
+    shutdown(synchronize=True)
     return code
 
 

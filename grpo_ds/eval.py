@@ -3,7 +3,7 @@ process or N ranks, scored with the same extractors as the rewards (grpo_ds.rewa
 eval score agree on the same text.
 
     bash scripts/eval_gsm8k.sh runs/qwen05 --data data/gsm8k/test.jsonl --limit 100
-    python scripts/eval.py MODEL ...                              # the same, without the wrapper
+    .venv/bin/python scripts/eval.py MODEL ...                              # the same, without the wrapper
     bash scripts/eval_gsm8k.sh MODEL --nproc 2 ...                # 2 ranks, each a shard, results gathered
     bash scripts/eval_gsm8k.sh --score_gold --data test.jsonl     # the dataset's own solutions as completions
 

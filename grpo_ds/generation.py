@@ -294,18 +294,37 @@ class StaticDecoder:
 
     It reads the model's live parameters (no copy): the trainer passes the policy's module, and under ZeRO-3 calls
     it inside the gather of the whole policy. Rows that have ended keep decoding padding until all have (fixed
-    shapes); with groups of similar lengths that costs little."""
+    shapes); with groups of similar lengths that costs little.
 
-    def __init__(self, model, compile: Optional[bool] = None, check_every: int = 8):
+    Shapes are bucketed so that compiles stay few on real data, where the prompt width changes every step: prompts
+    are left-padded to a multiple of `bucket` tokens (masked, so the tokens drawn do not change), and the cache is
+    sized for that width plus the budget. Every distinct (rows, cache length) is one compile; `compiles` counts
+    them, and dynamo's per-function limit is raised to what max_length allows, so a new shape compiles instead of
+    silently falling back to eager execution (torch's default after 8)."""
+
+    def __init__(self, model, compile: Optional[bool] = None, check_every: int = 8, bucket: int = 64,
+                 max_shapes: int = 64):
         self.model = model
         device = next(model.parameters()).device
         self.compile = device.type == "cuda" if compile is None else compile
         self.check_every = check_every
+        self.bucket = bucket if self.compile else 1  # eager execution gains nothing from padding
+        self.shapes: set[tuple[int, int]] = set()  # the (rows, cache length) decoded so far: compiles, if compiled
         self.cache = None
         self.shape = None
+        if self.compile:
+            import torch._dynamo
+
+            limit = torch._dynamo.config.cache_size_limit
+            torch._dynamo.config.cache_size_limit = max(limit, max_shapes)
         # On a GPU: CUDA graphs ("reduce-overhead"); elsewhere inductor's fused kernels, if asked for
         mode = "reduce-overhead" if device.type == "cuda" else "default"
         self.step = torch.compile(self._step, mode=mode, dynamic=False) if self.compile else self._step
+
+    @property
+    def compiles(self) -> int:
+        """Compiled decode-step graphs so far (0 when not compiling): one per distinct (rows, cache length)."""
+        return len(self.shapes) if self.compile else 0
 
     def _step(self, tokens_N1: torch.Tensor, position_N1: torch.Tensor, mask_NL: torch.Tensor) -> torch.Tensor:
         logits = self.model(input_ids=tokens_N1, attention_mask=mask_NL, position_ids=position_N1, cache=self.cache,
@@ -330,9 +349,15 @@ class StaticDecoder:
         every row has emitted an EOS) for B
         prompts, each repeated group_size times. The prompts (minus their last token) are prefilled once each and
         their cache repeated for the group; the last prompt token is the first decode step, as in generate()."""
+        width = -(-ids_BP.shape[1] // self.bucket) * self.bucket  # the prompt width's bucket
+        if width > ids_BP.shape[1]:  # masked left padding: the same positions, the same tokens, one shape per bucket
+            extra = width - ids_BP.shape[1]
+            ids_BP = torch.nn.functional.pad(ids_BP, (extra, 0), value=pad_id)
+            mask_BP = torch.nn.functional.pad(mask_BP, (extra, 0), value=0)
         n, p = ids_BP.shape[0] * group_size, ids_BP.shape[1]
         device = ids_BP.device
         length = p + max_new_tokens
+        self.shapes.add((n, length))
         cache = self._cache_for(n, length)
         prefix = DynamicCache(config=self.model.config)
         if p > 1:

@@ -1,8 +1,8 @@
 """Using a trained model: loading a model or a training run for generation, asking it the way it was trained (the
 run's system prompt and response prefix, read from its config.json), and the pieces of the `ask` command.
 
-    python scripts/ask.py runs/quickstart "Tom has 3 apples and buys 4 more. How many apples does he have?"
-    python scripts/ask.py runs/quickstart --compare embedded --file questions.jsonl
+    .venv/bin/python scripts/ask.py runs/quickstart "Tom has 3 apples and buys 4 more. How many apples does he have?"
+    .venv/bin/python scripts/ask.py runs/quickstart --compare embedded --file questions.jsonl
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server for a trained model (FastAPI + uvicorn), with request batching.
 
-    bash scripts/serve.sh start runs/quickstart --port 8000      # or: python scripts/serve.py MODEL
+    bash scripts/serve.sh start runs/quickstart --port 8000      # or: .venv/bin/python scripts/serve.py MODEL
     curl -s 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
         -d '{"model": "runs/quickstart/final", "messages": [{"role": "user", "content": "What is 6 * 7?"}]}'
 

@@ -11,11 +11,13 @@ Shape legend: B prompts on this rank, G group_size, N = B * G completions, C com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -66,6 +68,41 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive optimizer steps were skipped for non-finite gradients."""
 
 
+@dataclass
+class Where:
+    """The step and phase this rank is in (rollout, reference, update, log, eval, save; export after the last step),
+    so that a rank that loses a peer can say where."""
+
+    step: int = 0
+    phase: str = "setup"
+    since: float = field(default_factory=time.perf_counter)
+
+    def enter(self, step: int, phase: str) -> None:
+        self.step, self.phase, self.since = step, phase, time.perf_counter()
+
+
+@contextlib.contextmanager
+def peer_loss_reported(run: "Run"):
+    """A collective that fails because another rank died or stopped answering (within --dist_timeout) ends this
+    rank with one line naming the step and phase and the checkpoint to resume from, then PeerLost (exit code 4)
+    instead of a traceback from deep inside a collective."""
+    try:
+        yield
+    except distributed.PeerLost:
+        raise
+    except Exception as err:  # noqa: BLE001 - only a lost peer is reworded; anything else is re-raised as it is
+        if not distributed.is_peer_loss(err):
+            raise
+        where, saved = run.where, checkpoint.latest_checkpoint(run.cfg.output_dir)
+        # gloo's first sentence, without its source location: "Connection closed by peer [10.0.0.2]:41417"
+        reason = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", str(err).strip()).split(". ")[0].splitlines()
+        reason = reason[0] if reason and reason[0] else type(err).__name__
+        log.error("rank %d: lost a peer during %s of step %d after %.0f s: %s; %s; resume with --resume_from latest",
+                  run.rank, where.phase, where.step, time.perf_counter() - where.since, reason[:300],
+                  f"the last complete checkpoint is {saved}" if saved else "no checkpoint was written yet")
+        raise distributed.PeerLost(f"lost a peer during {where.phase} of step {where.step}") from err
+
+
 class StopSignal:
     """SIGTERM and SIGINT set a flag that the loop checks at safe points (after generation, after each step)
     instead of killing the process mid-update. A scheduler or the deepspeed launcher may deliver SIGTERM more than
@@ -103,22 +140,29 @@ def train(cfg: Config, on_step_end: Optional[Callable] = None) -> list[dict]:
     `on_step_end(step=, policy=, reference=, metrics=)` is called on every rank after each step (tests use it)."""
     run = setup(cfg)
     history = []
-    with StopSignal() as stop:
+    with StopSignal() as stop, peer_loss_reported(run):
         for step in range(run.start_step + 1, cfg.max_steps + 1):
             started = time.perf_counter()
+            run.where.enter(step, "rollout")
             groups = rollout(run, step, stop)  # 1. prompts -> G completions each -> rewards
+            run.where.enter(step, "reference")
             experience, timings = make_experience(run, groups)  # 2. advantages, reference and old log-probs
+            run.where.enter(step, "update")
             stats = (update(run.policy, experience, run.loss_fn, run.update_plan(step))  # 3. optimizer steps,
                      if experience.has_signal else UpdateStats())  # none when no group on any rank has a signal
+            run.where.enter(step, "log")
             metrics = log_step(run, step, groups, experience, stats, timings, time.perf_counter() - started)  # 4.
             history.append({"step": step, **metrics})
             if on_step_end is not None:
                 on_step_end(step=step, policy=run.policy, reference=run.reference, metrics=metrics)
             run.check_nonfinite(stats, step)
+            run.where.enter(step, "save")
             run.save_and_export(step)  # 5. checkpoint, exports
             if distributed.any_rank(stop.received is not None):
                 run.preempt(stop.received or "a signal on another rank", step)
-    return finish(run, history)
+    with peer_loss_reported(run):
+        run.where.enter(run.where.step, "export")
+        return finish(run, history)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -148,6 +192,7 @@ class Run:
     saved_step: int = 0
     consecutive_skips: int = 0
     started: float = field(default_factory=time.perf_counter)
+    where: Where = field(default_factory=Where)
 
     def prompt(self, problem: Problem | str) -> str:
         """The prompt text of a problem (or a bare question), as training, evaluation, ask and serve render it."""
@@ -206,7 +251,7 @@ class Run:
 
 def setup(cfg: Config) -> Run:
     """Check everything that can be refused, then load the models and engines, and resume if asked."""
-    rank, world = distributed.init_distributed()
+    rank, world = distributed.init_distributed(cfg.dist_timeout)
     setup_logging(rank)
     layout = validate(cfg, world)
     ds_config, precision = distributed.build_ds_config(distributed.load_ds_json(cfg.ds_config), cfg, layout,
@@ -234,6 +279,7 @@ def setup(cfg: Config) -> Run:
         resume_state = checkpoint.read_state(resume_path)
         checkpoint.check_compatible(resume_state, world, distributed.zero_stage(ds_config), resume_path, cfg.lora_r)
     _prepare_output_dir(cfg, rank, resume_path, resume_state["step"] if resume_state else 0)
+    checkpoint.check_shared(cfg.output_dir)
     model_path = resolve_model(cfg.model)
     lora = LoraSettings.from_config(cfg)
     if lora is not None:
@@ -817,6 +863,7 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
     extremes = distributed.all_reduce_max_dict({"diff_max": stats.sampling_diff_max, "update_wait_s": stats.wait_s,
                                                 "rank_tokens_max": trained, "rank_tokens_min_negated": -trained,
                                                 "ratio_max": stats.sampling_ratio_max,
+                                                "engine_compiles": float(run.engine.compiles if run.engine else 0),
                                                 "ratio_min_negated": -stats.sampling_ratio_min})
     tokens, n, world = total["num_tokens"], total["completions"], run.world
     scored = total["scored"]
@@ -854,6 +901,8 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
         # time ranks waited for each other before the gradient reductions (mean and worst rank)
         "rank_tokens_max": extremes["rank_tokens_max"], "rank_tokens_min": -extremes["rank_tokens_min_negated"],
         "update_wait_s": total["update_wait_s"] / world, "update_wait_s_max": extremes["update_wait_s"],
+        # the compiled engine's decode-step graphs so far (the most on any rank): bounded by the shape buckets
+        **({"engine_compiles": int(extremes["engine_compiles"])} if run.engine is not None else {}),
     }
     if total["sampling_tokens"]:  # sampler vs trainer, named as TRL logs them
         metrics.update({"sampling/sampling_logp_difference/mean": total["sampling_diff_sum"] / total["sampling_tokens"],
@@ -889,6 +938,7 @@ def evaluate_policy(run: Run) -> dict:
     Under ZeRO-3 the policy is gathered as for the rollout: whole, or with --zero3_gather_for_generation false
     (a model too large for one device) layer by layer, the ranks generating in step."""
     cfg = run.cfg
+    run.where.enter(run.where.step, "eval")
     with distributed.gathered_for_generation(run.policy, cfg.zero3_gather_for_generation):
         summary, _ = evaluate(run.policy.module, run.tokenizer, run.eval_problems,
                               max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,

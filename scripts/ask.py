@@ -2,8 +2,8 @@
 """Quick inference: answer a question (or a file of them) with a model or a training run, and with --compare BASE
 show the base model's answers beside the trained ones, as the tiny-grpo tutorial's run.py does.
 
-    python scripts/ask.py runs/quickstart "Tom has 3 apples and buys 4 more. How many apples does he have?"
-    python scripts/ask.py runs/quickstart --compare embedded --file questions.jsonl   # question/answer fields
+    .venv/bin/python scripts/ask.py runs/quickstart "Tom has 3 apples and buys 4 more. How many apples does he have?"
+    .venv/bin/python scripts/ask.py runs/quickstart --compare embedded --file questions.jsonl   # question/answer fields
 
 Greedy by default. A training run is asked with its own system prompt and response prefix (from its config.json),
 and --compare's model is asked the same way, so the two columns differ only in the weights. Exit codes: 0 done,

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Benchmark grpo_ds: N GRPO steps with fixed settings; prints a table and writes JSON.
 
-    python scripts/bench.py --steps 4 --warmup 1 --fixed_length true --max_new_tokens 128 ...
-    deepspeed --num_gpus 2 scripts/bench.py --ds_config ds_configs/zero2.json ...
-    python scripts/bench.py --vs trl --nproc 2 --rounds 2 ...   # side by side with TRL's GRPOTrainer
+    .venv/bin/python scripts/bench.py --steps 4 --warmup 1 --fixed_length true --max_new_tokens 128 ...
+    .venv/bin/deepspeed --num_gpus 2 scripts/bench.py --ds_config ds_configs/zero2.json ...
+    .venv/bin/python scripts/bench.py --vs trl --nproc 2 --rounds 2 ...   # side by side with TRL's GRPOTrainer
 
 With `--vs trl` this process only orchestrates: each round runs grpo_ds and then TRL (scripts/bench_trl.py, the
 same flags translated to GRPOConfig; the order flips every round), each as its own job of --nproc ranks under the
@@ -52,9 +52,10 @@ def bench_parser() -> argparse.ArgumentParser:
 
 def bench_config(given: dict, output_dir: str, max_steps: int) -> Config:
     """The Config a benchmark runs: the flags given, over the benchmark's own defaults (no checkpoints, no sample
-    completions), over --config FILE or the embedded model's recipe, exactly as scripts/train.py layers them."""
+    completions, no held-out evaluation: the recipe's would land in the last step's time), over --config FILE or the
+    embedded model's recipe, exactly as scripts/train.py layers them."""
     return resolve({**given, "max_steps": max_steps},
-                   defaults={"save_steps": 0, "log_completions_steps": 0, "output_dir": output_dir})
+                   defaults={"save_steps": 0, "log_completions_steps": 0, "eval_steps": 0, "output_dir": output_dir})
 
 
 def summarize(cfg: Config, measured: list[dict], **fields) -> dict:

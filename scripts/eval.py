@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from grpo_ds.config import Config
 from grpo_ds.data import load_problems
 from grpo_ds.distributed import init_distributed, run
 from grpo_ds.eval import DEFAULT_DATA, check_settings, evaluate, gold_solutions, score_texts, summarize
@@ -55,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Seed for sampling (per batch, so ranks do not matter).")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.")
     p.add_argument("--difficulty", type=int, default=None,
-                   help="Difficulty of --data arithmetic (default: a training run's, else 2).")
+                   help=f"Difficulty of --data arithmetic (default: a training run's, else {Config.difficulty}, as "
+                        "training's).")
     p.add_argument("--scorer", default=None, choices=["auto", "numeric", "math_verify"],
                    help="How answers are compared: 'auto' (as the training rewards do: numbers for numeric golds, "
                         "math-verify for any other), 'numeric' (numbers only) or 'math_verify' (math-verify for "
@@ -80,7 +82,7 @@ def fill_defaults(args) -> None:
         args.data = (trained.get("eval_dataset") or (None if local_file else trained.get("dataset"))
                      or DEFAULT_DATA)
     if args.difficulty is None:
-        args.difficulty = trained.get("difficulty", 2)
+        args.difficulty = trained.get("difficulty", Config.difficulty)  # as training's default
     if args.data == trained.get("eval_dataset") or args.data == trained.get("dataset"):  # the run's own columns
         args.prompt_column = args.prompt_column or trained.get("prompt_column")
         args.answer_column = args.answer_column or trained.get("answer_column")

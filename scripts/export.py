@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Convert a grpo_ds checkpoint (DeepSpeed ZeRO-1/2/3, any number of ranks) to a Hugging Face folder.
 
-    python scripts/export.py runs/x/checkpoints OUT_DIR [--dtype bf16|fp32]   # the latest checkpoint
-    python scripts/export.py runs/x/checkpoints/step_0000050 OUT_DIR
+    .venv/bin/python scripts/export.py runs/x/checkpoints OUT_DIR [--dtype bf16|fp32]   # the latest checkpoint
+    .venv/bin/python scripts/export.py runs/x/checkpoints/step_0000050 OUT_DIR
 """
 
 import argparse

@@ -2,9 +2,9 @@
 """GPU check: short ZeRO-2 and ZeRO-3 runs on a model of a real architecture with random weights, for each
 rollout engine, and rollout-only throughput at a larger shape; one JSON.
 
-    python scripts/gpu_check.py                                   # Qwen2.5-0.5B's shape, tokenizer from the hub
-    python scripts/gpu_check.py --arch qwen2.5-1.5b --tokenizer /path/to/tokenizer_folder --out docs/bench/x.json
-    python scripts/gpu_check.py --engines hf,compiled --rollout_only 64x8x512   # the issue-15 measurements
+    .venv/bin/python scripts/gpu_check.py                                 # Qwen2.5-0.5B's shape, tokenizer from the hub
+    .venv/bin/python scripts/gpu_check.py --arch qwen2.5-1.5b --tokenizer TOKENIZER_FOLDER --out docs/bench/x.json
+    .venv/bin/python scripts/gpu_check.py --engines hf,compiled --rollout_only 64x8x512  # both engines, two shapes
 
 Part 1, full steps: for each ZeRO stage and each engine (--engines), scripts/bench.py under the launcher at
 --rollouts_per_step x --group_size x --max_new_tokens (default 8 x 8 x 256: 64 rows per GPU of 256 tokens).

@@ -3,7 +3,7 @@
 completions at once, one after another, and the script reports what came back and how long it took.
 
     bash scripts/serve.sh start embedded --max_batch_size 8 --max_queue 8
-    python scripts/load_test_serve.py --url http://127.0.0.1:8000 --clients 16 --requests 2 --max_tokens 16
+    .venv/bin/python scripts/load_test_serve.py --url http://127.0.0.1:8000 --clients 16 --requests 2 --max_tokens 16
 
 Every request must end in a 200 (answered) or a 429/503 (refused: the queue was full); anything else (another
 status, a connection error, no answer within --timeout s) counts as lost. It prints one JSON line: the counts by

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Estimate per-device memory of a GRPO run and say whether it fits (see grpo_ds/memory.py for the model).
 
-    python scripts/plan_memory.py --model Qwen/Qwen2.5-7B-Instruct --num_gpus 8 --zero 3
-    python scripts/plan_memory.py --model qwen2.5-32b --num_gpus 8 --zero 3 --offload
-    python scripts/plan_memory.py --model embedded --num_gpus 2 --zero 2 --precision fp32 --cpu   # 2 CPU ranks
-    python scripts/plan_memory.py --model qwen2.5-7b --num_gpus 8 --zero 2 --lora_r 16             # LoRA
-    python scripts/plan_memory.py --model qwen2.5-7b --num_gpus 8 --zero 3 --reward_model qwen2.5-1.5b  # an RM
+    .venv/bin/python scripts/plan_memory.py --model Qwen/Qwen2.5-7B-Instruct --num_gpus 8 --zero 3
+    .venv/bin/python scripts/plan_memory.py --model qwen2.5-32b --num_gpus 8 --zero 3 --offload
+    .venv/bin/python scripts/plan_memory.py --model embedded --num_gpus 2 --zero 2 --precision fp32 --cpu  # 2 CPU ranks
+    .venv/bin/python scripts/plan_memory.py --model qwen2.5-7b --num_gpus 8 --zero 2 --lora_r 16             # LoRA
+    .venv/bin/python scripts/plan_memory.py --model qwen2.5-7b --num_gpus 8 --zero 3 --reward_model qwen2.5-1.5b
 
 The device table is per GPU; the host table is the host memory each rank needs beyond it (offloaded optimizer and
 parameters, the process). With --cpu (a CPU-only host, where the device is the host) the two add up.
@@ -63,9 +63,13 @@ def main(argv=None) -> int:
     parser.add_argument("--reward_model_offload", action="store_true", help="the reward model in CPU memory")
     parser.add_argument("--reward_batch_size", type=int, default=0,
                         help="texts per reward-model forward (default: --train_batch_size)")
-    for flag, default in (("rollouts_per_step", 32), ("group_size", 12), ("prompt_tokens", 256),
-                          ("max_new_tokens", 512), ("train_batch_size", 16), ("rollout_batch_size", 0)):
+    for flag, default in (("rollouts_per_step", 32), ("group_size", 12), ("max_new_tokens", 512),
+                          ("train_batch_size", 16), ("rollout_batch_size", 0)):
         parser.add_argument(f"--{flag}", type=int, default=default, help=f"as the trainer's flag (default {default})")
+    parser.add_argument("--prompt_tokens", type=int, default=256,
+                        help="tokens in the longest prompt, as the model sees it (chat template, system prompt and "
+                             "worked example included); the trainer has no such flag, it reads the prompts from "
+                             "the dataset (default 256)")
     args = parser.parse_args(argv)
     shapes = {}
     for flag, spec in (("--model", args.model), ("--reward_model", args.reward_model)):

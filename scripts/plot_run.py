@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Plot runs' metrics (reward, success and format rates, KL, completion length, clip fraction, seconds per step)
-against step, runs overlaid.
+"""Plot runs' metrics (reward, success and clean rates, KL, completion length, clip fraction, seconds per step,
+held-out accuracy) against step, runs overlaid: each step a faint point, a moving average drawn over them. A metric
+no run logged, or one that is zero at every step, gets no panel.
 
-    python scripts/plot_run.py runs/a runs/b --out docs/runs.png
+    .venv/bin/python scripts/plot_run.py runs/a runs/b --out docs/runs.png
 """
 
 import argparse

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """A minimal reward server for `--reward_url` (standard library only): copy it and replace `score()`.
 
-    python scripts/reward_server_example.py --port 8000
-    python scripts/train.py ... --reward remote:1.0 --reward_url http://127.0.0.1:8000/
+    .venv/bin/python scripts/reward_server_example.py --port 8000
+    .venv/bin/python scripts/train.py ... --reward remote:1.0 --reward_url http://127.0.0.1:8000/
 
 It speaks the protocol of grpo_ds/remote_reward.py (docs/REWARD_MODELS.md): POST
 {"prompts": [...], "completions": [...], "completion_ids": [...], "<column>": [...]} and answer

@@ -2,7 +2,7 @@
 """An OpenAI-compatible HTTP server for a model or a training run (grpo_ds/serve.py does the work); usually started
 in the background by scripts/serve.sh.
 
-    python scripts/serve.py runs/quickstart --port 8000
+    .venv/bin/python scripts/serve.py runs/quickstart --port 8000
 
 A training run is served the way it was trained: chats without a system message get the run's system prompt, and
 answers open with its response prefix (both from its config.json; the flags override them). Exit codes: 0 stopped,

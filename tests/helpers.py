@@ -108,6 +108,28 @@ def start(flags: list, cwd: Path, nprocs: int = 2) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def node_command(node_rank: int, num_nodes: int, master_port: int, flags: list) -> list:
+    """One node's share of a multi-node launch with one rank per node, as `deepspeed --hostfile` runs it on each
+    host (its per-node launcher, deepspeed.launcher.launch); on one host with 127.0.0.1 as the master, N of them
+    are N simulated nodes."""
+    import base64
+    import sys
+
+    world = base64.urlsafe_b64encode(json.dumps({f"node{i}": [0] for i in range(num_nodes)}).encode()).decode()
+    return [sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world}", f"--node_rank={node_rank}",
+            "--master_addr=127.0.0.1", f"--master_port={master_port}", str(RUNNER), *flags]
+
+
+def start_nodes(flags: list, cwds: list, fault: str = "") -> list:
+    """len(cwds) simulated nodes of one rank each (node i started in cwds[i]), each in a session of its own;
+    their output is merged into stdout. One CPU thread per rank: both share this host."""
+    port = free_port()
+    env = {**environment(fault), "OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen(node_command(i, len(cwds), port, flags), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            for i, cwd in enumerate(cwds)]
+
+
 def zero_config(tmp_path, name: str) -> str:
     """A copy of ds_configs/NAME in which every parameter is partitioned wherever ZeRO-3 applies: the policy under
     zero3*.json, and the reference (a ZeRO-3 inference engine, --reference_partitioned) under any of them. The tiny

@@ -11,12 +11,19 @@ GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
 - sigterm_mid_step3: rank 0 receives SIGTERM while step 3 generates (a preemption in the middle of a step)
 - trainer_temperature_1: the update scores log-probs at temperature 1 whatever --temperature says (a sampler/trainer
   mismatch, the bug the sampling/* metrics exist to show)
+- lose_rank{R}_in_{PHASE}_step{N}:   rank R is SIGKILLed in PHASE (rollout, reference, update, eval, save: in the
+                                     middle of its checkpoint files) of step N, as a crashed process or node is
+- vanish_rank{R}_in_{PHASE}_step{N}: rank R stops there (SIGSTOP) with its connections open, as a node that drops
+                                     off the network or a hung GPU does; the test kills it afterwards
+  Either writes the time it happened to OUTPUT_DIR/fault_at first.
 """
 
 import errno
 import json
 import os
+import re
 import signal
+import time
 import sys
 from pathlib import Path
 
@@ -32,6 +39,52 @@ from grpo_ds.config import parse_args  # noqa: E402
 from grpo_ds.trainer import NonFiniteError, Preempted, train  # noqa: E402
 
 FAULT = os.environ.get("GRPO_DS_TEST_FAULT", "")
+
+
+def lose_rank(output_dir: str) -> None:
+    """The lose_/vanish_ faults: wrap the phase's function (or, for save, torch.save into a staging folder)."""
+    match = re.fullmatch(r"(lose|vanish)_rank(\d+)_in_(\w+)_step(\d+)", FAULT)
+    if not match:
+        return
+    how, victim, phase, at_step = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
+    step = [0]  # the step under way (a step's checkpoint is written after on_step_end has run)
+
+    def fault() -> None:
+        if step[0] != at_step or torch.distributed.get_rank() != victim:
+            return
+        Path(output_dir, "fault_at").write_text(str(time.time()))
+        print(f"fault: rank {victim} {'killed' if how == 'lose' else 'stopped'} in {phase} of step {at_step}",
+              flush=True)
+        os.kill(os.getpid(), signal.SIGKILL if how == "lose" else signal.SIGSTOP)
+
+    real_rollout = trainer.rollout
+
+    def rollout(run, step_, *args, **kwargs):
+        step[0] = step_
+        if phase == "rollout":
+            fault()
+        return real_rollout(run, step_, *args, **kwargs)
+
+    trainer.rollout = rollout
+    if phase == "save":
+        original_save = torch.save
+
+        def faulty_save(obj, f, *args, **kwargs):
+            result = original_save(obj, f, *args, **kwargs)
+            if ".staging-" in str(f):  # some of this rank's checkpoint files are written, then it is gone
+                fault()
+            return result
+
+        torch.save = faulty_save
+    elif phase != "rollout":
+        name = {"reference": "make_experience", "update": "update", "eval": "evaluate_policy"}[phase]
+        original = getattr(trainer, name)
+
+        def faulty(*args, **kwargs):
+            fault()
+            return original(*args, **kwargs)
+
+        setattr(trainer, name, faulty)
 
 
 def inject_faults(current_step: list) -> None:
@@ -123,6 +176,7 @@ def main() -> int:
     cfg = parse_args()
     records, current_step = [], [1]
     inject_faults(current_step)
+    lose_rank(cfg.output_dir)
     seen = spy()
 
     def on_step_end(step, policy, reference, metrics):

@@ -23,11 +23,13 @@ def test_dataset_problems(refuse, tmp_path):
     broken = write(tmp_path / "broken.jsonl", GOOD + "\n{\"question\": \n")
     refuse(f"{broken}:2: malformed JSON (Expecting value)", dataset=broken)
     no_question = write(tmp_path / "noq.jsonl", GOOD + "\n" + json.dumps({"answer": "#### 4"}) + "\n")
-    refuse(f"{no_question}:2: row has no 'question' field", dataset=no_question)
+    refuse(f"{no_question}:2: none of the columns prompt, question, problem; name the one to use with "
+           f"--prompt_column (the row has answer)", dataset=no_question)
     no_number = write(tmp_path / "nonum.jsonl", json.dumps({"question": "q?", "answer": "#### many"}) + "\n")
-    refuse(f"{no_number}:1: answer has no parsable final number ('#### n'): '#### many'", dataset=no_number,
-           bad_answers="error")
-    refuse(f"{no_number}: no usable rows (1 skipped without a parsable answer)", dataset=no_number)
+    refuse(f"{no_number}:1: column 'answer' holds no readable gold answer (a number, '#### x', \\boxed{{x}} or a "
+           f"short answer): '#### many'", dataset=no_number, bad_answers="error")
+    refuse(f"{no_number}: no usable rows (1 without a readable gold answer; first {no_number}:1: '#### many')",
+           dataset=no_number)
 
 
 def test_ds_config_problems(refuse, tmp_path):

@@ -121,11 +121,11 @@ def test_bench_layers_config_files_and_the_recipe_as_train_does(tmp_path):
         return bench_config(args, "runs/bench", max_steps=3)
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("max_new_tokens: 48\ntemperature: 0.7\nsave_steps: 20\ngroup_size: 6\n")
+    recipe.write_text("max_new_tokens: 48\ntemperature: 0.7\nsave_steps: 20\ngroup_size: 6\neval_steps: 10\n")
     cfg = config_of(["--config", str(recipe), "--temperature", "0.9", "--dataset", "problems.jsonl"])
     assert cfg.max_new_tokens == 48 and cfg.group_size == 6  # from the file
     assert cfg.temperature == 0.9  # the command line over the file
-    assert cfg.save_steps == 0 and cfg.log_completions_steps == 0  # the benchmark's own over the file
+    assert cfg.save_steps == 0 and cfg.log_completions_steps == 0 and cfg.eval_steps == 0  # the benchmark's own
     assert cfg.max_steps == 3 and cfg.output_dir == "runs/bench"
 
     # the embedded model on the built-in problems: the same recipe as scripts/train.py with the same flags

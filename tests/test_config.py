@@ -38,6 +38,22 @@ def test_every_field_has_help():
         assert f"--{f.name}" in help_text
 
 
+def test_help_shows_the_defaults_and_the_precedence():
+    """scripts/train.py --help prints the parser parse_args uses, which parses with SUPPRESS (so that --config and
+    the recipe can fill what the command line leaves out); its help must still show every default, and say that a
+    --config file replaces the built-in recipe."""
+    import re
+
+    help_text = " ".join(build_parser(suppress=True).format_help().split())
+    for f in dataclasses.fields(Config):
+        shown = getattr(Config(), f.name)
+        shown = repr(shown) if shown == "" else str(shown)
+        assert re.search(rf"--{f.name} \S+ .*?\(default: {re.escape(shown)}\)", help_text), f.name
+    assert "(default: 5e-06)" in help_text and "(default: ==SUPPRESS==)" not in help_text
+    assert "replaces the built-in recipe rather than adding to it" in help_text
+    assert "(default: " not in build_parser(suppress=True).format_usage()
+
+
 def test_default_config_validates_on_one_rank():
     # 32 prompts x 12 completions = 384 per rank, 384 / 16 = 24 micro-batches, all accumulated: one optimizer step
     assert validate(Config(), 1) == BatchLayout(world_size=1, prompts_per_rank=32, completions_per_rank=384,
@@ -522,10 +538,14 @@ def test_reference_without_offload_for_offloading_policy():
     assert zero["stage"] == 3 and "offload_param" not in zero
 
 
-def test_readme_flag_table_matches_the_config():
+def test_flag_table_matches_the_config():
     from pathlib import Path
 
     from grpo_ds.config import flags_markdown
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert flags_markdown() in readme, "README's flag table is stale: regenerate it with grpo_ds.config.flags_markdown()"
+    page = (Path(__file__).resolve().parent.parent / "docs" / "FLAGS.md").read_text()
+    assert flags_markdown() in page, (
+        "docs/FLAGS.md's flag table is stale; the table ends the page, so regenerate it with\n"
+        "  .venv/bin/python -c \"from pathlib import Path; from grpo_ds.config import flags_markdown; "
+        "p = Path('docs/FLAGS.md'); s = p.read_text(); "
+        "p.write_text(s[:s.index('| flag | default | meaning |')] + flags_markdown())\"")

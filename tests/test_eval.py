@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from grpo_ds import eval as ev
+from grpo_ds.config import Config
 from grpo_ds.data import Problem, render_prompt
 from grpo_ds.generation import Sampling, generate
 from grpo_ds.inference import load, side_by_side
@@ -342,6 +343,13 @@ def test_bad_flags_fail_with_one_line(argv, message, capsys):
 
 
 # ----------------------------------------------------------------------------- quick inference (ask)
+
+
+def test_arithmetic_difficulty_defaults_to_trainings():
+    """Without a training run, `--data arithmetic` is asked at training's default difficulty (1), not another."""
+    args = eval_script.parser().parse_args(["embedded", "--data", "arithmetic"])
+    eval_script.fill_defaults(args)
+    assert args.difficulty == Config().difficulty == 1
 
 
 def test_ask_one_question_and_compare(varied_model, tmp_path, capsys):

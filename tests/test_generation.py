@@ -516,3 +516,22 @@ def test_compiled_engine_refused_where_zero3_does_not_gather(tiny):
     policy = SimpleNamespace(module=tiny[0], zero_optimization_stage=lambda: 3)
     with pytest.raises(ValueError, match="--zero3_gather_for_generation true"):
         rollout_engine(Config(rollout_engine="compiled", zero3_gather_for_generation=False), policy)
+
+
+@pytest.mark.slow
+def test_compiled_engine_compiles_once_per_bucket_while_prompt_widths_change(tiny):
+    """Real data changes the prompt width every step; the compiled engine pads prompts to a bucket (64 tokens), so
+    rollouts of widths 3 to 30 share one compiled decode step, a width past the bucket adds one, and the tokens are
+    those generate draws for the same seed."""
+    model, tokenizer = tiny
+    engine = StaticDecoder(model, compile=True)
+    widths = [3, 11, 30, 7, 70]
+    for i, width in enumerate(widths):
+        prompts = ["a" * width, "b" * max(1, width - 2)]
+        sampling = Sampling(6, temperature=1.0)
+        torch.manual_seed(i)
+        theirs = generate_rows(model, tokenizer, prompts, sampling, group_size=2)
+        torch.manual_seed(i)
+        ours = generate_rows(model, tokenizer, prompts, sampling, group_size=2, engine=engine)
+        assert torch.equal(ours.sequences_NT, theirs.sequences_NT), width
+        assert engine.compiles == (1 if width < 64 else 2), (width, engine.shapes)

@@ -226,3 +226,27 @@ def test_plan_memory_counts_a_reward_model_config(tmp_path, capsys):
     assert "reward model 0.00B" in out and "| reward_model | 0.00 |" in out and "| reward_activations |" in out
     assert plan.main(["--model", "qwen2.5-0.5b", "--reward_model", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.strip() == f"error: --reward_model '{tmp_path / 'none'}': path does not exist"
+
+
+def test_plan_memory_flags_said_to_be_the_trainers_are(capsys):
+    """A planner flag whose help says "as the trainer's flag" must be one (--prompt_tokens is not: the trainer reads
+    prompts from the dataset)."""
+    import dataclasses
+    import re
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from grpo_ds.config import Config
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import load_script
+
+    with pytest.raises(SystemExit):
+        load_script("plan_memory").main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    claimed = re.findall(r"--(\w+) \w+ as the trainer's flag", help_text)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert "rollouts_per_step" in claimed and set(claimed) <= fields
+    assert "--prompt_tokens PROMPT_TOKENS tokens in the longest prompt" in help_text

@@ -37,6 +37,7 @@ ROWS = [json.loads(line) for line in MATH_FILE.read_text().splitlines()]
     # unreadable: a worked solution with no marker, placeholders, empty, not text
     ("It is 12 minus 5, which leaves 7.", None), ("#### n/a", None), ("N/A", None), ("", None), (None, None),
     (True, None), ({"x": 1}, None), ("\\boxed{unclosed", None), ("line one\nline two", None),
+    ("many", None), ("#### several", None), ("(C)", "(C)"), ("\\text{yes}", "\\text{yes}"),
 ])
 def test_read_gold_reads_every_form(value, gold):
     assert read_gold(value) == gold
