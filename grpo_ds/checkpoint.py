@@ -17,6 +17,10 @@ names the new copy while the old one moves aside, and the old one while the new 
 Every rank writes into the staging folder that rank 0 creates, so the output folder must be one that every rank
 sees (one filesystem that every node mounts); check_shared() refuses a run whose ranks do not share it.
 DeepSpeed writes the files; this module decides where and when they become visible.
+
+Resuming on another number of ranks or ZeRO stage goes through DeepSpeed's universal checkpoint: rank 0 converts
+the checkpoint once with DeepSpeed's ds_to_universal into step_N/universal/ (published like a checkpoint: written
+aside, verified, renamed), and every rank loads it with DeepSpeed's universal loading (`checkpoint.load_universal`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import os
 import random
 import shutil
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Callable, Optional
@@ -115,11 +120,29 @@ def check_compatible(state: dict, world_size: int, zero_stage: int, path: Path, 
                          f"{'LoRA adapters (rank ' + str(saved_lora) + ')' if saved_lora else 'a full fine-tune'}; "
                          f"{hint} to resume it")
     saved = (state["world_size"], state["zero_stage"])
-    if saved != (world_size, zero_stage):
-        raise ValueError(
-            f"--resume_from '{path}': written by {saved[0]} rank(s) under ZeRO-{saved[1]}, this run has {world_size} "
-            f"rank(s) under ZeRO-{zero_stage}; resume with the same number of ranks and ZeRO stage (a different "
-            f"layout needs DeepSpeed's universal checkpoint conversion, ds_to_universal.py)")
+    if not needs_universal(state, world_size, zero_stage):
+        return
+    layouts = (f"--resume_from '{path}': written by {saved[0]} rank(s) under ZeRO-{saved[1]}, this run has "
+               f"{world_size} rank(s) under ZeRO-{zero_stage}")
+    if 0 in (saved[1], zero_stage):
+        # ZeRO-0 keeps a plain optimizer state dict, which ds_to_universal cannot read and universal loading skips
+        raise ValueError(f"{layouts}; a change of ranks or stage needs ZeRO-1, 2 or 3 on both sides (DeepSpeed's "
+                         f"universal checkpoint), else resume with {saved[0]} rank(s) under ZeRO-{saved[1]}")
+    if saved[1] == 3 and zero_stage != 3:
+        # ds_to_universal stores a ZeRO-3 checkpoint's parameters as bare flat tensors; ZeRO-1/2's universal loader
+        # reads {"param": tensor} in the parameter's shape (IndexError in load_hp_checkpoint_state)
+        raise ValueError(f"{layouts}; DeepSpeed's universal checkpoint takes ZeRO-3 to ZeRO-3 only (any number of "
+                         f"ranks): resume under ZeRO-3")
+
+
+def needs_universal(state: dict, world_size: int, zero_stage: int) -> bool:
+    """Whether the checkpoint was written by another number of ranks or ZeRO stage than this run's."""
+    return (state["world_size"], state["zero_stage"]) != (world_size, zero_stage)
+
+
+def universal_ds_config(ds_config: dict) -> dict:
+    """The engine config with DeepSpeed's universal loading on (it must be set before the engine is built)."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
 def rng_state() -> dict:
@@ -327,15 +350,127 @@ def rotate(root: Path, limit: int, keep: Path) -> None:
 
 
 def load(engine, path: Path) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG states from `path`; returns the trainer state."""
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+    """Restore model, optimizer, scheduler and this rank's RNG states from `path`; returns the trainer state. A
+    checkpoint of another world size or ZeRO stage is converted (once) and loaded as a universal checkpoint; the
+    engine must then have been built with universal_ds_config."""
+    state = read_state(path)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    load_dir, tag = path.parent, path.name
+    if needs_universal(state, world, engine.zero_optimization_stage()) or engine.load_universal_checkpoint():
+        # (also when the user's JSON asks for universal loading: that engine cannot read a checkpoint directly)
+        assert engine.load_universal_checkpoint(), "a resharded resume needs universal_ds_config's engine"
+        load_dir, tag = path, universal_checkpoint(engine, path).name
+    load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True,
                                           load_module_strict=not is_peft(engine.module))
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
-    rank = torch.distributed.get_rank()
-    set_rng_state(torch.load(path / f"rng_state_rank{rank}.pt", weights_only=False))
-    return read_state(path)
+    # A rank the checkpoint did not have keeps the run's seeded state: sampling and shuffling are re-seeded from
+    # (seed, step, rank) every step anyway
+    rng_file = path / f"rng_state_rank{rank}.pt"
+    if rng_file.is_file() or state["world_size"] == world:
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+UNIVERSAL = "universal"
+UNIVERSAL_DONE = "grpo_ds_universal.json"
+
+
+def universal_checkpoint(engine, path: Path) -> Path:
+    """path/universal: `path` converted by DeepSpeed's ds_to_universal, built by rank 0 on first use (the other
+    ranks wait) and published only when complete: converted into a staging folder, verified, renamed. It lives
+    inside the checkpoint, so rotation deletes both and a re-saved step never meets a stale conversion."""
+    target = path / UNIVERSAL
+    names = trainable_names(engine)
+
+    def convert() -> str:
+        if universal_problem(target, names) is None:
+            return ""
+        staging = path / f".{UNIVERSAL}-staging"
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            t0 = time.perf_counter()
+            convert_to_universal(path, staging / UNIVERSAL)
+            problem = universal_problem(staging / UNIVERSAL, names, check_done=False)
+            if problem is not None:
+                raise CheckpointError(f"ds_to_universal produced an incomplete folder ({problem})")
+            (staging / UNIVERSAL / UNIVERSAL_DONE).write_text(json.dumps({"source": str(path)}) + "\n")
+            if target.exists():  # an older, incomplete attempt
+                shutil.rmtree(target)
+            os.replace(staging / UNIVERSAL, target)
+            log.info("converted %s to a universal checkpoint in %.1f s", path, time.perf_counter() - t0)
+            return ""
+        except Exception as err:  # noqa: BLE001 - the other ranks wait for this one: tell them
+            return f"{type(err).__name__}: {err}"
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    error = distributed.any_rank_after(convert)
+    if error:
+        raise CheckpointError(f"converting {path} to a universal checkpoint failed ({error})")
+    return target
+
+
+def trainable_names(engine) -> list[str]:
+    """The names under which DeepSpeed's optimizer knows the trained parameters (with LoRA, the adapters)."""
+    return [name for name, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def universal_problem(folder: Path, names: list[str], check_done: bool = True) -> Optional[str]:
+    """Why `folder` is not a complete universal checkpoint for parameters `names` (None when it is)."""
+    if check_done and not (folder / UNIVERSAL_DONE).is_file():
+        return "missing" if not folder.exists() else "not marked complete"
+    if not (folder / "zero" / "optimizer_state.pt").is_file():
+        return "no zero/optimizer_state.pt"
+    for name in names:
+        for state in ("fp32", "exp_avg", "exp_avg_sq"):
+            if not (folder / "zero" / name / f"{state}.pt").is_file():
+                return f"no zero/{name}/{state}.pt"
+    return None
+
+
+def convert_to_universal(path: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal from `path` into `out`, run as its users run it (its own process, its output
+    kept for the error message), then completed so that either ZeRO family loads it.
+
+    --inject_missing_state: the converter asks for a `universal_checkpoint_info` that only Megatron-style models
+    record; a Hugging Face model has no tensor- or pipeline-parallel slices to describe, so DeepSpeed's own default
+    (the version key alone) is exact."""
+    import subprocess
+    import sys
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+                           "--output_folder", str(out), "--inject_missing_state"],
+                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        lines = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
+        raise CheckpointError(f"ds_to_universal exited with {proc.returncode}: {lines[-1] if lines else ''}")
+    _complete_for_both_families(out)
+
+
+def _complete_for_both_families(folder: Path) -> None:
+    """ds_to_universal writes what the loader of the source's own ZeRO family reads. From a ZeRO-1/2 source this
+    adds, without touching a tensor, the metadata that ZeRO-3's loader reads (DeepSpeed 0.19), so one conversion
+    serves ZeRO-1, 2 and 3 targets:
+
+    - the model-states file under ZeRO-3's name too (the engine globs `mp_rank_*_model_states.pt` under ZeRO-1/2
+      and `zero_pp_rank_0_mp_rank_*_model_states.pt` under ZeRO-3); it holds the scheduler, the step counters and
+      the client state, and no weights that a universal load reads;
+    - in zero/optimizer_state.pt, `optimizer_state_dict`: ZeRO-3's loader takes the AdamW step and hyperparameters
+      from there; ZeRO-1/2's converter keeps the hyperparameters as `param_groups` and the step in each
+      parameter's step.pt.
+    (The other way, ZeRO-3 to ZeRO-1/2, is refused by check_compatible.)"""
+    if list(folder.glob("zero_pp_rank_*model_states.pt")):  # from ZeRO-3
+        return
+    os.link(folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")  # no copy
+    zero = folder / "zero"
+    optim_path = zero / "optimizer_state.pt"
+    optim = torch.load(optim_path, weights_only=False)
+    step = torch.load(next(zero.glob("*/step.pt")), weights_only=False)
+    optim["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": optim["param_groups"]}
+    torch.save(optim, optim_path)
 
 
 # ----------------------------------------------------------------------------- export

@@ -214,6 +214,23 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device())).item() > 0)
 
 
+def any_rank_after(work: Callable[[], str], hours: float = 24.0) -> str:
+    """Rank 0 runs `work()` alone (it returns an error message, or "" on success) while the other ranks wait; every
+    rank gets rank 0's message. The wait is on a gloo group of its own with a timeout of `hours`, not bounded by
+    --dist_timeout: converting a large checkpoint takes rank 0 longer than the default 10 minutes, which aborted
+    the waiting ranks. Gloo notices a rank 0 that dies at once (its sockets close); only a frozen one is waited
+    for until the timeout."""
+    from datetime import timedelta
+
+    group = torch.distributed.new_group(backend="gloo", timeout=timedelta(hours=hours))
+    try:
+        message = [work() if torch.distributed.get_rank() == 0 else ""]
+        torch.distributed.broadcast_object_list(message, src=0, group=group)
+    finally:
+        torch.distributed.destroy_process_group(group)
+    return message[0]
+
+
 # ----------------------------------------------------------------------------- DeepSpeed config
 
 

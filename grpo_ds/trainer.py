@@ -278,6 +278,8 @@ def setup(cfg: Config) -> Run:
     if resume_path is not None:
         resume_state = checkpoint.read_state(resume_path)
         checkpoint.check_compatible(resume_state, world, distributed.zero_stage(ds_config), resume_path, cfg.lora_r)
+        if checkpoint.needs_universal(resume_state, world, distributed.zero_stage(ds_config)):
+            ds_config = checkpoint.universal_ds_config(ds_config)  # another layout: DeepSpeed's universal loading
     _prepare_output_dir(cfg, rank, resume_path, resume_state["step"] if resume_state else 0)
     checkpoint.check_shared(cfg.output_dir)
     model_path = resolve_model(cfg.model)

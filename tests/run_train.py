@@ -1,8 +1,7 @@
 """The trainer as the tests run it, under the deepspeed launcher or plain python: train, record after every step
 each rank's weight fingerprint, how much of the reference it holds, and what spy() sees (whole-policy gathers for
 generation, the held-out evaluation's completions, the trained groups' rewards, the reference log-probs), and
-inject the fault named by
-GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
+inject the fault named by GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
 
 - nan_rank1_step2: rank 1's loss is NaN in step 2 only (the other rank's is finite)
 - nan_always:      every loss is NaN
@@ -16,6 +15,12 @@ GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
 - vanish_rank{R}_in_{PHASE}_step{N}: rank R stops there (SIGSTOP) with its connections open, as a node that drops
                                      off the network or a hung GPU does; the test kills it afterwards
   Either writes the time it happened to OUTPUT_DIR/fault_at first.
+- slow_conversion: converting a checkpoint to a universal one takes 65 s longer (a large checkpoint)
+
+Each record also lists the questions of every global batch the step drew from the data order. With
+GRPO_DS_TEST_DUMP_STEP=N, rank 0 saves the full fp32 weights and AdamW moments of every trained parameter, gathered by
+DeepSpeed (safe_get_full_*), to OUTPUT_DIR/full_state_stepN.pt after step N, and to full_state_loaded.pt right
+after a resume has loaded its checkpoint.
 """
 
 import errno
@@ -23,8 +28,8 @@ import json
 import os
 import re
 import signal
-import time
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -102,6 +107,14 @@ def inject_faults(current_step: list) -> None:
             return real_generate(*args, **kwargs)
 
         trainer.generate = interrupted
+    if FAULT == "slow_conversion":
+        real_convert = ckpt.convert_to_universal
+
+        def slow_convert(*args, **kwargs):
+            time.sleep(65)
+            return real_convert(*args, **kwargs)
+
+        ckpt.convert_to_universal = slow_convert
     if FAULT.startswith("nan"):
         original = loss_module.GRPOLoss.__call__
 
@@ -132,6 +145,30 @@ def inject_faults(current_step: list) -> None:
         ckpt.save = counting_save
         torch.save = failing_torch_save
 
+
+def full_state(engine) -> dict:
+    """Every trained parameter's fp32 weights and AdamW moments, gathered whole by DeepSpeed (all ranks call)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    params = {name: {"fp32": safe_get_full_fp32_param(p).cpu(),
+                     **{key: safe_get_full_optimizer_state(p, key).cpu() for key in ("exp_avg", "exp_avg_sq")}}
+              for name, p in engine.module.named_parameters() if p.requires_grad}
+    adam_steps = sorted({float(s["step"]) for s in engine.optimizer.optimizer.state.values() if "step" in s})
+    return {"params": params, "adam_steps": adam_steps, "global_steps": engine.global_steps,
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
+
+
+def record_dumps(output_dir: str) -> None:
+    original_load = ckpt.load
+
+    def load_and_dump(engine, path):
+        state = original_load(engine, path)
+        dump = full_state(engine)
+        if torch.distributed.get_rank() == 0:
+            torch.save(dump, Path(output_dir, "full_state_loaded.pt"))
+        return state
+
+    ckpt.load = load_and_dump
 
 def spy() -> dict:
     """Count DeepSpeed's whole-model gathers for generation (what distributed.gathered_for_generation enters under
@@ -174,9 +211,20 @@ def spy() -> dict:
 
 def main() -> int:
     cfg = parse_args()
-    records, current_step = [], [1]
+    records, current_step, drawn = [], [1], []
     inject_faults(current_step)
     lose_rank(cfg.output_dir)
+    dump_step = int(os.environ.get("GRPO_DS_TEST_DUMP_STEP", "0"))
+    if dump_step:
+        record_dumps(cfg.output_dir)
+    next_batch = trainer.PromptSampler.next_batch
+
+    def recorded_batch(self, batch_size):
+        batch = next_batch(self, batch_size)
+        drawn.append([p.question for p in batch])
+        return batch
+
+    trainer.PromptSampler.next_batch = recorded_batch
     seen = spy()
 
     def on_step_end(step, policy, reference, metrics):
@@ -187,10 +235,15 @@ def main() -> int:
             # replicated one holds all of its data
             held += p.data.numel() or p.ds_tensor.numel()
         records.append({"step": step, "fingerprint": float(distributed.weights_fingerprint(policy)),
-                        "reference_held": held, "reference_full": full, "metrics": metrics,
+                        "reference_held": held, "reference_full": full, "metrics": metrics, "drawn": list(drawn),
                         "full_gathers": seen["full_gathers"], "eval_completions": seen["eval_completions"],
                         "trained_rewards": seen["trained_rewards"], "reference": seen["reference"]})
+        drawn.clear()
         seen.update(eval_completions=None, trained_rewards=None, reference=None)
+        if step == dump_step:
+            dump = full_state(policy)
+            if torch.distributed.get_rank() == 0:
+                torch.save(dump, Path(cfg.output_dir, f"full_state_step{step}.pt"))
         current_step[0] = step + 1
 
     code = 0

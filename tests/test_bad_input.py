@@ -51,14 +51,13 @@ def test_flag_problems(refuse, tmp_path):
 def test_output_dir_with_another_runs_checkpoints(refuse, tmp_path):
     step = tmp_path / "run" / "checkpoints" / "step_0000004"
     step.mkdir(parents=True)
-    (step / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 2, "zero_stage": 2}))
+    (step / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 2, "zero_stage": 3}))
     refuse(f"--output_dir {tmp_path / 'run'}: holds another run's checkpoints (latest step_0000004); pass "
            f"--resume_from latest to continue it or --overwrite to start over")
-    # resuming it under another layout is refused before loading anything
-    refuse(f"--resume_from '{step}': written by 2 rank(s) under ZeRO-2, this run has 1 rank(s) under ZeRO-3; resume "
-           f"with the same number of ranks and ZeRO stage (a different layout needs DeepSpeed's universal "
-           f"checkpoint conversion, ds_to_universal.py)", resume_from="latest",
-           ds_config=str(ROOT / "ds_configs" / "zero3.json"))
+    # resuming it under a layout DeepSpeed's universal checkpoint cannot take is refused before loading anything
+    refuse(f"--resume_from '{step}': written by 2 rank(s) under ZeRO-3, this run has 1 rank(s) under ZeRO-2; "
+           f"DeepSpeed's universal checkpoint takes ZeRO-3 to ZeRO-3 only (any number of ranks): resume under "
+           f"ZeRO-3", resume_from="latest")
     refuse(f"--resume_from '{tmp_path}': no grpo_ds checkpoint there (expected trainer_state.json)",
            resume_from=str(tmp_path))
 

@@ -29,6 +29,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model, ds_config
     run([*flags, "--output_dir", str(split), "--max_steps", "2"], tmp_path)
     assert checkpoint.latest_checkpoint(str(split)).name == "step_0000002"
     run([*flags, "--output_dir", str(split), "--max_steps", "4", "--resume_from", "latest"], tmp_path)
+    assert not (split / "checkpoints" / "step_0000002" / checkpoint.UNIVERSAL).exists()  # same layout: direct load
 
     a, b = metrics(straight), metrics(split)
     assert [r["step"] for r in b] == [1, 2, 3, 4]  # the log continues, no step twice
