@@ -26,6 +26,7 @@ aside, verified, renamed), and every rank loads it with DeepSpeed's universal lo
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -539,8 +540,10 @@ def merge_lora(base, adapter_state: dict, run_config: dict):
 
 
 def folder_problem(path: Path) -> Optional[str]:
-    """Why `path` is not a complete Hugging Face model folder (None when it is): it must hold config.json and every
-    weight file (one safetensors file, or all the shards its index names, or a PyTorch .bin)."""
+    """Why `path` is not a complete Hugging Face model folder (None when it is): it must hold config.json, naming
+    the model's architecture (entries cached by older versions have "architectures": null, which peers such as
+    TRL cannot load), and every weight file (one safetensors file, or all the shards its index names, or a
+    PyTorch .bin)."""
     path = Path(path)
     if not path.is_dir():
         return "missing"
@@ -553,10 +556,15 @@ def folder_problem(path: Path) -> Optional[str]:
         except (OSError, ValueError, KeyError, AttributeError):
             return f"unreadable {index.name}"
         missing = [name for name in shards if not (path / name).is_file()]
-        return f"no weights ({missing[0]})" if missing else None
-    if (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file():
-        return None
-    return "no weights (model.safetensors)"
+        if missing:
+            return f"no weights ({missing[0]})"
+    elif not ((path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file()):
+        return "no weights (model.safetensors)"
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return "unreadable config.json"
+    return None if architectures else "config.json names no architectures"
 
 
 def untied_state_dict(module, dtype: Optional[torch.dtype] = None) -> dict:
@@ -580,7 +588,11 @@ def save_model_folder(model, tokenizer, path: Path, state_dict: Optional[dict] =
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(path)
+    # save_pretrained names the model class in config.json; saving the config alone does not, and a config built
+    # from GGUF metadata or by from_config has none: peers stop on it (TRL reads config.architectures[0])
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(path)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(path)
     save_file(state_dict if state_dict is not None else untied_state_dict(model), str(path / "model.safetensors"),

@@ -94,8 +94,8 @@ class Config:
     train_batch_size: int = _field(16, "Completions per micro-batch on each rank (DeepSpeed's "
                                    "train_micro_batch_size_per_gpu); must divide each rank's completions.")
     lr: float = _field(5e-6, "Peak learning rate of AdamW.")
-    kl_weight: float = _field(0.01, "Weight of the k3 KL penalty to the reference model (beta). 0 skips the "
-                              "reference model entirely.")
+    kl_weight: float = _field(0.01, "Weight of the KL penalty to the reference model (beta; the estimator is "
+                              "--kl_estimator). 0 skips the reference model entirely.")
     clip_eps: float = _field(0.2, "PPO clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high].")
     group_size: int = _field(12, "Completions sampled per prompt (G); advantages compare completions of a group.")
     rollouts_per_step: int = _field(32, "Prompts sampled per step, over all ranks; divisible by the world size.")
@@ -129,12 +129,14 @@ class Config:
     importance_sampling_level: str = _field("token", "'token' (a ratio per token) or 'sequence' (GSPO: one ratio per "
                                             "sequence, the exponent of its mean token log-ratio, clipped per "
                                             "sequence), as TRL.")
-    delta: Optional[float] = _field(None, "Two-sided clipping: also cap the unclipped ratio at delta (> 1), bounding "
-                                    "the loss of negative-advantage tokens (TRL's delta; none by default).")
+    delta: Optional[float] = _field(None, "Two-sided clipping: also cap the unclipped ratio at delta (>= 1 + "
+                                    "clip_eps_high), bounding the loss of negative-advantage tokens (TRL's delta; "
+                                    "none by default).")
     top_entropy_quantile: float = _field(1.0, "Train only on the tokens whose policy entropy is in this top fraction "
                                          "of the micro-batch's tokens, over all ranks (arXiv:2506.01939 uses 0.2; 1.0: "
                                          "all tokens).")
-    kl_estimator: str = _field("k3", "KL estimator: 'k1' (logp - ref), 'k2' ((logp - ref)^2 / 2) or 'k3' "
+    kl_estimator: str = _field("k3", "KL estimator: 'k1' (logp - ref; only with --kl_in_reward, since as a loss "
+                               "term its gradient is zero in expectation), 'k2' ((logp - ref)^2 / 2) or 'k3' "
                                "(exp(ref - logp) - (ref - logp) - 1, GRPO's).")
     kl_in_reward: bool = _field(False, "Put the KL penalty in the reward instead of the loss: each completion's "
                                 "reward loses kl_weight x its summed per-token KL (old vs reference log-probs), as "
@@ -209,8 +211,9 @@ class Config:
     overlong_penalty: float = _field(1.0, "The largest overlong punishment, reached at max_new_tokens.")
     fixed_length: bool = _field(False, "Suppress EOS so every completion is exactly max_new_tokens long (for "
                                 "benchmarks that compare implementations whose sampling differs).")
-    zero3_gather_for_generation: bool = _field(True, "Under ZeRO-3, gather the full policy once for the whole "
-                                               "generation phase (fast); false gathers layer by layer per token "
+    zero3_gather_for_generation: bool = _field(True, "Under ZeRO-3, gather the full policy once for each "
+                                               "generation phase, rollout or held-out evaluation (fast); false "
+                                               "gathers layer by layer per token "
                                                "(slow, for models that do not fit on one device).")
     reference_partitioned: bool = _field(True, "Partition the frozen reference over the ranks (ZeRO-3: each rank "
                                          "holds 1/W of its weights, gathered layer by layer in the reference pass) "
@@ -349,8 +352,19 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
         bad("clip_eps_high", f"must be >= --clip_eps {cfg.clip_eps}")
     if cfg.loss_type == "cispo" and cfg.clip_eps_high is None:
         bad("loss_type", "needs --clip_eps_high, the cap on CISPO's importance weight (ScaleRL recommends 5.0)")
-    if cfg.delta is not None and cfg.delta <= 1:
-        bad("delta", "must be > 1 (it caps ratios above 1 + clip_eps_high, where clipping no longer bounds the loss)")
+    if cfg.delta is not None and cfg.loss_type == "cispo":
+        bad("delta", "has no effect with --loss_type cispo (its weight is capped by --clip_eps_high), as in TRL")
+    if cfg.delta is not None and cfg.delta < 1 + cfg.clip_high():
+        # TRL applies any delta and only recommends > 1 + epsilon; below it, min(min(w, delta) A, clip(w) A) caps a
+        # positive advantage's ratio at delta, silently lowering the upper clip. Refused rather than reinterpreted.
+        bad("delta", f"must be >= 1 + clip_eps_high = {1 + cfg.clip_high():g}: it caps the ratios above the upper "
+            f"clip, and a smaller delta would silently lower the clip itself")
+    if cfg.kl_estimator == "k1" and cfg.kl_weight > 0 and not cfg.kl_in_reward:
+        # d/dtheta of k1 = logp - ref is grad logp, whose expectation under the sampling policy is 0: on-policy the
+        # penalty pulls nowhere on average and only adds variance (verl warns likewise). In the reward, k1 is the
+        # standard choice (OpenRLHF, verl).
+        bad("kl_estimator", "as a loss term k1's gradient is zero in expectation on-policy (it is grad logp), so the "
+            "penalty does nothing but add noise; use k3 or k2, or --kl_in_reward true where k1 is the standard")
     if not 0 <= cfg.top_entropy_quantile <= 1:
         bad("top_entropy_quantile", "must be in [0, 1] (0: only the highest-entropy token, 1: all tokens)")
     terms = [item.strip().rpartition(":")[0] if _weighted(item) else item.strip() for item in cfg.reward.split(",")]

@@ -171,15 +171,17 @@ def rank_and_world() -> tuple[int, int]:
 def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int = 512, batch_size: int = 16,
              num_samples: int = 1, temperature: Optional[float] = None, top_p: float = 1.0, seed: int = 0,
              system_prompt: Optional[str] = SYSTEM_PROMPT, response_prefix: str = "",
-             example: Optional[tuple[str, str]] = None, scorer: str = "auto") -> tuple[dict, list[dict]]:
+             example: Optional[tuple[str, str]] = None, scorer: str = "auto",
+             synced_gpus: bool = False) -> tuple[dict, list[dict]]:
     """Evaluate a loaded model (a plain Hugging Face model, or a DeepSpeed engine's `.module`) on `problems`, each
     asked with `system_prompt` (None: the question alone), the worked `example` (None: none) and `response_prefix`,
     as data.render_prompt builds them.
 
     Returns (summary, rows), the same on every rank: rows are one per completion, ordered by problem then sample.
     Under torch.distributed every rank must call it; each generates its round-robin share of the batches and the
-    rows are gathered. Under ZeRO-3, call it inside distributed.gathered_for_generation (ranks generate different
-    numbers of batches, so per-layer gathering in step would hang). `batch_size` counts completions per generate
+    rows are gathered. Under ZeRO-3, either call it inside distributed.gathered_for_generation (the whole model on
+    every rank), or pass `synced_gpus=True` for a model gathered layer by layer: every rank then makes the same
+    number of generate calls, stepping together (generate_share). `batch_size` counts completions per generate
     call; `temperature` defaults to 0 (greedy) for one sample and 1.0 for several. The model's train/eval mode
     and the global RNG state are restored on return, so evaluating inside training changes nothing there."""
     if temperature is None:
@@ -196,7 +198,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int =
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             mine = generate_share(model, tokenizer, prompts, plan, rank, world, num_samples=num_samples, seed=seed,
-                                  sampling=sampling)
+                                  sampling=sampling, synced_gpus=synced_gpus)
     finally:
         model.train(was_training)
     parts = [(mine, time.perf_counter() - start)] if world == 1 else distributed.all_gather_objects((mine, time.perf_counter() - start))
@@ -231,14 +233,25 @@ def check_settings(num_problems: int, max_new_tokens: int, batch_size: int, num_
 
 
 def generate_share(model, tokenizer, prompts: list[str], plan: list[list[int]], rank: int, world: int, *,
-                   num_samples: int, seed: int, sampling: Sampling) -> dict[int, list[Completion]]:
+                   num_samples: int, seed: int, sampling: Sampling,
+                   synced_gpus: bool = False) -> dict[int, list[Completion]]:
     """This rank's batches of the plan (b = rank, rank + world, ...): problem index -> its completions. Each batch
-    is seeded by its own number, so a batch samples the same whichever rank runs it."""
+    is seeded by its own number, so a batch samples the same whichever rank runs it.
+
+    With `synced_gpus` (ZeRO-3, parameters gathered per layer: every forward is a collective), ranks must make the
+    same number of generate calls, but the round-robin gives the first len(plan) % world ranks one batch more. A
+    rank short of a batch generates the plan's last (shortest) batch once more and drops the result."""
     out: dict[int, list[Completion]] = {}
     start = time.perf_counter()
-    for b in range(rank, len(plan), world):
+    num_calls = -(-len(plan) // world) if synced_gpus else len(range(rank, len(plan), world))
+    for b in range(rank, rank + num_calls * world, world):
+        if b >= len(plan):  # a padding call, only to step with the other ranks
+            generate(model, tokenizer, [prompts[i] for i in plan[-1]], sampling, group_size=num_samples,
+                     synced_gpus=True)
+            continue
         torch.manual_seed(batch_seed(seed, b))
-        rollout = generate(model, tokenizer, [prompts[i] for i in plan[b]], sampling, group_size=num_samples)
+        rollout = generate(model, tokenizer, [prompts[i] for i in plan[b]], sampling, group_size=num_samples,
+                           synced_gpus=synced_gpus)
         completions = [Completion(text, int(n), bool(t)) for text, n, t in
                        zip(rollout.texts(tokenizer), rollout.completion_mask_NC.sum(dim=1), rollout.truncated_N)]
         for j, i in enumerate(plan[b]):

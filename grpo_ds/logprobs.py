@@ -22,8 +22,10 @@ def position_ids(attention_mask_NT: torch.Tensor) -> torch.Tensor:
 def selective_log_softmax(logits_NCV: torch.Tensor, ids_NC: torch.Tensor, chunk_rows: int = 8,
                           with_entropy: bool = False):
     """log_softmax(logits)[ids] computed chunk by chunk of rows: the chosen logit minus logsumexp, in fp32 (bf16
-    logsumexp over 150k entries loses the small log-probs). Only one chunk of rows is ever copied to fp32, never
-    the whole N x C x V block. With `with_entropy`, also each position's entropy of the softmax (no gradient),
+    logsumexp over 150k entries loses the small log-probs). Without gradients (the reference and old-log-prob
+    passes) only one chunk of rows is in fp32 at a time; in training, logsumexp keeps each chunk's fp32 copy for
+    backward, so bf16 logits are held in fp32 too until then (fp32 logits are used as they are). With
+    `with_entropy`, also each position's entropy of the softmax (no gradient),
     from the same chunk: logsumexp - sum(p * logits). Returns logprobs_NC, or (logprobs_NC, entropies_NC)."""
     chunks, entropies = [], []
     for start in range(0, logits_NCV.shape[0], chunk_rows):

@@ -235,9 +235,10 @@ class GRPOLoss:
                  entropies_NC: Optional[torch.Tensor] = None,
                  sampling_weights_NC: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         """Returns (loss contribution, metrics). Metrics are sums over this micro-batch's completion tokens, so
-        the caller can add them over micro-batches and ranks before dividing by `num_tokens`. `sampling_weights_NC`
-        (N x C or N x 1, from sampling_correction) multiplies each token's policy loss, after the entropy mask and
-        before the KL term, as TRL applies its vLLM importance-sampling correction."""
+        the caller can add them over micro-batches and ranks before dividing by `num_tokens`; `kl_sum` is the
+        policy's KL to the reference whenever `ref_logprobs_NC` is given, even when kl_weight is 0.
+        `sampling_weights_NC` (N x C or N x 1, from sampling_correction) multiplies each token's policy loss, after
+        the entropy mask and before the KL term, as TRL applies its vLLM importance-sampling correction."""
         mask_NC = completion_mask_NC.to(logprobs_NC.dtype)
         # Zero the inputs outside the mask before any arithmetic: a masked position may hold any value (padding
         # after EOS, trimmed columns), and an inf there would turn 0 * inf into NaN in the forward or backward.
@@ -272,9 +273,12 @@ class GRPOLoss:
         if sampling_weights_NC is not None:
             per_token = per_token * sampling_weights_NC.to(per_token.dtype)
         per_token_NC = per_token.expand_as(logprobs_NC) if per_token.shape != logprobs_NC.shape else per_token
-        if ref_logprobs_NC is not None and self.kl_weight > 0:
+        if ref_logprobs_NC is not None:
+            # Measured whenever the reference is given, also with kl_weight 0 (--kl_in_reward puts the penalty in
+            # the rewards): the logged KL is the policy's distance from the reference, not the loss term's size.
             kl_NC = kl_estimate(logprobs_NC, ref_logprobs_NC, self.kl_estimator)
-            per_token_NC = per_token_NC + self.kl_weight * kl_NC
+            if self.kl_weight > 0:
+                per_token_NC = per_token_NC + self.kl_weight * kl_NC
         else:
             kl_NC = torch.zeros_like(logprobs_NC)
         loss = aggregate(per_token_NC, completion_mask_NC, self.loss_type, totals)

@@ -12,7 +12,11 @@ The pieces (bytes per device, P parameters, W devices, b bytes per compute eleme
 - generation: under ZeRO-3 the whole policy is gathered for the phase (P*b; two layers at a time with
   --zero3_gather_for_generation false), plus the KV cache of the rows generated
   together and one step's fp32 logits;
-- training: the logits kept for backward (micro x C x V), the fp32 chunk of the log-softmax, and activations: with
+- the static engine (--rollout_engine compiled, RunShape.rollout_engine; what 'auto' picks on GPUs): its KV cache,
+  rows x (prompt + new tokens), is allocated once and kept through the training phase (reset, never freed), so it
+  is resident; while decoding, the prompts' shared prefill cache (rows x (prompt - 1) tokens) sits beside it;
+- training: the logits kept for backward (micro x C x V), the fp32 working set of the log-softmax over one chunk
+  of 8 rows (8 x C x V x 4), and activations: with
   checkpointing one hidden state per layer plus one layer recomputed in full, without it every layer's; under
   ZeRO-3 the parameters fetched for the forward and backward stay until stage3_max_live_parameters (1e9 in
   zero3.json, so the whole policy for models below 1B parameters).
@@ -23,6 +27,10 @@ The pieces (bytes per device, P parameters, W devices, b bytes per compute eleme
   input, the attention projections and output (about 4 hidden states per token) and the gated MLP's gate, up and
   their product (3 intermediate ones), one layer at a time.
 Attention is taken as memory-efficient (SDPA / flash: no T x T matrix is stored).
+
+Not counted: with bf16 logits, training keeps every chunk's fp32 copy for backward (logsumexp saves its input), so
+the log-softmax holds micro x C x V x 4 bytes at the loss, not one chunk's (fp32 logits are used as they are, not
+copied).
 
 With LoRA (rank r on every linear layer of the blocks) the trainable parameters are the adapters' L: gradients and
 optimizer state shrink to L's, the base weights stay whole (frozen; ZeRO-3 still partitions them), and there is no
@@ -138,6 +146,7 @@ class RunShape:
     reduce_bucket_elements: int | None = None  # None: the shipped JSON's (2e8 for ZeRO-2, 5e7 for ZeRO-3)
     max_live_parameters: int = 1_000_000_000  # ZeRO-3's stage3_max_live_parameters
     lora_r: int = 0  # LoRA rank on every linear layer of the blocks (0: full fine-tuning)
+    rollout_engine: str = "hf"  # --rollout_engine: "hf" (generate) or "compiled" (the static KV cache engine)
     reward_model: ModelShape | None = None  # --reward_model's shape (a sequence classifier), or None
     reward_model_offload: bool = False
     reward_batch_size: int = 0  # texts per reward-model forward; 0 = train_batch_size
@@ -152,6 +161,10 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
     offload = run.offload
     bucket = run.reduce_bucket_elements or (50_000_000 if zero3 else 200_000_000)
     has_reference = run.reference and not run.lora_r  # with LoRA: the policy with its adapters off
+    total_tokens = run.prompt_tokens + run.max_new_tokens
+    rows = run.rollout_batch_size or (run.rollouts_per_step // W) * run.group_size
+    kv_per_token = 2 * model.layers * model.kv_heads * model.head_dim * b
+    static = run.rollout_engine == "compiled"
     resident = {
         "policy_weights": 0 if offload else ((P + T * (run.lora_r > 0)) * b // (W if zero3 else 1)),
         # with offload_optimizer the reduced gradient partition goes to the host (its fp32 copy is in the 16 bytes
@@ -162,14 +175,14 @@ def estimate(model: ModelShape, run: RunShape) -> dict[str, int]:
                       else P * b // W if zero3 or run.reference_partitioned else P * b),
         "framework": FRAMEWORK_BYTES,
     }
-    total_tokens = run.prompt_tokens + run.max_new_tokens
-    rows = run.rollout_batch_size or (run.rollouts_per_step // W) * run.group_size
-    kv_per_token = 2 * model.layers * model.kv_heads * model.head_dim * b
+    if static:  # the static engine's cache, sized once for rows x (prompt + new tokens) and kept between rollouts
+        resident["static_kv_cache"] = rows * total_tokens * kv_per_token
     generation = {
         # ZeRO-3 gathers the whole policy for generation, or else streams it a layer (and a prefetched one) at a time
         "gathered_policy": (0 if not zero3 else P * b - resident["policy_weights"] if run.gather_for_generation
                             else (P // model.layers) * b * 2),
-        "kv_cache": rows * total_tokens * kv_per_token,
+        # generate's growing cache; with the static engine, the shared prefill's cache beside the static one
+        "kv_cache": rows * ((run.prompt_tokens - 1) if static else total_tokens) * kv_per_token,
         "generation_logits": rows * model.vocab * 4,
     }
     micro, C, H = run.train_batch_size, run.max_new_tokens, model.hidden

@@ -136,7 +136,7 @@ def cached_folder(target: Path, build: Callable[[Path], None]) -> Path:
 
 def load_tokenizer(path: str):
     """The tokenizer, set up for batched generation: left padding, and a pad token (the EOS when the model has
-    none; masks never rely on pad values, see rollout.py)."""
+    none; masks never rely on pad values, see generation.py)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)

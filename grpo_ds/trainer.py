@@ -936,15 +936,18 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
 
 
 def evaluate_policy(run: Run) -> dict:
-    """Greedy accuracy on the held-out problems, every rank a share (RNG and train mode restored afterwards)."""
+    """Greedy accuracy on the held-out problems, every rank a share (RNG and train mode restored afterwards).
+    Under ZeRO-3 the policy is gathered as for the rollout: whole, or with --zero3_gather_for_generation false
+    (a model too large for one device) layer by layer, the ranks generating in step."""
     cfg = run.cfg
     run.where.enter(run.where.step, "eval")
-    with distributed.gathered_for_generation(run.policy, True):
+    with distributed.gathered_for_generation(run.policy, cfg.zero3_gather_for_generation):
         summary, _ = evaluate(run.policy.module, run.tokenizer, run.eval_problems,
                               max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                               batch_size=cfg.rollout_batch_size or 16, seed=cfg.seed,
                               system_prompt=cfg.system_prompt_text(), response_prefix=cfg.response_prefix,
-                              example=cfg.example())
+                              example=cfg.example(),
+                              synced_gpus=distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation)
     return {"eval_accuracy": summary["accuracy_strict"], "eval_accuracy_lenient": summary["accuracy_lenient"],
             "eval_format_rate": summary["format_rate"], "eval_clean_rate": summary["clean_rate"],
             "eval_s": summary["seconds"]}

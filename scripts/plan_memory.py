@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
     parser.add_argument("--no_gather_for_generation", action="store_true",
                         help="--zero3_gather_for_generation false: generate without gathering the whole policy")
+    parser.add_argument("--rollout_engine", choices=("hf", "compiled"), default="hf",
+                        help="the trainer's --rollout_engine; on GPUs its 'auto' picks compiled, whose static KV "
+                             "cache stays allocated through training (default hf: Hugging Face generate)")
     parser.add_argument("--reward_model", default=None,
                         help="the reward model's config.json, folder, hub id or built-in architecture (a sequence "
                              "classifier, partitioned like the reference)")
@@ -86,8 +89,8 @@ def main(argv=None) -> int:
                    train_batch_size=args.train_batch_size, rollout_batch_size=args.rollout_batch_size,
                    gradient_checkpointing=not args.no_gradient_checkpointing,
                    gather_for_generation=not args.no_gather_for_generation, lora_r=args.lora_r,
-                   reward_model=shapes["--reward_model"], reward_model_offload=args.reward_model_offload,
-                   reward_batch_size=args.reward_batch_size)
+                   rollout_engine=args.rollout_engine, reward_model=shapes["--reward_model"],
+                   reward_model_offload=args.reward_model_offload, reward_batch_size=args.reward_batch_size)
     print(report(shape, run, args.gpu_gib, cpu_only=args.cpu))
     return 0
 

@@ -1,6 +1,7 @@
 """The trainer as the tests run it, under the deepspeed launcher or plain python: train, record after every step
-each rank's weight fingerprint and how much of the reference it holds, and inject the fault named by
-GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
+each rank's weight fingerprint, how much of the reference it holds, and what spy() sees (whole-policy gathers for
+generation, the held-out evaluation's completions, the trained groups' rewards, the reference log-probs), and
+inject the fault named by GRPO_DS_TEST_FAULT (test code only; the package has no fault hooks):
 
 - nan_rank1_step2: rank 1's loss is NaN in step 2 only (the other rank's is finite)
 - nan_always:      every loss is NaN
@@ -169,6 +170,44 @@ def record_dumps(output_dir: str) -> None:
 
     ckpt.load = load_and_dump
 
+def spy() -> dict:
+    """Count DeepSpeed's whole-model gathers for generation (what distributed.gathered_for_generation enters under
+    ZeRO-3); keep each evaluation's completions, the rewards of the groups the step trained on, and the step's
+    reference log-probs with the rows they score."""
+    import deepspeed.runtime.zero
+
+    seen = {"full_gathers": 0, "eval_completions": None, "trained_rewards": None, "reference": None}
+    real_unwrap, real_evaluate = deepspeed.runtime.zero.unwrap_model_for_generation, trainer.evaluate
+    real_make_experience, real_logprob_passes = trainer.make_experience, trainer.logprob_passes
+
+    def recording_make_experience(run, groups, *args, **kwargs):
+        seen["trained_rewards"] = groups.rewards_BG.tolist()
+        return real_make_experience(run, groups, *args, **kwargs)
+
+    def recording_logprob_passes(run, experience, *args, **kwargs):
+        ref, old = real_logprob_passes(run, experience, *args, **kwargs)
+        if ref is not None:
+            seen["reference"] = {"sequences": experience.sequences_NT.tolist(),
+                                 "attention_mask": experience.attention_mask_NT.tolist(),
+                                 "completion_mask": experience.completion_mask_NC.tolist(),
+                                 "logprobs": ref.tolist()}
+        return ref, old
+
+    def counting_unwrap(*args, **kwargs):
+        seen["full_gathers"] += 1
+        return real_unwrap(*args, **kwargs)
+
+    def recording_evaluate(*args, **kwargs):
+        summary, rows = real_evaluate(*args, **kwargs)
+        seen["eval_completions"] = [row["completion"] for row in rows]
+        return summary, rows
+
+    deepspeed.runtime.zero.unwrap_model_for_generation = counting_unwrap
+    trainer.evaluate = recording_evaluate
+    trainer.make_experience = recording_make_experience
+    trainer.logprob_passes = recording_logprob_passes
+    return seen
+
 
 def main() -> int:
     cfg = parse_args()
@@ -186,6 +225,7 @@ def main() -> int:
         return batch
 
     trainer.PromptSampler.next_batch = recorded_batch
+    seen = spy()
 
     def on_step_end(step, policy, reference, metrics):
         held = full = 0
@@ -195,8 +235,11 @@ def main() -> int:
             # replicated one holds all of its data
             held += p.data.numel() or p.ds_tensor.numel()
         records.append({"step": step, "fingerprint": float(distributed.weights_fingerprint(policy)),
-                        "reference_held": held, "reference_full": full, "metrics": metrics, "drawn": list(drawn)})
+                        "reference_held": held, "reference_full": full, "metrics": metrics, "drawn": list(drawn),
+                        "full_gathers": seen["full_gathers"], "eval_completions": seen["eval_completions"],
+                        "trained_rewards": seen["trained_rewards"], "reference": seen["reference"]})
         drawn.clear()
+        seen.update(eval_completions=None, trained_rewards=None, reference=None)
         if step == dump_step:
             dump = full_state(policy)
             if torch.distributed.get_rank() == 0:

@@ -265,7 +265,11 @@ def test_layout_explicit_full_accumulation_is_on_policy():
     (dict(max_nonfinite_skips=0), 2, "--max_nonfinite_skips 0: must be at least 1"),
     (dict(export_dtype="fp16"), 2, "--export_dtype fp16: expected one of auto, bf16, fp32"),
     (dict(loss_type="cispo"), 2, "--loss_type cispo: needs --clip_eps_high"),
-    (dict(delta=1.0), 2, "--delta 1.0: must be > 1"),
+    # below 1 + clip_eps_high, delta would lower the upper clip (TRL only recommends > 1 + epsilon)
+    (dict(delta=1.0), 2, "--delta 1.0: must be >= 1 + clip_eps_high = 1.2: it caps the ratios above the upper clip"),
+    (dict(delta=1.25, clip_eps_high=0.28), 2, "--delta 1.25: must be >= 1 + clip_eps_high = 1.28"),
+    (dict(delta=2.0, loss_type="cispo", clip_eps_high=5.0), 2, "--delta 2.0: has no effect with --loss_type cispo"),
+    (dict(kl_estimator="k1"), 2, "--kl_estimator k1: as a loss term k1's gradient is zero in expectation on-policy"),
     (dict(top_entropy_quantile=1.5), 2, "--top_entropy_quantile 1.5: must be in [0, 1]"),
     (dict(kl_in_reward=True, kl_weight=0.0), 2, "--kl_in_reward True: needs --kl_weight > 0"),
     (dict(max_sampling_rounds=0), 2, "--max_sampling_rounds 0: must be at least 1"),
@@ -296,7 +300,9 @@ def test_validate_train_batch_size_message_shows_the_arithmetic():
 @pytest.mark.parametrize("overrides", [dict(clip_eps_high=0.2), dict(clip_eps_high=0.28), dict(kl_weight=0.0),
                                        dict(top_p=1.0), dict(max_norm=0.0)]
                          + [dict(loss_type=t, clip_eps_high=5.0 if t == "cispo" else None) for t in LOSS_TYPES]
-                         + [dict(delta=1.01), dict(top_entropy_quantile=0.0), dict(lora_r=1, lora_alpha=0.5),
+                         + [dict(delta=1.2), dict(delta=1.28, clip_eps_high=0.28), dict(top_entropy_quantile=0.0),
+                            dict(kl_estimator="k1", kl_in_reward=True), dict(kl_estimator="k1", kl_weight=0.0),
+                            dict(lora_r=1, lora_alpha=0.5),
                             dict(overlong_buffer=7, max_new_tokens=8), dict(importance_sampling_level="sequence")])
 def test_validate_accepts_boundaries(overrides):
     assert validate(base(**overrides), 2).completions_per_rank == 8

@@ -286,6 +286,22 @@ def test_two_ranks_reproduce_one_process(varied_model, dataset_with_known_answer
         assert summaries[0][key] == summaries[1][key], key
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_restores_the_global_rng_and_the_mode(varied_model, training):
+    """The trainer evaluates between steps: evaluate() reseeds per batch and samples, yet the caller's RNG stream
+    and train/eval mode must come back as they were."""
+    model, tokenizer = load(str(varied_model))
+    model.train(training)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    expected = torch.rand(4)  # what the caller would draw next without an evaluation between
+    torch.set_rng_state(state)
+    ev.evaluate(model, tokenizer, [Problem(q, "3") for q in QUESTIONS[:2]], max_new_tokens=6, batch_size=4,
+                num_samples=2, seed=7)
+    assert torch.equal(torch.rand(4), expected)
+    assert model.training is training
+
+
 def test_sampling_is_seeded_and_reports_pass_and_maj(varied_model):
     model, tokenizer = load(str(varied_model))
     problems = [Problem(q, "3") for q in QUESTIONS[:3]]
@@ -367,6 +383,33 @@ def test_doctests_pass():
 
     result = doctest.testmod(ev)
     assert result.failed == 0 and result.attempted >= 3
+
+
+@pytest.mark.parametrize("synced_gpus, calls", [(False, {0: [[0, 1], [4]], 1: [[2, 3]]}),
+                                                 (True, {0: [[0, 1], [4]], 1: [[2, 3], [4]]})])
+def test_synced_generation_gives_every_rank_the_same_number_of_calls(monkeypatch, synced_gpus, calls):
+    """Layer-by-layer ZeRO-3 generation is a collective per forward: with synced_gpus every rank must call
+    generate as often as the others. 3 batches over 2 ranks: rank 1 steps along in a padding call (the plan's last
+    batch), whose completions it drops."""
+    from grpo_ds.generation import Rollout
+
+    made = []
+
+    def fake_generate(model, tokenizer, prompts, sampling, *, group_size, synced_gpus=False):
+        made.append((rank, [int(p) for p in prompts], synced_gpus))
+        n = len(prompts) * group_size
+        return Rollout(torch.zeros(n, 3, dtype=torch.long), torch.ones(n, 3, dtype=torch.long),
+                       torch.ones(n, 1, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    tokenizer = type("Tok", (), {"batch_decode": lambda self, ids, **kw: ["x"] * len(ids)})()
+    plan = [[0, 1], [2, 3], [4]]
+    for rank in (0, 1):
+        out = ev.generate_share(None, tokenizer, ["0", "1", "2", "3", "4"], plan, rank, 2, num_samples=1, seed=0,
+                                sampling=Sampling(4), synced_gpus=synced_gpus)
+        assert sorted(out) == sorted(i for b in range(rank, 3, 2) for i in plan[b])  # a padding call adds nothing
+    assert {r: [p for rank_, p, _ in made if rank_ == r] for r in (0, 1)} == calls
+    assert all(synced == synced_gpus for _, _, synced in made)
 
 
 def test_eval_module_imports_no_deepspeed():

@@ -439,7 +439,14 @@ def test_static_engine_draws_the_tokens_generate_draws(tiny, prompts, sampling, 
     assert torch.equal(static.completion_mask_NC, hf.completion_mask_NC)
     assert torch.equal(static.truncated_N, hf.truncated_N)
     assert torch.equal(again.sequences_NT, hf.sequences_NT)
-    assert hf.truncated_N.any() or sampling.fixed_length or not hf.truncated_N.all()
+    # what the equalities above covered: rows of full length under fixed_length, rows that ended early otherwise
+    lengths_N = hf.completion_mask_NC.sum(dim=1)
+    if sampling.fixed_length:  # EOS suppressed: every row runs its whole budget and is flagged truncated
+        assert hf.truncated_N.all() and (lengths_N == sampling.max_new_tokens).all()
+    else:
+        assert not hf.truncated_N.all() and (lengths_N < sampling.max_new_tokens).any()
+        if not sampling.greedy:  # sampled rows end at different lengths, so the masks differ from row to row
+            assert len(set(lengths_N.tolist())) > 1
 
 
 def test_sample_next_matches_generate_top_p(tiny, prompts):

@@ -26,6 +26,19 @@ def logits(path, ids=torch.arange(1, 20).unsqueeze(0)):
         return AutoModelForCausalLM.from_pretrained(path)(ids).logits
 
 
+def assert_reference_is_the_base_model(reference: dict, base_path) -> None:
+    """The reference log-probs a step used (tests/run_train.py records them with their rows) equal the base model's
+    own, computed here with plain transformers: a log-softmax of its logits at each completion token."""
+    seq, att = torch.tensor(reference["sequences"]), torch.tensor(reference["attention_mask"])
+    mask = torch.tensor(reference["completion_mask"]).bool()
+    c = mask.shape[1]
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    with torch.no_grad():
+        out = base(input_ids=seq, attention_mask=att, position_ids=(att.cumsum(dim=1) - 1).clamp(min=0)).logits
+    expected = torch.log_softmax(out[:, -c - 1:-1].float(), dim=-1).gather(-1, seq[:, -c:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(reference["logprobs"])[mask], expected[mask], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
 def test_lora_trains_the_adapters_only_and_resumes_exactly(tmp_path, tiny_model, ds_config):
     flags = ["--ds_config", zero_config(tmp_path, ds_config), "--model", str(tiny_model), *TINY_FLAGS, *LORA,
@@ -36,6 +49,9 @@ def test_lora_trains_the_adapters_only_and_resumes_exactly(tmp_path, tiny_model,
     assert [r["fingerprint"] for r in rank0] == [r["fingerprint"] for r in rank1]
     assert len({r["fingerprint"] for r in rank0}) == 4  # the adapters move every step
     assert rank0[0]["reference_full"] == 0  # no reference engine: the base is the policy with adapters off
+    # ...and that is the base model itself, also after the adapters moved (step 1 starts with B = 0, base = policy)
+    for row in (rank0[-1], rank1[-1]):
+        assert_reference_is_the_base_model(row["reference"], tiny_model)
     assert all(r["metrics"]["kl"] is not None for r in rank0[1:]) and rank0[-1]["metrics"]["kl"] > 0
 
     # the checkpoint holds the adapters (and their optimizer state) only

@@ -1,4 +1,4 @@
-"""Tests for grpo_ds.loss: advantages, the k3 KL estimator, GRPOLoss for every loss_type and the normalization
+"""Tests for grpo_ds.loss: advantages, the KL estimators, GRPOLoss for every loss_type and the normalization
 contract (micro-batch contributions sum to the whole step's loss and gradient).
 
 Every expected number is worked out by hand in the comments; the code under test is never used to produce one.
@@ -326,7 +326,7 @@ def test_kl_term(loss_type, expected_loss):
         torch.testing.assert_close(grad, (policy + 0.1 * kl) / 5, atol=1e-6, rtol=0)
 
 
-def test_kl_skipped_without_reference_or_weight():
+def test_kl_term_skipped_without_reference_or_weight():
     logp, old, adv, mask = example(requires_grad=False)
     ref = logp + 1.0  # k3 = e - 2 per token, would change the loss if used
     totals = BatchTotals.single(mask, MAX_NEW)
@@ -336,7 +336,9 @@ def test_kl_skipped_without_reference_or_weight():
     with_kl, m3 = GRPOLoss(kl_weight=0.1, loss_type="dapo")(logp, old, ref, adv, mask, totals)
     assert base.item() == pytest.approx(-0.35, abs=1e-6)
     assert no_ref.item() == pytest.approx(-0.35, abs=1e-6) and m1["kl_sum"].item() == 0
-    assert no_weight.item() == pytest.approx(-0.35, abs=1e-6) and m2["kl_sum"].item() == 0
+    # weight 0 keeps KL out of the loss, yet the KL is still measured (5 tokens x (e - 2), as below)
+    assert no_weight.item() == pytest.approx(-0.35, abs=1e-6)
+    assert m2["kl_sum"].item() == pytest.approx(5 * (math.e - 2), abs=1e-5)
     # 5 tokens x (e - 2) = 3.5914091; loss (-1.75 + 0.35914091) / 5
     assert m3["kl_sum"].item() == pytest.approx(5 * (math.e - 2), abs=1e-5)
     assert with_kl.item() == pytest.approx((-1.75 + 0.1 * 5 * (math.e - 2)) / 5, abs=1e-6)
@@ -554,3 +556,20 @@ def test_kl_estimator_in_the_loss():
                                                                   mask, BatchTotals.single(mask, 2))
     assert loss.item() == pytest.approx(0.125)
     assert metrics["kl_sum"].item() == pytest.approx(0.5)
+
+
+def test_kl_is_measured_when_it_is_in_the_reward():
+    # --kl_in_reward: the loss has no KL term (kl_weight 0), but the logged KL must still be the policy's distance
+    # from the reference. logp (-1, -2), ref (-2, -2): k2 per token = (0.5, 0), sum 0.5; k3 = e^-1 - (-1) - 1 =
+    # 0.3678794 and 0
+    from grpo_ds.config import Config
+    from grpo_ds.trainer import loss_from
+
+    leaf = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    mask = torch.ones(1, 2)
+    ref = torch.tensor([[-2.0, -2.0]])
+    for estimator, expected in (("k2", 0.5), ("k3", 0.3678794)):
+        loss_fn = loss_from(Config(kl_in_reward=True, kl_weight=0.5, kl_estimator=estimator))
+        loss, metrics = loss_fn(leaf, leaf.detach(), ref, torch.tensor([0.0]), mask, BatchTotals.single(mask, 2))
+        assert loss.item() == 0.0  # A = 0 and no KL term in the loss
+        assert metrics["kl_sum"].item() == pytest.approx(expected, abs=1e-6)

@@ -143,6 +143,26 @@ def test_cpu_only_footprint_counts_the_cpu_process_not_the_gpu_terms():
     assert host_estimate(shape, run, cpu_only=True)["process"] == CPU_PROCESS_BYTES
 
 
+def test_the_static_engine_keeps_its_kv_cache_through_training():
+    """--rollout_engine compiled allocates its KV cache once (rows x (prompt + new tokens)) and only resets it, so it
+    is resident in the training phase too; while decoding, the shared prefill's cache sits beside it."""
+    shape = ModelShape(vocab=1000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, tied=True)
+    run = dict(num_devices=2, zero_stage=2, rollouts_per_step=4, group_size=4, prompt_tokens=10, max_new_tokens=6,
+               train_batch_size=8)
+    hf = estimate(shape, RunShape(**run))
+    static = estimate(shape, RunShape(**run, rollout_engine="compiled"))
+    # bf16 K and V: 2 x 2 layers x 2 KV heads x 16 dims x 2 bytes = 256 bytes per token; 4 / 2 ranks x 4 = 8 rows
+    assert "static_kv_cache" not in hf and hf["kv_cache"] == 8 * 16 * 256  # generate's cache, 10 + 6 tokens
+    assert static["static_kv_cache"] == 8 * 16 * 256 == 32768
+    assert static["kv_cache"] == 8 * 9 * 256  # the prefill's cache of the prompts less their last token
+    # here training is the larger phase (its logits alone: 8 x 7 x 1000 x 2 + 8 x 6 x 1000 x 4 bytes), so the
+    # static cache adds its whole size to the peak
+    assert static["total"] - hf["total"] == 32768
+    # a rollout batch size bounds the rows generated together, and so the cache
+    assert estimate(shape, RunShape(**run, rollout_engine="compiled", rollout_batch_size=4))["static_kv_cache"] \
+        == 4 * 16 * 256
+
+
 def test_reward_model_parameters_match_a_real_classifier():
     from transformers import LlamaForSequenceClassification
 

@@ -117,3 +117,15 @@ def test_library_modules_parse_no_command_lines():
     for path in PACKAGE.glob("*.py"):
         if path.stem != "config":
             assert "argparse" not in path.read_text(), path.name
+
+
+def test_the_suite_runs_every_docstring_example():
+    """Plain `pytest` collects the package's doctests (pyproject's testpaths and --doctest-modules), and no example
+    is skipped: an example that is never run rots (render_chat's raised, math_verify_reward's answered 0.1)."""
+    import tomllib
+
+    options = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "grpo_ds" in options["testpaths"] and "--doctest-modules" in options["addopts"].split()
+    skipped = [f"{path.name}:{n}" for path in sorted(PACKAGE.glob("*.py"))
+               for n, line in enumerate(path.read_text().splitlines(), 1) if ">>>" in line and "+SKIP" in line]
+    assert not skipped, skipped

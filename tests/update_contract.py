@@ -1,6 +1,6 @@
 """One rank of the normalization-contract test (tests/test_update.py): the same 8-row experience is updated once,
 by however many ranks this launch has, each taking its contiguous share of the rows; rank 0 writes the weights after
-the update and the reported gradient norm, for every loss type."""
+the update and the reported gradient norm, for every loss type (VARIANTS)."""
 
 import json
 import sys
@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from grpo_ds import distributed
+from grpo_ds.config import LOSS_TYPES
 from grpo_ds.experience import Experience
 from grpo_ds.logprobs import completion_logprobs
 from grpo_ds.loss import GRPOLoss
@@ -16,6 +17,11 @@ from grpo_ds.models import load_model
 from grpo_ds.trainer import UpdatePlan, update
 
 N, G, P, C, MICRO = 8, 4, 6, 5, 2
+CISPO_CAP = 1.1  # cispo's clip_eps_high: the cap on its detached importance weight (some of the ratios exceed it)
+# every loss type of the config, and GSPO (grpo with one importance ratio per sequence)
+VARIANTS = {**{t: dict(loss_type=t) for t in LOSS_TYPES}, "gspo": dict(loss_type="grpo",
+                                                                        importance_sampling_level="sequence")}
+VARIANTS["cispo"]["clip_eps_high"] = CISPO_CAP
 
 
 def experience(model) -> Experience:
@@ -45,7 +51,7 @@ def main() -> int:
     rank, world = distributed.init_distributed()
     share = N // world
     results = {}
-    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+    for loss_type, options in VARIANTS.items():
         import deepspeed
 
         torch.manual_seed(0)
@@ -59,7 +65,7 @@ def main() -> int:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
         plan = UpdatePlan(micro_batch_size=MICRO, accumulation=share // MICRO, epochs=1, world_size=world,
                           max_new_tokens=C, temperature=1.0, group_size=G)
-        stats = update(engine, rows, GRPOLoss(clip_eps=0.2, kl_weight=0.1, loss_type=loss_type), plan)
+        stats = update(engine, rows, GRPOLoss(clip_eps=0.2, kl_weight=0.1, **options), plan)
         if rank == 0:
             torch.save({k: v.detach().clone() for k, v in engine.module.state_dict().items()},
                        out / f"weights_{loss_type}_{world}.pt")
