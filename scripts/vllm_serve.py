@@ -11,9 +11,8 @@ time on the engine):
                         "weights_version"}
   POST /update_weights?version=V&last=0|1
                         body: one bucket of named tensors in the safetensors format, in Hugging Face naming, loaded
-                        with the model's own load_weights (which fuses q/k/v and gate/up as at load time). The
-                        bucket with last=1 resets the prefix cache (its KV entries came from the old weights) and
-                        publishes version V.
+                        with the model's own load_weights (load_bucket). The bucket with last=1 resets the prefix
+                        cache and publishes version V.
 
 Log-probs are vLLM's `processed_logprobs`: the log-softmax of the logits after temperature and top-p, the
 distribution each token is drawn from (greedy: the plain softmax), which is what grpo_ds records from its own
@@ -57,17 +56,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_weights(worker, named):
-    """Runs on each vLLM worker (collective_rpc): the model's own loader, as at start-up."""
-    worker.model_runner.model.load_weights(weights=list(named.items()))
+def load_bucket(worker, named):
+    """Runs on each vLLM worker (collective_rpc): the model's own load_weights, as at start-up (it fuses q/k/v and
+    gate/up into vLLM's stacked parameters), into the live parameters."""
+    worker.model_runner.get_model().load_weights(weights=list(named.items()))
     return sum(t.numel() * t.element_size() for t in named.values())
+
+
+def keep_cpu_weights_live():
+    """On a CPU, vLLM repacks every linear weight for oneDNN / its small-GEMM kernel after loading, into copies
+    that load_weights never reaches (and drops the originals), so updated weights would be ignored. Here every
+    linear layer computes from its live weight with torch's linear (MKL, what Hugging Face's CPU forward uses)."""
+    import torch
+    from vllm.model_executor.layers import utils
+
+    def plain(layer, remove_weight):
+        layer.cpu_linear = torch.nn.functional.linear
+
+    utils.dispatch_cpu_unquantized_gemm = plain
 
 
 class Server:
     def __init__(self, args):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: one copy
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        if current_platform.is_cpu():
+            keep_cpu_weights_live()
         t0 = time.perf_counter()
         self.model = args.model
         self.llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
@@ -79,6 +95,7 @@ class Server:
         self.started_seconds = time.perf_counter() - t0
         self.lock = threading.Lock()  # one engine call at a time; a weight update never interleaves a generate
         self.version = 0
+        self.loading = None  # the version being loaded, between its first bucket and its last
         log.info("engine ready in %.1f s", self.started_seconds)
 
     def health(self):
@@ -89,16 +106,21 @@ class Server:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=int(req["n"]), temperature=float(req["temperature"]), top_p=float(req["top_p"]),
+        n, prompts = int(req["n"]), req["prompts"]
+        if float(req["temperature"]) == 0 and n > 1:  # vLLM samples greedy requests once: repeat the prompts
+            n, prompts = 1, [ids for ids in prompts for _ in range(n)]
+        params = SamplingParams(n=n, temperature=float(req["temperature"]), top_p=float(req["top_p"]),
                                 top_k=0, min_p=0.0, repetition_penalty=1.0, max_tokens=int(req["max_tokens"]),
                                 min_tokens=int(req.get("min_tokens", 0)),
                                 stop_token_ids=list(req["stop_token_ids"]), seed=req.get("seed"), logprobs=0,
                                 detokenize=False, skip_special_tokens=False)
         with self.lock:
+            if self.loading is not None:
+                raise ValueError(f"weights version {self.loading} is still being loaded")
             if req.get("weights_version") is not None and req["weights_version"] != self.version:
                 raise ValueError(f"the trainer expects weights version {req['weights_version']}, the server holds "
                                  f"{self.version}: a weight update is missing")
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in req["prompts"]], params,
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params,
                                         use_tqdm=False)
         completions, logprobs = [], []
         for out in outputs:
@@ -109,14 +131,19 @@ class Server:
         return {"completions": completions, "logprobs": logprobs, "weights_version": self.version}
 
     def update_weights(self, body: bytes, version: int, last: bool):
+        """One bucket of version `version`; the one with last=1 resets the prefix cache (its KV entries came
+        from the old weights) and publishes the version. Generation is refused between a version's first bucket
+        and its last."""
         from safetensors.torch import load
 
         named = load(body)
         with self.lock:
-            loaded = self.llm.collective_rpc(load_weights, args=(named,))[0]
+            if self.loading != version:
+                self.loading = version
+            loaded = self.llm.collective_rpc(load_bucket, args=(named,))[0] if named else 0
             if last:
                 self.llm.reset_prefix_cache()
-                self.version = version
+                self.version, self.loading = version, None
         return {"bytes": loaded, "tensors": len(named), "weights_version": self.version}
 
 
