@@ -315,3 +315,31 @@ def test_training_through_vllm_samples_the_updated_policy(server, vllm_model, tm
         assert row["sampling/sampling_logp_difference/max"] < 1e-3, row
         assert row["vllm/weight_sync_mib"] > 0
     assert rows[0]["grad_norm"] > 0 and rows[-1]["kl"] > 0  # the weights moved, so the check had teeth
+
+
+@pytest.mark.slow
+def test_resume_through_vllm_reproduces_the_uninterrupted_run(server, vllm_model, tmp_path):
+    """The server holds whatever weights it was last sent (here another run's): the resumed run sends its
+    checkpoint's, and each request's seed comes from the step, so step 3 is redone exactly."""
+    flags = ["--model", str(vllm_model), *TINY_FLAGS, "--rollout_engine", "vllm", "--vllm_server_port",
+             str(server[0]), "--ds_config", zero_config(tmp_path, "zero2.json"), "--save_steps", "2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run([*flags, "--output_dir", str(straight), "--max_steps", "3"], tmp_path)
+    run([*flags, "--output_dir", str(split), "--max_steps", "2"], tmp_path)
+    run([*flags, "--output_dir", str(split), "--max_steps", "3", "--resume_from", "latest"], tmp_path)
+    a, b = metrics(straight), metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for row_a, row_b in zip(a, b):
+        for key in ("loss", "reward_mean", "kl", "grad_norm", "completion_len_mean"):
+            assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-7), (row_a["step"], key)
+
+
+@pytest.mark.slow
+def test_a_trainer_temperature_mismatch_shows_in_the_metrics(server, vllm_model, tmp_path):
+    """The trainer scoring at temperature 1 while vLLM samples at 0.5 (tests/run_train.py's fault)."""
+    flags = ["--model", str(vllm_model), "--max_steps", "1", *TINY_FLAGS, "--temperature", "0.5",
+             "--rollout_engine", "vllm", "--vllm_server_port", str(server[0])]
+    run([*flags, "--output_dir", str(tmp_path / "ok")], tmp_path, nprocs=1)
+    assert metrics(tmp_path / "ok")[0]["sampling/sampling_logp_difference/max"] < 1e-3
+    run([*flags, "--output_dir", str(tmp_path / "bug")], tmp_path, nprocs=1, fault="trainer_temperature_1")
+    assert metrics(tmp_path / "bug")[0]["sampling/sampling_logp_difference/max"] > 0.1
