@@ -85,7 +85,8 @@ class VLLMEngine:
         (the trainer seeds it per step and rank), so a resumed run asks for the same samples. `should_stop` is
         checked before the request only: one request is one rollout."""
         if should_stop is not None and should_stop():
-            return ids_BP.new_full((ids_BP.shape[0] * group_size, 0), pad_id), torch.zeros(0)
+            n = ids_BP.shape[0] * group_size
+            return ids_BP.new_full((n, 0), pad_id), torch.zeros((n, 0), dtype=torch.float32, device=ids_BP.device)
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(ids_BP.cpu(), mask_BP.cpu())]
         seed = int(torch.randint(0, 2 ** 31 - 1, (1,)))
         reply = self._request("/generate", json.dumps({

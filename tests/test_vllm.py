@@ -343,3 +343,14 @@ def test_a_trainer_temperature_mismatch_shows_in_the_metrics(server, vllm_model,
     assert metrics(tmp_path / "ok")[0]["sampling/sampling_logp_difference/max"] < 1e-3
     run([*flags, "--output_dir", str(tmp_path / "bug")], tmp_path, nprocs=1, fault="trainer_temperature_1")
     assert metrics(tmp_path / "bug")[0]["sampling/sampling_logp_difference/max"] > 0.1
+
+
+def test_a_stop_signal_before_the_request_sends_nothing():
+    """A preemption signal already received: decode returns no tokens and never contacts the (absent) server."""
+    engine = VLLMEngine("127.0.0.1", free_port(), timeout=5, bucket_mb=1)
+    engine.version = 0
+    tok = tokenizer()
+    model = torch.nn.Linear(1, 1)  # generate only asks it for a device and an EOS
+    model.generation_config = None
+    rollout = generate(model, tok, PROMPTS, Sampling(8, 1.0), group_size=2, engine=engine, should_stop=lambda: True)
+    assert rollout.completion_mask_NC.shape == (6, 0) and rollout.sampler_logprobs_NC.shape == (6, 0)
