@@ -81,18 +81,37 @@ class VLLMEngine:
                eos_ids: Sequence[int], pad_id: int,
                should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(completion ids N x C, their sampler log-probs N x C), right-padded with pad_id / 0 to the longest
-        completion; rows [b * G, (b + 1) * G) are prompt b's. The request's seed is drawn from torch's generator
+        completion; rows [b * G, (b + 1) * G) are prompt b's. With several ranks, every rank calls this together:
+        rank 0 sends all ranks' prompts as one request (one vLLM batch rather than one per rank, served one after
+        the other) and each rank takes its rows. The request's seed is drawn from torch's generator on rank 0
         (the trainer seeds it per step and rank), so a resumed run asks for the same samples. `should_stop` is
         checked before the request only: one request is one rollout."""
-        if should_stop is not None and should_stop():
-            n = ids_BP.shape[0] * group_size
+        n = ids_BP.shape[0] * group_size
+        stop = should_stop is not None and should_stop()
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if world > 1:
+            stop = distributed.any_rank(stop)
+        if stop:
             return ids_BP.new_full((n, 0), pad_id), torch.zeros((n, 0), dtype=torch.float32, device=ids_BP.device)
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(ids_BP.cpu(), mask_BP.cpu())]
         seed = int(torch.randint(0, 2 ** 31 - 1, (1,)))
-        reply = self._request("/generate", json.dumps({
-            "prompts": prompts, "n": group_size, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "max_tokens": max_new_tokens, "min_tokens": max_new_tokens if sampling.fixed_length else 0,
-            "stop_token_ids": list(eos_ids), "seed": seed, "weights_version": self.version}).encode())
+        all_prompts = distributed.all_gather_objects(prompts) if world > 1 else [prompts]
+        reply = None
+        if self.rank == 0:
+            try:
+                reply = self._request("/generate", json.dumps({
+                    "prompts": [p for rank_prompts in all_prompts for p in rank_prompts], "n": group_size,
+                    "temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": max_new_tokens,
+                    "min_tokens": max_new_tokens if sampling.fixed_length else 0, "stop_token_ids": list(eos_ids),
+                    "seed": seed, "weights_version": self.version}).encode())
+            except VLLMError as err:  # every rank raises it, none waits for a reply that will not come
+                reply = {"error": str(err)}
+        if world > 1:  # every rank gets rank 0's reply
+            reply = distributed.all_gather_objects(reply)[0]
+        if "error" in reply:
+            raise VLLMError(reply["error"])
+        first = sum(len(p) for p in all_prompts[:self.rank]) * group_size
+        reply = {key: reply[key][first:first + n] for key in ("completions", "logprobs")}
         completions, logprobs = reply["completions"], reply["logprobs"]
         assert len(completions) == len(prompts) * group_size, "the server returned a different number of rows"
         width = max((len(c) for c in completions), default=0)

@@ -109,11 +109,15 @@ class Server:
         n, prompts = int(req["n"]), req["prompts"]
         if float(req["temperature"]) == 0 and n > 1:  # vLLM samples greedy requests once: repeat the prompts
             n, prompts = 1, [ids for ids in prompts for _ in range(n)]
-        params = SamplingParams(n=n, temperature=float(req["temperature"]), top_p=float(req["top_p"]),
-                                top_k=0, min_p=0.0, repetition_penalty=1.0, max_tokens=int(req["max_tokens"]),
-                                min_tokens=int(req.get("min_tokens", 0)),
-                                stop_token_ids=list(req["stop_token_ids"]), seed=req.get("seed"), logprobs=0,
-                                detokenize=False, skip_special_tokens=False)
+        # one seed per prompt (the request's seed + its index): a seed shared by all would give two equal
+        # prompts equal samples
+        seed = req.get("seed")
+        params = [SamplingParams(n=n, temperature=float(req["temperature"]), top_p=float(req["top_p"]),
+                                 top_k=0, min_p=0.0, repetition_penalty=1.0, max_tokens=int(req["max_tokens"]),
+                                 min_tokens=int(req.get("min_tokens", 0)),
+                                 stop_token_ids=list(req["stop_token_ids"]),
+                                 seed=None if seed is None else int(seed) + i, logprobs=0, detokenize=False,
+                                 skip_special_tokens=False) for i in range(len(prompts))]
         with self.lock:
             if self.loading is not None:
                 raise ValueError(f"weights version {self.loading} is still being loaded")
