@@ -143,7 +143,7 @@ class Run:
     logger: MetricsLogger
     output_dir: Path
     export_dtype: torch.dtype
-    engine: Optional[StaticDecoder] = None  # the compiled rollout engine, or None for Hugging Face's generate
+    engine: object = None  # the compiled engine, the vLLM client, or None for Hugging Face's generate
     start_step: int = 0
     saved_step: int = 0
     consecutive_skips: int = 0
@@ -298,12 +298,11 @@ def check_reward_columns(rewards: list, problems: list[Problem], dataset: str) -
 
 
 def rollout_engine(cfg: Config, policy):
-    """The static, compiled decoding engine, a vLLM server's client, or None for Hugging Face's generate; the
-    choice is logged. 'auto'
-    picks the static engine on GPUs, where its CUDA-graph decode step removes generate's launch overhead, and
-    generate on a CPU: there the static engine runs eager and attends over its whole preallocated cache at every
-    token, which wins for short completions (the CPU recipe's 48 tokens: -15% rollout time) and loses for long ones
-    (docs/PERFORMANCE.md). ZeRO-3 without gathering for generation fetches each layer per token on every rank in
+    """The static, compiled decoding engine, a vLLM server's client (docs/VLLM.md), or None for Hugging Face's
+    generate; the choice is logged. 'auto' picks the static engine on GPUs, where its CUDA-graph decode step
+    removes generate's launch overhead, and generate on a CPU: there the static engine runs eager and attends over
+    its whole preallocated cache at every token, which wins for short completions (the CPU recipe's 48 tokens: -15%
+    rollout time) and loses for long ones (docs/PERFORMANCE.md). ZeRO-3 without gathering for generation fetches each layer per token on every rank in
     step, which only generate's synced_gpus does."""
     if cfg.rollout_engine == "vllm":
         from .vllm_engine import VLLMEngine  # only a vLLM run loads it
