@@ -302,8 +302,8 @@ def rollout_engine(cfg: Config, policy):
     generate; the choice is logged. 'auto' picks the static engine on GPUs, where its CUDA-graph decode step
     removes generate's launch overhead, and generate on a CPU: there the static engine runs eager and attends over
     its whole preallocated cache at every token, which wins for short completions (the CPU recipe's 48 tokens: -15%
-    rollout time) and loses for long ones (docs/PERFORMANCE.md). ZeRO-3 without gathering for generation fetches each layer per token on every rank in
-    step, which only generate's synced_gpus does."""
+    rollout time) and loses for long ones (docs/PERFORMANCE.md). ZeRO-3 without gathering for generation fetches
+    each layer per token on every rank in step, which only generate's synced_gpus does."""
     if cfg.rollout_engine == "vllm":
         from .vllm_engine import VLLMEngine  # only a vLLM run loads it
 
