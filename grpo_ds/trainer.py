@@ -215,6 +215,7 @@ def setup(cfg: Config) -> Run:
     if cfg.reward_url:  # a dead or slow scorer is refused now, not at the first step
         remote = RemoteReward(cfg.reward_url, cfg.reward_url_timeout, cfg.reward_url_retries)
         remote.check()
+    vllm = connect_vllm(cfg) if cfg.rollout_engine == "vllm" else None
     if cfg.reward_model:  # the checkpoint's head, read from its config alone
         check_reward_model(cfg.reward_model)
     rewards = parse_reward(cfg.reward, {"remote": remote, "model": _reward_model_pending})
@@ -263,7 +264,7 @@ def setup(cfg: Config) -> Run:
               sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.fixed_length),
               eval_problems=eval_problems, logger=None, output_dir=output_dir,
               export_dtype={"auto": dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype])
-    run.engine = rollout_engine(cfg, policy)
+    run.engine = vllm or rollout_engine(cfg, policy)
     if cfg.reward_model:  # partitioned over the ranks like the reference (ZeRO-3), offloaded on request
         scorer = RewardModel(cfg.reward_model,
                              distributed.reward_model_ds_config(ds_config, cfg.reward_model_offload),
@@ -297,23 +298,26 @@ def check_reward_columns(rewards: list, problems: list[Problem], dataset: str) -
                              f"{dataset} does not have (its columns: {', '.join(sorted(have)) or 'none'})")
 
 
+def connect_vllm(cfg: Config):
+    """The vLLM server's client (--rollout_engine vllm), checked before any model loads: a missing server is one
+    line naming the flags, not a failure at the first step."""
+    from .vllm_engine import VLLMEngine  # only a vLLM run loads it
+
+    engine = VLLMEngine(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_timeout, cfg.vllm_sync_bucket_mb)
+    health = engine.check()
+    distributed.barrier()  # every rank has read the server's weights version before the first sync
+    log.info("rollout engine: vllm (server %s serving %s; weights synced after every update)", engine.url,
+             health["model"])
+    return engine
+
+
 def rollout_engine(cfg: Config, policy):
-    """The static, compiled decoding engine, a vLLM server's client (docs/VLLM.md), or None for Hugging Face's
-    generate; the choice is logged. 'auto' picks the static engine on GPUs, where its CUDA-graph decode step
+    """The static, compiled decoding engine, or None for Hugging Face's generate (the vLLM client comes from
+    connect_vllm); the choice is logged. 'auto' picks the static engine on GPUs, where its CUDA-graph decode step
     removes generate's launch overhead, and generate on a CPU: there the static engine runs eager and attends over
     its whole preallocated cache at every token, which wins for short completions (the CPU recipe's 48 tokens: -15%
     rollout time) and loses for long ones (docs/PERFORMANCE.md). ZeRO-3 without gathering for generation fetches
     each layer per token on every rank in step, which only generate's synced_gpus does."""
-    if cfg.rollout_engine == "vllm":
-        from .vllm_engine import VLLMEngine  # only a vLLM run loads it
-
-        engine = VLLMEngine(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_timeout,
-                            cfg.vllm_sync_bucket_mb)
-        health = engine.check()
-        distributed.barrier()  # every rank has read the server's weights version before the first sync
-        log.info("rollout engine: vllm (server %s serving %s; weights synced after every update)", engine.url,
-                 health["model"])
-        return engine
     gathers = not distributed.is_zero3(policy) or cfg.zero3_gather_for_generation
     choice = cfg.rollout_engine
     if choice == "auto":

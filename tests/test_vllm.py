@@ -354,3 +354,13 @@ def test_a_stop_signal_before_the_request_sends_nothing():
     model.generation_config = None
     rollout = generate(model, tok, PROMPTS, Sampling(8, 1.0), group_size=2, engine=engine, should_stop=lambda: True)
     assert rollout.completion_mask_NC.shape == (6, 0) and rollout.sampler_logprobs_NC.shape == (6, 0)
+
+
+def test_a_missing_server_is_refused_before_any_model_loads(refuse, tiny_model, tmp_path):
+    """`refuse` forbids loading a model (and sets up a world of one); the server is checked first."""
+    from grpo_ds.trainer import train
+
+    cfg = Config(model=str(tiny_model), output_dir=str(tmp_path / "run"), max_steps=1, rollouts_per_step=2,
+                 group_size=2, train_batch_size=2, rollout_engine="vllm", vllm_server_port=free_port())
+    with pytest.raises(VLLMError, match=r"^--vllm_server_host/--vllm_server_port: no vLLM server answers at "):
+        train(cfg)
