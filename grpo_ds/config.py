@@ -192,8 +192,8 @@ class Config:
                                  "every update.")
     vllm_mode: str = _field("server", "With --rollout_engine vllm: 'server' (a scripts/vllm_serve.py process; the "
                             "trainer sends it prompts and weights). 'colocate' (an engine inside each rank, as TRL) "
-                            "is refused: vLLM pins transformers <5.20, grpo_ds needs >=5.24, so the two cannot "
-                            "share one environment.")
+                            "is refused: vLLM pins transformers <5.20, grpo_ds needs >=5.24, so pip will not "
+                            "install them into one environment.")
     vllm_server_host: str = _field("127.0.0.1", "The vLLM server's address (--vllm_mode server).")
     vllm_server_port: int = _field(8000, "The vLLM server's port (--vllm_mode server).")
     vllm_server_timeout: float = _field(600.0, "Seconds to wait for one answer of the vLLM server (a rollout or a "
@@ -429,7 +429,7 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
     if cfg.rollout_engine == "vllm":
         if cfg.vllm_mode == "colocate":
             bad("vllm_mode", "colocate is not available: vLLM pins transformers <5.20 and grpo_ds needs >=5.24, so "
-                "vLLM cannot run inside the trainer; use --vllm_mode server with scripts/vllm_serve.py (docs/VLLM.md)")
+                "pip will not install vLLM into the trainer's environment; use --vllm_mode server with scripts/vllm_serve.py (docs/VLLM.md)")
         for name in ("vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_enable_sleep_mode"):
             if getattr(cfg, name) != getattr(Config, name):
                 bad(name, f"applies to --vllm_mode colocate only; in server mode pass --{name[5:]} to "
