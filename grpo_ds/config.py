@@ -429,7 +429,8 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
     if cfg.rollout_engine == "vllm":
         if cfg.vllm_mode == "colocate":
             bad("vllm_mode", "colocate is not available: vLLM pins transformers <5.20 and grpo_ds needs >=5.24, so "
-                "pip will not install vLLM into the trainer's environment; use --vllm_mode server with scripts/vllm_serve.py (docs/VLLM.md)")
+                "pip will not install vLLM into the trainer's environment; use --vllm_mode server with "
+                "scripts/vllm_serve.py (docs/VLLM.md)")
         for name in ("vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_enable_sleep_mode"):
             if getattr(cfg, name) != getattr(Config, name):
                 bad(name, f"applies to --vllm_mode colocate only; in server mode pass --{name[5:]} to "
