@@ -364,3 +364,27 @@ def test_a_missing_server_is_refused_before_any_model_loads(refuse, tiny_model, 
                  group_size=2, train_batch_size=2, rollout_engine="vllm", vllm_server_port=free_port())
     with pytest.raises(VLLMError, match=r"^--vllm_server_host/--vllm_server_port: no vLLM server answers at "):
         train(cfg)
+
+
+def test_zero3_gathers_one_bucket_at_a_time(monkeypatch):
+    """Under ZeRO-3 each bucket is one GatheredParameters, released before the next is gathered: never the whole
+    model at once (DeepSpeed's gather recorded, not run)."""
+    import contextlib
+
+    import deepspeed
+
+    module = torch.nn.Sequential(*[torch.nn.Linear(32, 32, bias=False) for _ in range(6)])
+    held, most = [], [0]
+
+    @contextlib.contextmanager
+    def gathered(params):
+        held.extend(params)
+        most[0] = max(most[0], sum(p.numel() * p.element_size() for p in held))
+        yield
+        del held[:]
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", gathered)
+    items = [((n, None), [p]) for n, p in module.named_parameters()]
+    layer = 32 * 32 * 4
+    seen = [len(bucket) for bucket in distributed.gathered_in_buckets(Policy(module, stage=3), items, 2 * layer)]
+    assert seen == [2, 2, 2] and most[0] == 2 * layer and not held
