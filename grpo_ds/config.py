@@ -26,6 +26,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SAMPLING_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+VLLM_MODES = ("server", "colocate")
 SCALE_REWARDS = ("group", "batch", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 REPORTERS = ("none", "tensorboard", "wandb")
@@ -189,7 +190,25 @@ class Config:
                                  "tokens drawn on the device, the decode step compiled and replayed as a CUDA graph "
                                  "on GPUs) or 'auto': compiled on GPUs, hf on a CPU-only host "
                                  "and under ZeRO-3 with --zero3_gather_for_generation false (see docs/PERFORMANCE.md). "
-                                 "Both give the same tokens for the same seed.")
+                                 "Both give the same tokens for the same seed. 'vllm': a vLLM server "
+                                 "(scripts/vllm_serve.py in its own environment; docs/VLLM.md), weights synced after "
+                                 "every update.")
+    vllm_mode: str = _field("server", "With --rollout_engine vllm: 'server' (a scripts/vllm_serve.py process; the "
+                            "trainer sends it prompts and weights). 'colocate' (an engine inside each rank, as TRL) "
+                            "is refused: vLLM pins transformers <5.20, grpo_ds needs >=5.24, so pip will not "
+                            "install them into one environment.")
+    vllm_server_host: str = _field("127.0.0.1", "The vLLM server's address (--vllm_mode server).")
+    vllm_server_port: int = _field(8000, "The vLLM server's port (--vllm_mode server).")
+    vllm_server_timeout: float = _field(600.0, "Seconds to wait for one answer of the vLLM server (a rollout or a "
+                                        "bucket of weights) before giving up.")
+    vllm_sync_bucket_mb: int = _field(64, "Weight sync to vLLM after each update: MiB of parameters per bucket "
+                                      "(under ZeRO-3 gathered one bucket at a time, never the whole model).")
+    vllm_gpu_memory_utilization: float = _field(0.3, "TRL's colocate option (vLLM's share of GPU memory); in "
+                                                "server mode pass --gpu_memory_utilization to scripts/vllm_serve.py.")
+    vllm_tensor_parallel_size: int = _field(1, "TRL's colocate option (GPUs per vLLM engine); in server mode pass "
+                                            "--tensor_parallel_size to scripts/vllm_serve.py.")
+    vllm_enable_sleep_mode: bool = _field(False, "TRL's colocate option (release vLLM's memory between rollouts); "
+                                          "in server mode pass --enable_sleep_mode to scripts/vllm_serve.py.")
     share_prefill: bool = _field(True, "Run each prompt's forward pass once and copy its KV cache to the G rows of "
                                  "its group (needs rollout_batch_size a multiple of group_size, or 0); false "
                                  "prefills every row.")
@@ -429,9 +448,21 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
                           ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS), ("kl_estimator", KL_ESTIMATORS),
                           ("importance_sampling_mode", SAMPLING_CORRECTION_MODES),
                           ("report_to", REPORTERS), ("bad_answers", ("skip", "error")),
-                          ("export_dtype", ("auto", "bf16", "fp32")), ("rollout_engine", ("auto", "hf", "compiled"))):
+                          ("export_dtype", ("auto", "bf16", "fp32")),
+                          ("rollout_engine", ("auto", "hf", "compiled", "vllm")), ("vllm_mode", VLLM_MODES)):
         if getattr(cfg, name) not in choices:
             bad(name, f"expected one of {', '.join(choices)}")
+    if cfg.rollout_engine == "vllm":
+        if cfg.vllm_mode == "colocate":
+            bad("vllm_mode", "colocate is not available: vLLM pins transformers <5.20 and grpo_ds needs >=5.24, so "
+                "pip will not install vLLM into the trainer's environment; use --vllm_mode server with "
+                "scripts/vllm_serve.py (docs/VLLM.md)")
+        for name in ("vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_enable_sleep_mode"):
+            if getattr(cfg, name) != getattr(Config, name):
+                bad(name, f"applies to --vllm_mode colocate only; in server mode pass --{name[5:]} to "
+                    f"scripts/vllm_serve.py")
+        if cfg.vllm_sync_bucket_mb < 1:
+            bad("vllm_sync_bucket_mb", "must be at least 1")
     return BatchLayout(
         world_size=world_size,
         prompts_per_rank=prompts,

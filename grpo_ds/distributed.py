@@ -416,6 +416,38 @@ def gathered(engine):
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
 
 
+def gathered_in_buckets(engine, items: list, bucket_bytes: int):
+    """Yield `items` (each a (key, [parameters]) pair) in buckets of about `bucket_bytes` of full-size parameters,
+    each bucket's parameters whole on every rank while it is out (ZeRO-3: one GatheredParameters per bucket, so no
+    rank ever holds more than one bucket beyond its shard; other stages: no gathering). Every rank must iterate to
+    the end, together: the gathers are collectives."""
+    zero3 = is_zero3(engine)
+
+    def numel(param):
+        return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+
+    bucket, size = [], 0
+    for key, params in items:
+        nbytes = sum(numel(p) * p.element_size() for p in params)
+        if bucket and size + nbytes > bucket_bytes:
+            yield from _gathered_bucket(bucket, zero3)
+            bucket, size = [], 0
+        bucket.append((key, params))
+        size += nbytes
+    if bucket:
+        yield from _gathered_bucket(bucket, zero3)
+
+
+def _gathered_bucket(bucket: list, zero3: bool):
+    if not zero3:
+        yield bucket
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for _, params in bucket for p in params]):
+        yield bucket
+
+
 def gathered_for_generation(engine, enabled: bool):
     """Under ZeRO-3, gather every parameter once for the whole generation phase and lift DeepSpeed's per-module
     fetch hooks meanwhile (DeepSpeed's own unwrap_model_for_generation): otherwise every decoding step gathers each

@@ -187,7 +187,7 @@ class Run:
     logger: MetricsLogger
     output_dir: Path
     export_dtype: torch.dtype
-    engine: Optional[StaticDecoder] = None  # the compiled rollout engine, or None for Hugging Face's generate
+    engine: object = None  # the compiled engine, the vLLM client, or None for Hugging Face's generate
     start_step: int = 0
     saved_step: int = 0
     consecutive_skips: int = 0
@@ -260,6 +260,7 @@ def setup(cfg: Config) -> Run:
     if cfg.reward_url:  # a dead or slow scorer is refused now, not at the first step
         remote = RemoteReward(cfg.reward_url, cfg.reward_url_timeout, cfg.reward_url_retries)
         remote.check()
+    vllm = connect_vllm(cfg) if cfg.rollout_engine == "vllm" else None
     if cfg.reward_model:  # the checkpoint's head, read from its config alone
         check_reward_model(cfg.reward_model)
     rewards = parse_reward(cfg.reward, {"remote": remote, "model": _reward_model_pending})
@@ -311,7 +312,7 @@ def setup(cfg: Config) -> Run:
               sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.fixed_length),
               eval_problems=eval_problems, logger=None, output_dir=output_dir,
               export_dtype={"auto": dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype])
-    run.engine = rollout_engine(cfg, policy)
+    run.engine = vllm or rollout_engine(cfg, policy)
     if cfg.reward_model:  # partitioned over the ranks like the reference (ZeRO-3), offloaded on request
         scorer = RewardModel(cfg.reward_model,
                              distributed.reward_model_ds_config(ds_config, cfg.reward_model_offload),
@@ -345,13 +346,26 @@ def check_reward_columns(rewards: list, problems: list[Problem], dataset: str) -
                              f"{dataset} does not have (its columns: {', '.join(sorted(have)) or 'none'})")
 
 
-def rollout_engine(cfg: Config, policy) -> Optional[StaticDecoder]:
-    """The static, compiled decoding engine, or None for Hugging Face's generate; the choice is logged. 'auto'
-    picks the static engine on GPUs, where its CUDA-graph decode step removes generate's launch overhead, and
-    generate on a CPU: there the static engine runs eager and attends over its whole preallocated cache at every
-    token, which wins for short completions (the CPU recipe's 48 tokens: -15% rollout time) and loses for long ones
-    (docs/PERFORMANCE.md). ZeRO-3 without gathering for generation fetches each layer per token on every rank in
-    step, which only generate's synced_gpus does."""
+def connect_vllm(cfg: Config):
+    """The vLLM server's client (--rollout_engine vllm), checked before any model loads: a missing server is one
+    line naming the flags, not a failure at the first step."""
+    from .vllm_engine import VLLMEngine  # only a vLLM run loads it
+
+    engine = VLLMEngine(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_timeout, cfg.vllm_sync_bucket_mb)
+    health = engine.check()
+    distributed.barrier()  # every rank has read the server's weights version before the first sync
+    log.info("rollout engine: vllm (server %s serving %s; weights synced after every update)", engine.url,
+             health["model"])
+    return engine
+
+
+def rollout_engine(cfg: Config, policy):
+    """The static, compiled decoding engine, or None for Hugging Face's generate (the vLLM client comes from
+    connect_vllm); the choice is logged. 'auto' picks the static engine on GPUs, where its CUDA-graph decode step
+    removes generate's launch overhead, and generate on a CPU: there the static engine runs eager and attends over
+    its whole preallocated cache at every token, which wins for short completions (the CPU recipe's 48 tokens: -15%
+    rollout time) and loses for long ones (docs/PERFORMANCE.md). ZeRO-3 without gathering for generation fetches
+    each layer per token on every rank in step, which only generate's synced_gpus does."""
     gathers = not distributed.is_zero3(policy) or cfg.zero3_gather_for_generation
     choice = cfg.rollout_engine
     if choice == "auto":
@@ -507,12 +521,17 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
     problems_B = run.sampler.next_batch(cfg.rollouts_per_step)[run.rank * B:(run.rank + 1) * B]
     torch.manual_seed(seed_for(cfg.seed, step, run.rank, *([round_] if round_ else [])))
     run.policy.eval()
+    vllm = cfg.rollout_engine == "vllm"
+    # the server holds the weights of the last sync: send them again when an optimizer step changed them (and at
+    # the first rollout, since the server started from the model's folder or another run's weights)
+    sync = run.engine.sync_weights(run.policy) if vllm and round_ == 0 else None
     t0 = time.perf_counter()
-    with distributed.gathered_for_generation(run.policy, cfg.zero3_gather_for_generation):
+    with distributed.gathered_for_generation(run.policy, cfg.zero3_gather_for_generation and not vllm):
         result = generate(run.policy.module, run.tokenizer, [run.prompt(p) for p in problems_B],
                           run.sampling, group_size=G, batch_size=cfg.rollout_batch_size, max_length=cfg.max_length,
                           share_prefill=cfg.share_prefill, should_stop=lambda: stop.received is not None,
-                          synced_gpus=distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation,
+                          synced_gpus=(distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation
+                                       and not vllm),
                           engine=run.engine)
     seconds = time.perf_counter() - t0
     if distributed.any_rank(stop.received is not None):  # nothing updated yet: abandon this step on all ranks
@@ -551,7 +570,9 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
              "truncated": float(result.truncated_N.sum()), "generation_s": seconds,
              **{name: value * n for name, value in stats.items() if name in rates},
              **{name: float(value) for name, value in stats.items() if name.startswith("reward/")},
-             **reported.metric_sums(), "reward_errors": float(stats["reward_errors"])}
+             **reported.metric_sums(), "reward_errors": float(stats["reward_errors"]),
+             **({"weight_sync_s": sync["seconds"] if run.rank == 0 else 0.0, "weight_sync_bytes": sync["bytes"]}
+                if sync is not None else {})}
     return Groups(problems_B, result, texts_N, rewards_BG, drawn, seconds, extra_columns=reported.columns)
 
 
@@ -913,6 +934,9 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
                         "sampling/importance_sampling_ratio/mean": total["sampling_ratio_sum"]
                         / total["sampling_ratio_count"],
                         "sampling/importance_sampling_ratio/max": extremes["ratio_max"]})
+    if "weight_sync_s" in total:  # rank 0's time and bytes (the other ranks report 0)
+        metrics.update({"vllm/weight_sync_s": total["weight_sync_s"],
+                        "vllm/weight_sync_mib": total["weight_sync_bytes"] / 2 ** 20})
     if run.cfg.dynamic_sampling:
         metrics.update(groups_drawn=int(total["groups"]), groups_kept=int(total["groups_kept"]),
                        sampling_rounds=groups.rounds)

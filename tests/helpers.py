@@ -59,14 +59,14 @@ def build_tiny_model(path, seed: int = 0, hidden: int = 32, layers: int = 2) -> 
     return path
 
 
-def build_varied_model(path, scale: float = 20.0, seed: int = 0) -> Path:
+def build_varied_model(path, scale: float = 20.0, seed: int = 0, hidden: int = 32) -> Path:
     """build_tiny_model's model with every weight matrix multiplied by `scale`. At the default init (std 0.02) the tiny
     model repeats one token whatever it is asked, which would let a test of batching or sharding pass even if
     completions were attached to the wrong prompts."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = build_tiny_model(Path(path), seed=seed)
+    path = build_tiny_model(Path(path), seed=seed, hidden=hidden)
     model = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
         for param in model.parameters():
