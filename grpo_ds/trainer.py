@@ -886,7 +886,7 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
     extremes = distributed.all_reduce_max_dict({"diff_max": stats.sampling_diff_max, "update_wait_s": stats.wait_s,
                                                 "rank_tokens_max": trained, "rank_tokens_min_negated": -trained,
                                                 "ratio_max": stats.sampling_ratio_max,
-                                                "engine_compiles": float(run.engine.compiles if run.engine else 0),
+                                                "engine_compiles": float(getattr(run.engine, "compiles", 0)),
                                                 "ratio_min_negated": -stats.sampling_ratio_min})
     tokens, n, world = total["num_tokens"], total["completions"], run.world
     scored = total["scored"]
@@ -925,7 +925,7 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
         "rank_tokens_max": extremes["rank_tokens_max"], "rank_tokens_min": -extremes["rank_tokens_min_negated"],
         "update_wait_s": total["update_wait_s"] / world, "update_wait_s_max": extremes["update_wait_s"],
         # the compiled engine's decode-step graphs so far (the most on any rank): bounded by the shape buckets
-        **({"engine_compiles": int(extremes["engine_compiles"])} if run.engine is not None else {}),
+        **({"engine_compiles": int(extremes["engine_compiles"])} if isinstance(run.engine, StaticDecoder) else {}),
     }
     if total["sampling_tokens"]:  # sampler vs trainer, named as TRL logs them
         metrics.update({"sampling/sampling_logp_difference/mean": total["sampling_diff_sum"] / total["sampling_tokens"],
