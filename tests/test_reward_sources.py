@@ -21,11 +21,8 @@ from test_reward_model import build_classifier
 sys.path.insert(0, str(ROOT / "tests"))
 from learnable import sevens_dense  # noqa: E402
 
-FLAGS = [f for f in TINY_FLAGS]
-
-
 def with_reward(spec: str) -> list:
-    flags = list(FLAGS)
+    flags = list(TINY_FLAGS)
     flags[flags.index("--reward") + 1] = spec
     return flags
 

@@ -11,13 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_ds import distributed
-from grpo_ds.config import Config
 from grpo_ds.data import Problem, load_problems, read_gold, render_problem
 from grpo_ds.loss import group_advantages, uniform_groups
 from grpo_ds.rewards import (format_reward, is_correct, is_correct_lenient, math_clean_reward, math_reward,
                              parse_reward, score_completions)
-from grpo_ds.trainer import train
 from helpers import ROOT, build_tokenizer, load_script, records, run, zero_config
 
 MATH_FILE = ROOT / "tests" / "data" / "math_chat.jsonl"
