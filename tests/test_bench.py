@@ -134,3 +134,28 @@ def test_bench_layers_config_files_and_the_recipe_as_train_does(tmp_path):
     for name in ("system_prompt", "response_prefix", "reward", "max_new_tokens", "rollouts_per_step", "group_size",
                  "train_batch_size", "lr", "kl_weight", "temperature", "rollout_engine"):
         assert getattr(bench, name) == getattr(train, name), name
+
+
+def test_bench_decode_counts_every_linear_layer_of_a_decode_step(tiny_model):
+    """The decode step's FLOPs come from these shapes: hidden 32, 2 key-value heads of 8, MLP 64, 2 layers, and the
+    tied output head (a Linear sharing the embedding), counted once."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_decode import linear_shapes
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    per_layer = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]  # q k v o gate up down
+    assert sorted(linear_shapes(model)) == sorted(per_layer * 2 + [(32, model.config.vocab_size)])
+
+
+def test_bench_decode_runs_both_engines(tmp_path, tiny_model):
+    out = tmp_path / "decode.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_decode.py"), "--model", str(tiny_model), "--rows", "4",
+         "--group_size", "2", "--prompt_tokens", "12", "--tokens", "4", "12", "--repeats", "1", "--json", str(out)],
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["engines"]) == {"hf", "static"}
+    for r in result["engines"].values():
+        assert r["decode_step_ms"] > 0 and r["tokens_per_s"] == pytest.approx(4 / (r["decode_step_ms"] / 1e3))
