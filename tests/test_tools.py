@@ -591,3 +591,81 @@ def test_environment_text_in_prompts_row_by_row(tiny):
     counter = Toolbox.from_flags("", "agent_tools:Counter")
     same = counter.session([{}] * 4, ToolFormat(tokenizer))
     assert rollout_prompts(run, problems, same) == (["<a?>", "<b?>"], 2)  # no text: shared prompts
+
+
+# ----------------------------------------------------------------------------- training runs (2 CPU ranks)
+
+AGENT_FLAGS = ["--rollouts_per_step", "4", "--group_size", "4", "--train_batch_size", "4", "--max_new_tokens", "8",
+               "--lr", "1e-2", "--kl_weight", "0.05", "--log_completions_steps", "1", "--system_prompt", "none",
+               "--tools", "grpo_ds.tools:calculator", "--environment", "agent_tools:Counter",
+               "--max_tool_calling_iterations", "2", "--max_episode_tokens", "300", "--max_length", "2048"]
+
+
+@pytest.fixture(scope="module")
+def agent_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("agent") / "model", chars=ASCII_CHARS)
+
+
+def metrics_of(out) -> list:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_agents_train_on_two_ranks_under_zero2_and_resume_exactly(tmp_path, agent_model):
+    """Episodes with an environment (its reward a term), a calculator and an unknown tool called now and then, on 2
+    ranks under ZeRO-2: the ranks stay in sync, the tool metrics and whole episodes are logged, and a run stopped
+    after step 2 and resumed gives the uninterrupted run's steps 3 and 4 and weights."""
+    from helpers import records, run, zero_config
+
+    flags = ["--ds_config", zero_config(tmp_path, "zero2.json"), "--model", str(agent_model), *AGENT_FLAGS,
+             "--reward", "learnable:sevens_dense", "--save_steps", "2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run([*flags, "--output_dir", str(straight), "--max_steps", "4"], tmp_path, fault="scripted_tool_calls")
+    rows = metrics_of(straight)
+    for row in rows:
+        assert row["tools/call_frequency"] > 0 and row["tools/calls/increment"] > 0
+        assert row["tools/calls/calculator"] == 0 and row["tools/tool_tokens_mean"] > 0
+        assert 0 < row["completion_len_mean"] <= 8  # the model's tokens only
+        assert row["reward/Counter"] > 0 and row["update_skipped"] == 0
+        assert row["tools/turns_mean"] > 1
+    assert sum(row["tool_errors"] for row in rows) > 0  # the unknown tool, answered with an error
+    per_rank = records(straight)
+    for a, b in zip(*per_rank):  # both ranks hold the same weights after every step
+        assert a["fingerprint"] == pytest.approx(b["fingerprint"], rel=1e-6)
+    assert len({r["fingerprint"] for r in per_rank[0]}) == 4  # and they moved every step
+    logged = [json.loads(line) for line in (straight / "completions.jsonl").read_text().splitlines()]
+    episodes = [row["episode"] for row in logged]
+    assert all(e[0]["role"] == "assistant" and e[-1]["role"] == "assistant" for e in episodes)
+    results = [m["content"] for e in episodes for m in e if m["role"] == "tool"]
+    assert results and any(r.startswith("Error: unknown tool 'nosuch'") for r in results)
+    assert any(r.isdigit() for r in results)  # the counter's value, as text
+
+    run([*flags, "--output_dir", str(split), "--max_steps", "2"], tmp_path, fault="scripted_tool_calls")
+    run([*flags, "--output_dir", str(split), "--max_steps", "4", "--resume_from", "latest"], tmp_path,
+        fault="scripted_tool_calls")
+    resumed = metrics_of(split)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(rows, resumed):
+        for key in ("loss", "reward_mean", "kl", "grad_norm", "completion_len_mean", "tools/call_frequency",
+                    "tools/tool_tokens_mean", "tool_errors", "reward/Counter"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    assert records(split)[0][-1]["fingerprint"] == pytest.approx(per_rank[0][-1]["fingerprint"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_agents_with_lora_zero3_dynamic_sampling_and_the_compiled_engine(tmp_path, agent_model):
+    """The environment's reward alone (--reward none), LoRA adapters, ZeRO-3, dynamic sampling (a session per
+    round) and the static engine, together on 2 ranks."""
+    from helpers import records, run, zero_config
+
+    out = tmp_path / "run"
+    run(["--ds_config", zero_config(tmp_path, "zero3.json"), "--model", str(agent_model), *AGENT_FLAGS,
+         "--reward", "none", "--lora_r", "4", "--lora_alpha", "8", "--dynamic_sampling", "true",
+         "--rollout_engine", "compiled", "--max_steps", "2", "--save_steps", "0", "--output_dir", str(out)],
+        tmp_path, fault="scripted_tool_calls")
+    rows = metrics_of(out)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["tools/call_frequency"] > 0 and row["reward_mean"] > 0 and "sampling_rounds" in row
+    a, b = records(out)
+    assert a[-1]["fingerprint"] == pytest.approx(b[-1]["fingerprint"], rel=1e-6)
