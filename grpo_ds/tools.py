@@ -417,6 +417,19 @@ class Session:
         self.calls = {name: 0 for name in toolbox.names}
         self.counts = {"tool_calls": 0, "tool_errors": 0, "tool_turns": 0, "tool_tokens": 0, "tool_dropped": 0}
 
+    def prompts(self, problems: list, group_size: int, render: Callable) -> tuple[list[str], int]:
+        """(prompts, group_size) to generate this session's rows from: `render(problem)` for each problem, with
+        group_size rows each; where reset() returned text, it is appended to each row's problem
+        (`problem.with_observation`, TRL's place for it) and, when that makes the rows of a group differ, every
+        row gets its own prompt (group_size 1: no shared prefill), the rows of a group still side by side."""
+        if all(o is None for o in self.observations):
+            return [render(p) for p in problems], group_size
+        rows = [render(p.with_observation(o)) for p, o in zip([p for p in problems for _ in range(group_size)],
+                                                               self.observations)]
+        if all(len(set(rows[b * group_size:(b + 1) * group_size])) == 1 for b in range(len(problems))):
+            return rows[::group_size], group_size
+        return rows, 1
+
     def respond(self, turns: dict[int, list[int]], rooms: dict[int, int]) -> dict[int, list[int]]:
         """Given each row's latest model turn (token ids, without the EOS that ended it) and how many more tokens
         its episode may hold (0: it is over, e.g. out of budget), run the tools it called and return, for the rows

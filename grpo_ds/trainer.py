@@ -541,7 +541,8 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
     sync = run.engine.sync_weights(run.policy) if vllm and round_ == 0 else None
     session = (run.toolbox.session([p.columns for p in problems_B for _ in range(G)], run.tool_format)
                if run.toolbox is not None else None)  # with tools: each row's environment, reset, and its tools
-    prompts, group_size = rollout_prompts(run, problems_B, session)
+    prompts, group_size = (session.prompts(problems_B, G, run.prompt) if session is not None
+                           else ([run.prompt(p) for p in problems_B], G))
     t0 = time.perf_counter()
     with distributed.gathered_for_generation(run.policy, cfg.zero3_gather_for_generation and not vllm):
         result = generate(run.policy.module, run.tokenizer, prompts,
@@ -595,20 +596,6 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
              **({"weight_sync_s": sync["seconds"] if run.rank == 0 else 0.0, "weight_sync_bytes": sync["bytes"]}
                 if sync is not None else {})}
     return Groups(problems_B, result, texts_N, rewards_BG, drawn, seconds, extra_columns=reported.columns)
-
-
-def rollout_prompts(run: Run, problems_B: list[Problem], session) -> tuple[list[str], int]:
-    """(prompts, group_size) to generate from: each problem's prompt, G completions of each; with an environment
-    whose reset() returned text, that text is appended to each row's prompt (TRL), so a group whose rows got
-    different texts is generated row by row (one prompt per row, no shared prefill)."""
-    G = run.cfg.group_size
-    if session is None or all(o is None for o in session.observations):
-        return [run.prompt(p) for p in problems_B], G
-    rows = [run.prompt(p.with_observation(o))
-            for p, o in zip([p for p in problems_B for _ in range(G)], session.observations)]
-    if all(len(set(rows[b * G:(b + 1) * G])) == 1 for b in range(len(problems_B))):
-        return rows[::G], G
-    return rows, 1
 
 
 def share_groups(run: Run, step: int, with_signal: list, tied: list, drawn: dict) -> Groups:
@@ -1025,7 +1012,8 @@ def evaluate_policy(run: Run) -> dict:
                               batch_size=cfg.rollout_batch_size or 16, seed=cfg.seed,
                               system_prompt=cfg.system_prompt_text(), response_prefix=cfg.response_prefix,
                               example=cfg.example(),
-                              synced_gpus=distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation)
+                              synced_gpus=distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation,
+                              toolbox=run.toolbox, max_episode_tokens=cfg.max_episode_tokens or 0)
     return {"eval_accuracy": summary["accuracy_strict"], "eval_accuracy_lenient": summary["accuracy_lenient"],
             "eval_format_rate": summary["format_rate"], "eval_clean_rate": summary["clean_rate"],
             "eval_s": summary["seconds"]}

@@ -11,7 +11,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -577,20 +576,65 @@ def test_tool_tokens_never_receive_gradient(tiny, loss_type):
 def test_environment_text_in_prompts_row_by_row(tiny):
     """An environment whose reset() text differs per row: each row gets its own prompt (group_size 1 to the
     generator), the rows of a group still side by side."""
-    from grpo_ds.trainer import rollout_prompts
-
     _, tokenizer = tiny
     box = Toolbox.from_flags("", "agent_tools:Greeter")
     problems = [Problem("a?", "1", columns={"question": "a?"}), Problem("b?", "2", columns={"question": "b?"})]
     session = box.session([p.columns for p in problems for _ in range(2)], ToolFormat(tokenizer))
-    run = SimpleNamespace(cfg=SimpleNamespace(group_size=2), prompt=lambda p: f"<{p.question}>")
-    prompts, group_size = rollout_prompts(run, problems, session)
+    render = lambda p: f"<{p.question}>"  # noqa: E731
+    prompts, group_size = session.prompts(problems, 2, render)
     numbers = [e.number for e in session.environments]
     assert group_size == 1 and prompts == [f"<a? (instance {numbers[0]})>", f"<a? (instance {numbers[1]})>",
                                            f"<b? (instance {numbers[2]})>", f"<b? (instance {numbers[3]})>"]
     counter = Toolbox.from_flags("", "agent_tools:Counter")
     same = counter.session([{}] * 4, ToolFormat(tokenizer))
-    assert rollout_prompts(run, problems, same) == (["<a?>", "<b?>"], 2)  # no text: shared prompts
+    assert same.prompts(problems, 2, render) == (["<a?>", "<b?>"], 2)  # no text: shared prompts
+
+
+def scripted_sessions(monkeypatch, parser):
+    """Every session the code under test opens gets `parser` as the model's decisions."""
+    real = Toolbox.session
+    monkeypatch.setattr(Toolbox, "session", lambda self, columns, fmt, parser_=None: real(self, columns, fmt, parser))
+
+
+def test_evaluation_runs_the_tool_loop_of_training(tiny, monkeypatch):
+    """The held-out evaluation (in training and scripts/eval.py) asks with the tools' schemas and runs the same
+    loop: completions are episodes, scored on their whole text, their length the model's tokens."""
+    from grpo_ds.eval import evaluate
+
+    model, tokenizer = tiny
+    scripted_sessions(monkeypatch, always("multiply", {"a": 6, "b": 7}))
+    box = Toolbox.from_flags("agent_tools:multiply", max_iterations=1)
+    problems = [Problem("6*7?", "42"), Problem("2+2?", "4"), Problem("1+2?", "3")]
+    summary, rows = evaluate(model, tokenizer, problems, max_new_tokens=10, batch_size=2, system_prompt=None,
+                             toolbox=box, max_episode_tokens=400)
+    with_tools = [r for r in rows if any(m["role"] == "tool" for m in r["episode"])]
+    assert with_tools and all("42" in r["completion"] for r in with_tools)  # the result is in the scored text
+    assert all(r["num_tokens"] <= 10 for r in rows) and summary["n"] == 3
+    # and without tools, the same call evaluates as before: no episode, no tool turn
+    _, plain = evaluate(model, tokenizer, problems, max_new_tokens=10, batch_size=2, system_prompt=None)
+    assert all("episode" not in r for r in plain)
+
+
+def test_ask_uses_the_runs_tools(tiny, tmp_path, monkeypatch):
+    """A run trained with tools is asked with them: prompt_format reads them from its config.json, and answers are
+    episodes."""
+    from grpo_ds import inference
+
+    model, tokenizer = tiny
+    run_dir = tmp_path / "run"
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "final" / "config.json").write_text("{}")
+    (run_dir / "config.json").write_text(json.dumps({"rollouts_per_step": 4, "group_size": 4, "system_prompt": "none",
+                                                     "tools": "agent_tools:multiply", "tool_timeout": 5.0,
+                                                     "max_tool_calling_iterations": 1, "max_episode_tokens": 400}))
+    fmt = inference.prompt_format(str(run_dir))
+    assert fmt.toolbox is not None and fmt.toolbox.names == ["multiply"] and fmt.max_episode_tokens == 400
+    assert "<tools>" in fmt.render(tokenizer, "6*7?")
+    monkeypatch.setattr(inference, "load", lambda spec, dtype="auto": (model, tokenizer))
+    scripted_sessions(monkeypatch, always("multiply", {"a": 6, "b": 7}))
+    answers = inference.answer_all(str(run_dir), ["6*7?", "what is 12*3?"], Sampling(10), fmt, batch_size=2)
+    assert any("42" in a.text for a in answers) and all(a.num_tokens <= 10 for a in answers)
+    assert inference.prompt_format(None).toolbox is None
 
 
 # ----------------------------------------------------------------------------- training runs (2 CPU ranks)
