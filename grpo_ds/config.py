@@ -179,6 +179,24 @@ class Config:
                                       "e.g. 'q_proj,v_proj'; 'all-linear': every linear layer of the blocks (not the "
                                       "output layer).")
 
+    # --- tools and environments (agents; docs/AGENTS.md)
+    tools: str = _field("", "Tools the model may call during rollouts, TRL's form: comma-separated module:function, "
+                        "each a plain function with type hints and a Google docstring (its schema reaches the model "
+                        "through the chat template, or the text format of docs/AGENTS.md), e.g. "
+                        "grpo_ds.tools:calculator. A completion is then an episode: the model's turns and the tool "
+                        "results between them, the results never trained on.")
+    environment: str = _field("", "An environment, module:Class (TRL's environment_factory): one instance per "
+                              "completion, its public methods the tools, reset(**columns) before every rollout (its "
+                              "text, if any, is appended to the prompt), and get_reward() if defined, an extra reward "
+                              "term named after the class (weight 1; --reward none leaves it alone).")
+    max_tool_calling_iterations: Optional[int] = _field(None, "Tool-calling rounds per episode, as in TRL (none: until "
+                                                        "the model stops calling tools or a budget is spent).")
+    tool_timeout: float = _field(10.0, "Seconds one tool call may take; a slower call is abandoned and the model "
+                                 "gets an error message as its result (counted in tool_errors).")
+    max_episode_tokens: Optional[int] = _field(None, "Cap on a whole episode's tokens, the model's and the tool "
+                                               "results' (default: 2 x max_new_tokens, which counts the model's "
+                                               "tokens only); --max_length still caps prompt + episode.")
+
     # --- engine
     precision: str = _field("auto", "'auto' (bf16 on GPUs when the JSON enables it, fp32 on a CPU-only host), "
                             "'bf16' or 'fp32'.")
@@ -452,6 +470,23 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
                           ("rollout_engine", ("auto", "hf", "compiled", "vllm")), ("vllm_mode", VLLM_MODES)):
         if getattr(cfg, name) not in choices:
             bad(name, f"expected one of {', '.join(choices)}")
+    agent = bool(cfg.tools.strip() or cfg.environment.strip())
+    if not agent:
+        for name in ("max_tool_calling_iterations", "tool_timeout", "max_episode_tokens"):
+            if getattr(cfg, name) != getattr(Config, name):
+                bad(name, "has no effect without --tools or --environment")
+    if cfg.max_tool_calling_iterations is not None and cfg.max_tool_calling_iterations < 0:
+        bad("max_tool_calling_iterations", "must be >= 0 (0: tools are offered but never run)")
+    if not cfg.tool_timeout > 0:
+        bad("tool_timeout", "must be positive (seconds one tool call may take)")
+    if cfg.max_episode_tokens is not None and cfg.max_episode_tokens < cfg.max_new_tokens:
+        bad("max_episode_tokens", f"must be >= --max_new_tokens {cfg.max_new_tokens} (it caps the model's tokens "
+            f"and the tool results together)")
+    if agent and cfg.rollout_engine == "vllm":
+        bad("tools" if cfg.tools.strip() else "environment", "the vLLM engine does not run tool rollouts yet; use "
+            "--rollout_engine hf or compiled")
+    if agent and cfg.fixed_length:
+        bad("fixed_length", "suppresses the EOS that ends a turn, so a tool could never be called")
     if cfg.rollout_engine == "vllm":
         if cfg.vllm_mode == "colocate":
             bad("vllm_mode", "colocate is not available: vLLM pins transformers <5.20 and grpo_ds needs >=5.24, so "

@@ -15,6 +15,7 @@ same seed and gets the same result, so no communication is needed here.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from .tools import renders_tools, with_tool_instructions
 
 logger = logging.getLogger("grpo_ds.data")
 
@@ -54,6 +57,23 @@ class Problem:
         """The prompt as the dataset holds it, as TRL passes it to reward functions: the question string, or the
         list of chat messages."""
         return [dict(m) for m in self.messages] if self.messages else self.question
+
+    def with_observation(self, text: str | None) -> "Problem":
+        """The problem with `text` (an environment's reset() result) appended to its question, or to the last
+        user turn of a chat prompt, as TRL appends it; unchanged for None.
+
+        >>> Problem("Guess a number.", "7").with_observation(" It is below 10.").question
+        'Guess a number. It is below 10.'
+        """
+        if text is None:
+            return self
+        if not self.messages:
+            return dataclasses.replace(self, question=self.question + text)
+        messages = [dict(m) for m in self.messages]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user") if any(
+            m["role"] == "user" for m in messages) else len(messages) - 1
+        messages[last]["content"] = messages[last]["content"] + text
+        return dataclasses.replace(self, messages=tuple(messages))
 
 
 # ----------------------------------------------------------------------------------------------- answers
@@ -489,7 +509,8 @@ def _to_problems(rows: Iterable[tuple[str, Any]], source: str, bad_answers: str,
 
 # ------------------------------------------------------------------------------------------------ prompts
 
-def render_chat(tokenizer: Any, messages: list[dict], response_prefix: str = "") -> str:
+def render_chat(tokenizer: Any, messages: list[dict], response_prefix: str = "",
+                tools: list[dict] | None = None) -> str:
     r"""Prompt text for a conversation (dicts with 'role' and 'content'), ending where the model's answer starts:
     after the assistant's turn opens and after `response_prefix` (text the answer is made to begin with, such as
     "<think>\n"; part of the prompt, so it is neither generated, trained on nor scored).
@@ -500,7 +521,16 @@ def render_chat(tokenizer: Any, messages: list[dict], response_prefix: str = "")
     >>> class Plain: chat_template = None
     >>> render_chat(Plain(), [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"}])
     'System: Be brief.\nUser: 2+3?\nAssistant:'
+
+    `tools` (JSON schemas, tools.Toolbox) reach the model through the template where it renders them
+    (`apply_chat_template(..., tools=...)`), and otherwise in the text format's block at the end of the system turn
+    (tools.with_tool_instructions; docs/AGENTS.md).
     """
+    if tools and renders_tools(tokenizer):
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=True) + response_prefix
+    if tools:
+        messages = with_tool_instructions(messages, tools)
     if getattr(tokenizer, "chat_template", None) is None:
         turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
         return f"{turns}Assistant:{response_prefix}"
@@ -522,14 +552,16 @@ def prompt_messages(question: str | None, system_prompt: str | None = SYSTEM_PRO
 
 
 def render_prompt(tokenizer: Any, question: str, system_prompt: str | None = SYSTEM_PROMPT,
-                  response_prefix: str = "", example: tuple[str, str] | None = None) -> str:
+                  response_prefix: str = "", example: tuple[str, str] | None = None,
+                  tools: list[dict] | None = None) -> str:
     """Prompt text for one question, asked in prompt_messages' turns; see render_chat. Training, evaluation, ask
     and serve all build their prompts here."""
-    return render_chat(tokenizer, prompt_messages(question, system_prompt, example), response_prefix)
+    return render_chat(tokenizer, prompt_messages(question, system_prompt, example), response_prefix, tools)
 
 
 def render_problem(tokenizer: Any, problem: Problem, system_prompt: str | None = SYSTEM_PROMPT,
-                   response_prefix: str = "", example: tuple[str, str] | None = None) -> str:
+                   response_prefix: str = "", example: tuple[str, str] | None = None,
+                   tools: list[dict] | None = None) -> str:
     r"""Prompt text for a problem. A question string is asked in prompt_messages' turns (render_prompt). A chat-format
     prompt is rendered as written, as TRL renders it: the system prompt and worked example are not added (the
     conversation carries its own), and a last assistant turn is a prefill the answer continues (TRL's
@@ -541,10 +573,15 @@ def render_problem(tokenizer: Any, problem: Problem, system_prompt: str | None =
     'User: 2+3?\nAssistant:'
     """
     if not problem.messages:
-        return render_prompt(tokenizer, problem.question, system_prompt, response_prefix, example)
+        return render_prompt(tokenizer, problem.question, system_prompt, response_prefix, example, tools)
     messages = [dict(m) for m in problem.messages]
     if messages[-1]["role"] != "assistant":
-        return render_chat(tokenizer, messages, response_prefix)
+        return render_chat(tokenizer, messages, response_prefix, tools)
+    if tools and renders_tools(tokenizer):
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             continue_final_message=True) + response_prefix
+    if tools:
+        messages = with_tool_instructions(messages, tools)
     if getattr(tokenizer, "chat_template", None) is None:
         turns = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages[:-1])
         return f"{turns}Assistant: {messages[-1]['content']}{response_prefix}"

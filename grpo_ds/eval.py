@@ -34,6 +34,7 @@ import torch
 from . import distributed
 from .data import SYSTEM_PROMPT, Problem, is_number, load_problems, render_problem
 from .generation import Sampling, generate
+from .tools import Toolbox, ToolFormat
 from .rewards import (answers_match, clean_answer, extract_answer, extract_last_number, has_format,
                       is_correct_lenient, math_equal, numbers_equal, parse_number)
 
@@ -47,6 +48,7 @@ class Completion:
     text: str  # decoded completion up to its first EOS (the EOS itself is a special token, not text)
     num_tokens: int  # completion tokens, the EOS included (what the training metrics count)
     truncated: bool  # no EOS within max_new_tokens
+    episode: Optional[list] = None  # with tools: the conversation, the model's turns and the tool results
 
 
 # ----------------------------------------------------------------------------- scoring (pure)
@@ -172,7 +174,8 @@ def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int =
              num_samples: int = 1, temperature: Optional[float] = None, top_p: float = 1.0, seed: int = 0,
              system_prompt: Optional[str] = SYSTEM_PROMPT, response_prefix: str = "",
              example: Optional[tuple[str, str]] = None, scorer: str = "auto",
-             synced_gpus: bool = False) -> tuple[dict, list[dict]]:
+             synced_gpus: bool = False, toolbox: Optional[Toolbox] = None,
+             max_episode_tokens: int = 0) -> tuple[dict, list[dict]]:
     """Evaluate a loaded model (a plain Hugging Face model, or a DeepSpeed engine's `.module`) on `problems`, each
     asked with `system_prompt` (None: the question alone), the worked `example` (None: none) and `response_prefix`,
     as data.render_prompt builds them.
@@ -183,12 +186,18 @@ def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int =
     every rank), or pass `synced_gpus=True` for a model gathered layer by layer: every rank then makes the same
     number of generate calls, stepping together (generate_share). `batch_size` counts completions per generate
     call; `temperature` defaults to 0 (greedy) for one sample and 1.0 for several. The model's train/eval mode
-    and the global RNG state are restored on return, so evaluating inside training changes nothing there."""
+    and the global RNG state are restored on return, so evaluating inside training changes nothing there.
+
+    With a `toolbox` (the run's --tools/--environment) every completion is an episode, as in training (the same
+    prompt with the tools' schemas, the same loop; docs/AGENTS.md): it is scored on its whole text, its length
+    counts the model's tokens, and its row holds the conversation (`episode`)."""
     if temperature is None:
         temperature = 0.0 if num_samples == 1 else 1.0
     sampling = check_settings(len(problems), max_new_tokens, batch_size, num_samples, temperature, top_p)
     rank, world = rank_and_world()
-    prompts = [render_problem(tokenizer, p, system_prompt, response_prefix, example) for p in problems]
+    schemas = toolbox.schemas if toolbox is not None else None
+    render = lambda p: render_problem(tokenizer, p, system_prompt, response_prefix, example, schemas)  # noqa: E731
+    prompts = [render(p) for p in problems]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     plan = batch_plan(lengths, max(1, batch_size // num_samples))
     device = next(model.parameters()).device
@@ -197,8 +206,10 @@ def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int =
     start = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            episodes = (None if toolbox is None else
+                        Episodes(toolbox, ToolFormat(tokenizer, response_prefix), problems, render, max_episode_tokens))
             mine = generate_share(model, tokenizer, prompts, plan, rank, world, num_samples=num_samples, seed=seed,
-                                  sampling=sampling, synced_gpus=synced_gpus)
+                                  sampling=sampling, synced_gpus=synced_gpus, episodes=episodes)
     finally:
         model.train(was_training)
     parts = [(mine, time.perf_counter() - start)] if world == 1 else distributed.all_gather_objects((mine, time.perf_counter() - start))
@@ -209,7 +220,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int =
     rows = score_texts([c.text for c in flat], [p for p in problems for _ in range(num_samples)], scorer)
     for k, (row, completion) in enumerate(zip(rows, flat)):
         row.update(index=k // num_samples, sample=k % num_samples, num_tokens=completion.num_tokens,
-                   truncated=completion.truncated)
+                   truncated=completion.truncated, **({"episode": completion.episode} if completion.episode else {}))
     summary = summarize(rows, num_samples)
     tokens = sum(c.num_tokens for c in flat)
     summary.update(completion_tokens=tokens, seconds=round(seconds, 3), tokens_per_s=tokens / max(seconds, 1e-9),
@@ -232,9 +243,28 @@ def check_settings(num_problems: int, max_new_tokens: int, batch_size: int, num_
     return sampling
 
 
+@dataclass
+class Episodes:
+    """What evaluation needs to run the tool loop: the tools, how their results are framed, the problems (for
+    each row's environment reset) and how a problem is rendered."""
+
+    toolbox: Toolbox
+    fmt: ToolFormat
+    problems: list[Problem]
+    render: object
+    max_episode_tokens: int = 0
+
+    def batch(self, indices: list[int], num_samples: int) -> tuple[list[str], int, object]:
+        """(prompts, group_size, session) for a batch of problems, num_samples rows each."""
+        chosen = [self.problems[i] for i in indices]
+        session = self.toolbox.session([p.columns for p in chosen for _ in range(num_samples)], self.fmt)
+        prompts, group_size = session.prompts(chosen, num_samples, self.render)
+        return prompts, group_size, session
+
+
 def generate_share(model, tokenizer, prompts: list[str], plan: list[list[int]], rank: int, world: int, *,
-                   num_samples: int, seed: int, sampling: Sampling,
-                   synced_gpus: bool = False) -> dict[int, list[Completion]]:
+                   num_samples: int, seed: int, sampling: Sampling, synced_gpus: bool = False,
+                   episodes: Optional[Episodes] = None) -> dict[int, list[Completion]]:
     """This rank's batches of the plan (b = rank, rank + world, ...): problem index -> its completions. Each batch
     is seeded by its own number, so a batch samples the same whichever rank runs it.
 
@@ -250,10 +280,17 @@ def generate_share(model, tokenizer, prompts: list[str], plan: list[list[int]], 
                      synced_gpus=True)
             continue
         torch.manual_seed(batch_seed(seed, b))
-        rollout = generate(model, tokenizer, [prompts[i] for i in plan[b]], sampling, group_size=num_samples,
-                           synced_gpus=synced_gpus)
-        completions = [Completion(text, int(n), bool(t)) for text, n, t in
-                       zip(rollout.texts(tokenizer), rollout.completion_mask_NC.sum(dim=1), rollout.truncated_N)]
+        if episodes is None:
+            rollout = generate(model, tokenizer, [prompts[i] for i in plan[b]], sampling, group_size=num_samples,
+                               synced_gpus=synced_gpus)
+        else:  # the tool loop, as in training
+            batch_prompts, group_size, session = episodes.batch(plan[b], num_samples)
+            rollout = generate(model, tokenizer, batch_prompts, sampling, group_size=group_size, tools=session,
+                               max_episode_tokens=episodes.max_episode_tokens)
+        messages = rollout.messages_N or [None] * len(rollout.truncated_N)
+        completions = [Completion(text, int(n), bool(t), m) for text, n, t, m in
+                       zip(rollout.texts(tokenizer), rollout.completion_mask_NC.sum(dim=1), rollout.truncated_N,
+                           messages)]
         for j, i in enumerate(plan[b]):
             out[i] = completions[j * num_samples:(j + 1) * num_samples]
         if rank == 0:

@@ -17,8 +17,12 @@ import torch
 @dataclass
 class Experience:
     sequences_NT: torch.Tensor  # prompt + completion token ids
-    attention_mask_NT: torch.Tensor  # 1 on real prompt tokens and on completion tokens up to the first EOS
-    completion_mask_NC: torch.Tensor  # 1 on the completion tokens the loss sees (first EOS included)
+    # 1 on real prompt tokens and on completion tokens up to the first EOS (with tools: the whole episode, the tool
+    # results included, as context)
+    attention_mask_NT: torch.Tensor
+    # 1 on the completion tokens the loss sees (first EOS included): with tools, only the model's own tokens, so the
+    # loss, KL, entropy, clip fraction and token counts never see a tool result (generation.episodes)
+    completion_mask_NC: torch.Tensor
     rewards_N: torch.Tensor
     advantages_N: torch.Tensor
     old_logprobs_NC: Optional[torch.Tensor] = None  # None when on-policy: the detached current log-probs serve

@@ -10,17 +10,26 @@ Masks come from positions, never from token values: a chat template's EOS (e.g. 
 system and user turns inside the prompt, and the pad token is often the EOS itself, so "token != pad" is wrong
 both ways. The prompt mask is the tokenizer's; the completion mask is 1 up to and including the first EOS that
 `generate` produced, and 0 after it.
+
+With tools (tools.Session), a completion is an episode: the model's turns and the tool results between them
+(`episodes`). The attention mask covers the whole episode (the results are context), the completion mask only the
+model's own tokens (each turn up to and including its EOS): the loss, KL, entropy, clip fraction and lengths read
+the completion mask, so tool-result tokens never receive gradient (TRL's tool_mask); `tool_mask_NC` marks them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .logprobs import position_ids
+
+if TYPE_CHECKING:
+    from .tools import Session
 
 
 @dataclass(frozen=True)
@@ -61,20 +70,30 @@ class Sampling:
 @dataclass
 class Rollout:
     sequences_NT: torch.Tensor
-    attention_mask_NT: torch.Tensor
-    completion_mask_NC: torch.Tensor
+    attention_mask_NT: torch.Tensor  # prompt tokens, and the whole completion (an episode's tool results too)
+    completion_mask_NC: torch.Tensor  # the model's own tokens: what the loss sees
     truncated_N: torch.Tensor  # bool: no EOS within the generation budget
     # the log-probability of each sampled token under the distribution it was drawn from (after temperature and
     # top-p; greedy: the plain softmax), recorded while sampling; 0 outside the completion mask
     sampler_logprobs_NC: Optional[torch.Tensor] = None
+    # with tools: 1 on the tool-result tokens of each episode (context, never trained), and each episode's
+    # conversation (the model's turns and the tool results, as chat messages)
+    tool_mask_NC: Optional[torch.Tensor] = None
+    messages_N: Optional[list] = None
 
     @property
     def completion_ids_NC(self) -> torch.Tensor:
         return self.sequences_NT[:, -self.completion_mask_NC.shape[1]:]
 
+    @property
+    def episode_mask_NC(self) -> torch.Tensor:
+        """The whole completion: the model's tokens and, in an episode, the tool results between its turns."""
+        return self.attention_mask_NT[:, -self.completion_mask_NC.shape[1]:]
+
     def texts(self, tokenizer) -> list[str]:
-        """Each completion decoded from exactly its masked tokens (the EOS, a special token, leaves no text)."""
-        ids_NC, mask_NC = self.completion_ids_NC.cpu(), self.completion_mask_NC.cpu()
+        """Each completion decoded from exactly its tokens, an episode's tool results included (the EOS, a special
+        token, leaves no text)."""
+        ids_NC, mask_NC = self.completion_ids_NC.cpu(), self.episode_mask_NC.cpu()
         return tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(ids_NC, mask_NC)], skip_special_tokens=True)
 
 
@@ -171,7 +190,8 @@ def _shared_prefill(model, ids_BP: torch.Tensor, mask_BP: torch.Tensor, group_si
 def generate(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampling: Sampling, *,
              group_size: int = 1, batch_size: int = 0, max_length: int = 0, share_prefill: bool = True,
              synced_gpus: bool = False, should_stop: Optional[Callable[[], bool]] = None,
-             stopping: Optional[StoppingCriteria] = None, engine: Optional["StaticDecoder"] = None) -> Rollout:
+             stopping: Optional[StoppingCriteria] = None, engine: Optional["StaticDecoder"] = None,
+             tools: Optional["Session"] = None, max_episode_tokens: int = 0) -> Rollout:
     """`group_size` completions of every prompt, in batched `generate` calls of `batch_size` rows (0: all N rows in
     one call). Prompts (text or token ids) are left-padded once and each is repeated G times in a row, so rows
     [b * G, (b + 1) * G) form prompt b's group.
@@ -183,8 +203,17 @@ def generate(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampl
     G rows of its group (instead of G identical prefills), when every call holds whole groups.
 
     `engine` None decodes with Hugging Face's `generate`; a StaticDecoder decodes with its static KV cache (and, on
-    a GPU, a compiled decode step replayed as a CUDA graph): the same Rollout layout, masks and flags."""
+    a GPU, a compiled decode step replayed as a CUDA graph): the same Rollout layout, masks and flags.
+
+    `tools` (a tools.Session with one row per completion) makes each completion an episode: see `episodes`.
+    `prompts` may then also hold one prompt per row (group_size 1), when an environment's reset changed them."""
     assert tokenizer.padding_side == "left", "generation needs left padding"
+    if tools is not None:
+        if stopping is not None or synced_gpus or sampling.fixed_length:
+            raise ValueError("tool rollouts take no StoppingCriteria, synced_gpus or fixed_length")
+        return episodes(model, tokenizer, prompts, sampling, tools, group_size=group_size, batch_size=batch_size,
+                        max_length=max_length, share_prefill=share_prefill, should_stop=should_stop, engine=engine,
+                        max_episode_tokens=max_episode_tokens)
     device = next(model.parameters()).device
     ids_BP, mask_BP = left_pad(tokenizer, prompts)
     ids_BP, mask_BP = ids_BP.to(device), mask_BP.to(device)
@@ -241,6 +270,107 @@ def generate(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampl
         completion_mask_NC=mask_NC,
         truncated_N=truncated_N,
         sampler_logprobs_NC=logprobs_NC * mask_NC,
+    )
+
+
+def episodes(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampling: Sampling, session: "Session", *,
+             group_size: int = 1, batch_size: int = 0, max_length: int = 0, share_prefill: bool = True,
+             should_stop: Optional[Callable[[], bool]] = None, engine: Optional["StaticDecoder"] = None,
+             max_episode_tokens: int = 0) -> Rollout:
+    """Multi-turn rollouts: every row decodes a turn (the first for all rows at once, as `generate`, shared
+    prefills included); the session runs the tools each row's turn called and returns the tokens of the results;
+    the rows that go on decode their next turn after them, each from its own history (prompt, turns and results
+    as tokens, never re-tokenized, so the sequence trained on is the one sampled), while rows that called no tool
+    are done. Either engine decodes every turn.
+
+    Budgets, per row: `sampling.max_new_tokens` counts the model's tokens over all turns; `max_episode_tokens`
+    (0: twice that) caps the whole episode, results included; `max_length` caps prompt + episode. A turn cut by a
+    budget before its EOS ends the episode, flagged truncated; results that would leave no room for a model token
+    are not shown and the episode ends there (TRL drops them likewise).
+
+    Later turns are prefilled from the whole history (no KV cache is kept between turns), in one batch of the rows
+    that go on. The rows that called a tool wait for the round's slowest tool (each call bounded by the session's
+    timeout); the others have finished."""
+    budget = sampling.max_new_tokens
+    cap = max_episode_tokens or 2 * budget
+    first = generate(model, tokenizer, prompts, dataclasses.replace(sampling, max_new_tokens=min(budget, cap)),
+                     group_size=group_size, batch_size=batch_size, max_length=max_length, share_prefill=share_prefill,
+                     should_stop=should_stop, engine=engine)
+    eos = set(eos_token_ids(model, tokenizer))
+    n, num_prompt = first.sequences_NT.shape[0], first.sequences_NT.shape[1] - first.completion_mask_NC.shape[1]
+    prompt_NP, prompt_mask_NP = first.sequences_NT[:, :num_prompt], first.attention_mask_NT[:, :num_prompt]
+    prompt_rows = [ids[m.bool()].tolist() for ids, m in zip(prompt_NP.cpu(), prompt_mask_NP.cpu())]
+    ids = [[] for _ in range(n)]  # each episode's tokens, after the prompt
+    is_model = [[] for _ in range(n)]  # 1: the model's token, 0: a tool result's
+    logprobs = [[] for _ in range(n)]
+    used = [0] * n  # the model's tokens so far
+    truncated = [False] * n
+
+    def episode_room(row: int) -> int:
+        """How many more tokens, of the model's or the tools', row's episode may hold."""
+        left = cap - len(ids[row])
+        return min(left, max_length - len(prompt_rows[row]) - len(ids[row])) if max_length else left
+
+    def room(row: int) -> int:
+        """How many more model tokens row's episode may take."""
+        return min(budget - used[row], episode_room(row))
+
+    def add_turn(row: int, turn_ids_C: torch.Tensor, turn_logprobs_C: torch.Tensor, limit: int) -> list[int]:
+        turn, turn_logprobs = turn_ids_C.tolist()[:limit], turn_logprobs_C.tolist()[:limit]
+        ids[row] += turn
+        is_model[row] += [1] * len(turn)
+        logprobs[row] += turn_logprobs
+        used[row] += len(turn)
+        return turn
+
+    latest = {}
+    for row, (row_ids, mask, lp) in enumerate(zip(first.completion_ids_NC.cpu(), first.completion_mask_NC.cpu(),
+                                                  first.sampler_logprobs_NC.cpu())):
+        latest[row] = add_turn(row, row_ids[mask.bool()], lp[mask.bool()], budget)
+    active = list(range(n))
+    while active:
+        turns, rooms = {}, {}
+        stopping = should_stop is not None and should_stop()
+        for row in active:
+            ended = bool(latest[row]) and latest[row][-1] in eos
+            truncated[row] = not ended
+            turns[row] = latest[row][:-1] if ended else latest[row]
+            rooms[row] = episode_room(row) if ended and used[row] < budget and not stopping else 0
+        results = session.respond(turns, rooms)  # the tools run here; rows without results are done
+        active = [row for row in active if row in results]
+        if not active:
+            break
+        for row in active:
+            ids[row] += results[row]
+            is_model[row] += [0] * len(results[row])
+            logprobs[row] += [0.0] * len(results[row])
+        limits = {row: room(row) for row in active}
+        out = generate(model, tokenizer, [prompt_rows[row] + ids[row] for row in active],
+                       dataclasses.replace(sampling, max_new_tokens=max(limits.values())), group_size=1,
+                       batch_size=batch_size, share_prefill=False, should_stop=should_stop, engine=engine)
+        for i, row in enumerate(active):
+            mask = out.completion_mask_NC[i].cpu().bool()
+            latest[row] = add_turn(row, out.completion_ids_NC[i].cpu()[mask], out.sampler_logprobs_NC[i].cpu()[mask],
+                                   limits[row])
+    device = prompt_NP.device
+    width = max(len(row_ids) for row_ids in ids)
+    sequences_NC = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    episode_NC, model_NC = torch.zeros((n, width), dtype=torch.long), torch.zeros((n, width), dtype=torch.long)
+    logprobs_NC = torch.zeros((n, width), dtype=torch.float32)
+    for row in range(n):
+        length = len(ids[row])
+        sequences_NC[row, :length] = torch.tensor(ids[row], dtype=torch.long)
+        episode_NC[row, :length] = 1
+        model_NC[row, :length] = torch.tensor(is_model[row], dtype=torch.long)
+        logprobs_NC[row, :length] = torch.tensor(logprobs[row], dtype=torch.float32)
+    return Rollout(
+        sequences_NT=torch.cat([prompt_NP, sequences_NC.to(device)], dim=1),
+        attention_mask_NT=torch.cat([prompt_mask_NP, episode_NC.to(device)], dim=1),
+        completion_mask_NC=model_NC.to(device),
+        truncated_N=torch.tensor(truncated, device=device),
+        sampler_logprobs_NC=(logprobs_NC * model_NC).to(device),
+        tool_mask_NC=(episode_NC - model_NC).to(device),
+        messages_N=session.messages,
     )
 
 

@@ -17,10 +17,11 @@ from typing import Optional
 
 import torch
 
-from .data import SYSTEM_PROMPT, read_gold, render_prompt
+from .data import SYSTEM_PROMPT, Problem, read_gold, render_prompt
 from .generation import Sampling, generate
 from .models import load_model, load_tokenizer, resolve_model
 from .rewards import extract_answer, extract_last_number, is_correct, is_correct_lenient
+from .tools import Toolbox, ToolFormat
 
 log = logging.getLogger("grpo_ds.inference")
 
@@ -88,16 +89,20 @@ def resolve_run(spec: str) -> str:
 @dataclass(frozen=True)
 class PromptFormat:
     """How questions are put to a model: its system prompt (None: none), the worked example shown before the
-    question (None: none) and the response prefix its answers start with. A trained model is asked the way it was
-    trained: the defaults come from its run's config.json."""
+    question (None: none) and the response prefix its answers start with; and, for a run trained with --tools or
+    --environment, those tools (their schemas in the prompt, the same tool loop: docs/AGENTS.md). A trained model is
+    asked the way it was trained: the defaults come from its run's config.json."""
 
     system_prompt: Optional[str] = SYSTEM_PROMPT
     response_prefix: str = ""
     source: str = "defaults"
     example: Optional[tuple[str, str]] = None
+    toolbox: Optional[Toolbox] = None
+    max_episode_tokens: int = 0
 
     def render(self, tokenizer, question: str) -> str:
-        return render_prompt(tokenizer, question, self.system_prompt, self.response_prefix, self.example)
+        return render_prompt(tokenizer, question, self.system_prompt, self.response_prefix, self.example,
+                             self.toolbox.schemas if self.toolbox is not None else None)
 
 
 def prompt_format(spec: Optional[str], system_prompt: Optional[str] = None,
@@ -112,8 +117,12 @@ def prompt_format(spec: Optional[str], system_prompt: Optional[str] = None,
         response_prefix = (trained or {}).get("response_prefix", "")
     text = {"default": SYSTEM_PROMPT, "none": None}.get(system_prompt, system_prompt)
     example = (trained or {}).get("example_question") or None
+    trained = trained or {}
+    toolbox = Toolbox.from_flags(trained.get("tools") or "", trained.get("environment") or "",
+                                 trained.get("tool_timeout", 10.0), trained.get("max_tool_calling_iterations"))
     return PromptFormat(text, response_prefix, "the training run's config.json" if trained else "defaults",
-                        (example, trained["example_answer"]) if example else None)
+                        (example, trained["example_answer"]) if example else None, toolbox,
+                        trained.get("max_episode_tokens") or 0)
 
 
 def load(spec: str, dtype: str = "auto", device: Optional[torch.device] = None):
@@ -170,7 +179,14 @@ def answer_all(spec: str, questions: list[str], sampling: Sampling, fmt: PromptF
     torch.manual_seed(seed)
     out = []
     for start in range(0, len(prompts), batch_size):
-        rollout = generate(model, tokenizer, prompts[start:start + batch_size], sampling)
+        if fmt.toolbox is None:
+            rollout = generate(model, tokenizer, prompts[start:start + batch_size], sampling)
+        else:  # the run's tool loop, as in training
+            batch = [Problem(q, "", columns={"question": q}) for q in questions[start:start + batch_size]]
+            session = fmt.toolbox.session([p.columns for p in batch], ToolFormat(tokenizer, fmt.response_prefix))
+            batch_prompts, group_size = session.prompts(batch, 1, lambda p: fmt.render(tokenizer, p.question))
+            rollout = generate(model, tokenizer, batch_prompts, sampling, group_size=group_size, tools=session,
+                               max_episode_tokens=fmt.max_episode_tokens)
         out += [Answer(text, int(n), bool(t)) for text, n, t in
                 zip(rollout.texts(tokenizer), rollout.completion_mask_NC.sum(dim=1), rollout.truncated_N)]
     return out

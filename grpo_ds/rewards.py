@@ -405,7 +405,8 @@ class WeightedReward:
 
 # What TRL passes to a batched reward besides the dataset's columns; a required parameter outside these and the
 # columns cannot be filled.
-TRL_REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+TRL_REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric",
+                        "environments")
 
 
 def is_batched(fn: Callable) -> bool:
@@ -444,9 +445,14 @@ def parse_reward(spec: str, scorers: dict[str, Callable] | None = None) -> list[
     [('correct', 1.0), ('format', 0.2)]
     >>> [(r.name, r.weight, r.batched) for r in parse_reward("math")]
     [('math', 1.0, False)]
+
+    'none' is no term at all: an --environment's get_reward is then the only reward (the trainer checks there is
+    one).
     """
     scorers = scorers or {}
     terms = []
+    if str(spec).strip() == "none":
+        return terms
     for item in str(spec).split(","):
         item = item.strip()
         name, weight = item, 1.0
@@ -528,12 +534,15 @@ class RewardAbort(Exception):
 
 
 def _batched_rewards(term: WeightedReward, texts: list[str], problems: list, completion_ids: list | None,
-                     extras: dict) -> tuple[list[float | None], list[str]]:
+                     extras: dict, messages: list | None = None) -> tuple[list[float | None], list[str]]:
     """One call of a TRL-convention reward for the whole batch: (values, None where the reward does not apply;
     failures). Completions are strings for string prompts and [{"role": "assistant", "content": text}] for chat
-    prompts; every column of the rows is passed by name, as TRL does."""
+    prompts (an episode's whole conversation with tools: the model's turns and the tool results, as TRL passes
+    it); every column of the rows is passed by name, as TRL does."""
     prompts = [p.prompt for p in problems]
-    completions = [[{"role": "assistant", "content": t}] if p.messages else t for t, p in zip(texts, problems)]
+    messages = messages or [None] * len(texts)
+    completions = [(m or [{"role": "assistant", "content": t}]) if p.messages else t
+                   for t, p, m in zip(texts, problems, messages)]
     keys = [k for k in problems[0].columns if k not in TRL_REWARD_ARGUMENTS] if problems else []
     columns = {k: [p.columns.get(k) for p in problems] for k in keys}
     try:
@@ -560,14 +569,15 @@ def _batched_rewards(term: WeightedReward, texts: list[str], problems: list, com
 
 
 def score_completions(completions: list[str], problems: list, rewards: RewardFn | list[WeightedReward],
-                      completion_ids: list | None = None,
-                      extras: dict | None = None) -> tuple[list[float], dict[str, float]]:
+                      completion_ids: list | None = None, extras: dict | None = None,
+                      messages: list | None = None) -> tuple[list[float], dict[str, float]]:
     """Rewards for each completion of `problems` (data.Problem, or bare gold strings), and stats: success_rate,
     format_rate, clean_rate, reward_errors and, for a weighted sum of terms (parse_reward), each term's sum and
     count over the completions it applies to as reward/<name>_sum and reward/<name>_count (unweighted).
 
     Per-completion terms are called as f(completion, gold); batched terms (TRL's convention) once for the whole
-    batch, with `completion_ids` and `extras` (TRL's trainer_state, log_metric, ...) passed on. A reward that
+    batch, with `completion_ids` and `extras` (TRL's trainer_state, log_metric, environments, ...) passed on, and
+    `messages` (each episode's conversation, with tools) as the completions of chat prompts. A reward that
     raises or is not a finite number scores 0.0 and is counted in reward_errors. A batched reward's None means
     "does not apply" and is aggregated as TRL does: the weighted sum skips it, and a completion to which no term
     applies gets NaN (unscorable: loss.group_advantages leaves it out of its group's baseline, advantage 0).
@@ -584,7 +594,7 @@ def score_completions(completions: list[str], problems: list, rewards: RewardFn 
     failures, stats = [], {}
     for term in terms:
         if term.batched:
-            values, failed = _batched_rewards(term, completions, problems, completion_ids, extras or {})
+            values, failed = _batched_rewards(term, completions, problems, completion_ids, extras or {}, messages)
             failures += failed
         else:
             values = []

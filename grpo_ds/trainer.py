@@ -42,7 +42,9 @@ from .models import check_lora_targets, load_model, load_tokenizer, resolve_mode
 from .plot import plot_runs
 from .remote_reward import RemoteReward
 from .reward_model import RewardModel, check_reward_model
-from .rewards import RewardAbort, overlong_penalties, parse_reward, required_columns, score_completions
+from .rewards import (RewardAbort, WeightedReward, overlong_penalties, parse_reward, required_columns,
+                      score_completions)
+from .tools import Toolbox, ToolFormat
 
 log = logging.getLogger("grpo_ds.trainer")
 
@@ -188,6 +190,8 @@ class Run:
     output_dir: Path
     export_dtype: torch.dtype
     engine: object = None  # the compiled engine, the vLLM client, or None for Hugging Face's generate
+    toolbox: Optional[Toolbox] = None  # --tools and --environment: rollouts are episodes
+    tool_format: Optional[ToolFormat] = None
     start_step: int = 0
     saved_step: int = 0
     consecutive_skips: int = 0
@@ -198,7 +202,7 @@ class Run:
         """The prompt text of a problem (or a bare question), as training, evaluation, ask and serve render it."""
         problem = Problem(problem, "") if isinstance(problem, str) else problem
         return render_problem(self.tokenizer, problem, self.cfg.system_prompt_text(), self.cfg.response_prefix,
-                              self.cfg.example())
+                              self.cfg.example(), self.toolbox.schemas if self.toolbox is not None else None)
 
     def update_plan(self, step: int) -> "UpdatePlan":
         return UpdatePlan(micro_batch_size=self.cfg.train_batch_size,
@@ -264,6 +268,15 @@ def setup(cfg: Config) -> Run:
     if cfg.reward_model:  # the checkpoint's head, read from its config alone
         check_reward_model(cfg.reward_model)
     rewards = parse_reward(cfg.reward, {"remote": remote, "model": _reward_model_pending})
+    toolbox = Toolbox.from_flags(cfg.tools, cfg.environment, cfg.tool_timeout, cfg.max_tool_calling_iterations)
+    if toolbox is not None and toolbox.has_reward:  # the environment owns a reward: one more term, as TRL
+        rewards.append(WeightedReward(toolbox.environment_name, toolbox.reward, 1.0, batched=True))
+    if not rewards:
+        raise ValueError(f"--reward {cfg.reward}: no reward term; 'none' needs an --environment whose class defines "
+                         f"get_reward()")
+    if toolbox is not None and distributed.zero_stage(ds_config) == 3 and not cfg.zero3_gather_for_generation:
+        raise ValueError("--tools/--environment: episodes decode a different number of turns on each rank, which "
+                         "ZeRO-3's per-token gathering cannot follow; use --zero3_gather_for_generation true")
     columns = dict(prompt_column=cfg.prompt_column, answer_column=cfg.answer_column)
     problems = load_problems(cfg.dataset, "train", num_problems=cfg.num_problems, difficulty=cfg.difficulty,
                              seed=cfg.seed, bad_answers=cfg.bad_answers, **columns)
@@ -311,7 +324,8 @@ def setup(cfg: Config) -> Run:
               rewards=rewards, sampler=PromptSampler(problems, cfg.seed),
               sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.fixed_length),
               eval_problems=eval_problems, logger=None, output_dir=output_dir,
-              export_dtype={"auto": dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype])
+              export_dtype={"auto": dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype],
+              toolbox=toolbox, tool_format=ToolFormat(tokenizer, cfg.response_prefix) if toolbox else None)
     run.engine = vllm or rollout_engine(cfg, policy)
     if cfg.reward_model:  # partitioned over the ranks like the reference (ZeRO-3), offloaded on request
         scorer = RewardModel(cfg.reward_model,
@@ -525,25 +539,32 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
     # the server holds the weights of the last sync: send them again when an optimizer step changed them (and at
     # the first rollout, since the server started from the model's folder or another run's weights)
     sync = run.engine.sync_weights(run.policy) if vllm and round_ == 0 else None
+    session = (run.toolbox.session([p.columns for p in problems_B for _ in range(G)], run.tool_format)
+               if run.toolbox is not None else None)  # with tools: each row's environment, reset, and its tools
+    prompts, group_size = (session.prompts(problems_B, G, run.prompt) if session is not None
+                           else ([run.prompt(p) for p in problems_B], G))
     t0 = time.perf_counter()
     with distributed.gathered_for_generation(run.policy, cfg.zero3_gather_for_generation and not vllm):
-        result = generate(run.policy.module, run.tokenizer, [run.prompt(p) for p in problems_B],
-                          run.sampling, group_size=G, batch_size=cfg.rollout_batch_size, max_length=cfg.max_length,
-                          share_prefill=cfg.share_prefill, should_stop=lambda: stop.received is not None,
+        result = generate(run.policy.module, run.tokenizer, prompts,
+                          run.sampling, group_size=group_size, batch_size=cfg.rollout_batch_size,
+                          max_length=cfg.max_length, share_prefill=cfg.share_prefill,
+                          should_stop=lambda: stop.received is not None,
                           synced_gpus=(distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation
                                        and not vllm),
-                          engine=run.engine)
+                          engine=run.engine, tools=session, max_episode_tokens=cfg.max_episode_tokens or 0)
     seconds = time.perf_counter() - t0
     if distributed.any_rank(stop.received is not None):  # nothing updated yet: abandon this step on all ranks
         run.sampler.load_state_dict(sampler_before)
         run.preempt(stop.received or "a signal on another rank", step - 1)
     texts_N = result.texts(run.tokenizer)
     completion_ids = [row[mask.bool()].tolist() for row, mask in zip(result.completion_ids_NC.cpu(),
-                                                                   result.completion_mask_NC.cpu())]
+                                                                   result.episode_mask_NC.cpu())]
     reported, failure = RewardReports(), None
     try:
+        extras = {**reported.extras(step, cfg.max_steps),
+                  **({"environments": session.environments} if session is not None else {})}
         rewards, stats = score_completions(texts_N, [p for p in problems_B for _ in range(G)], run.rewards,
-                                           completion_ids, reported.extras(step, cfg.max_steps))
+                                           completion_ids, extras, result.messages_N)
     except RewardAbort as err:  # a remote scorer that stays unreachable: save what we have and stop, all ranks
         failure = str(err)
     if cfg.reward_url and distributed.any_rank(failure is not None):
@@ -571,6 +592,7 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
              **{name: value * n for name, value in stats.items() if name in rates},
              **{name: float(value) for name, value in stats.items() if name.startswith("reward/")},
              **reported.metric_sums(), "reward_errors": float(stats["reward_errors"]),
+             **(session.metric_sums() if session is not None else {}),
              **({"weight_sync_s": sync["seconds"] if run.rank == 0 else 0.0, "weight_sync_bytes": sync["bytes"]}
                 if sync is not None else {})}
     return Groups(problems_B, result, texts_N, rewards_BG, drawn, seconds, extra_columns=reported.columns)
@@ -609,19 +631,22 @@ def one_group(batch: Groups, b: int, group_size: int) -> Groups:
     num_prompt = seq.shape[1] - mask.shape[1]
     used = att[:, :num_prompt].any(dim=0).nonzero()
     start = int(used[0]) if len(used) else num_prompt - 1
-    completion_used = mask.any(dim=0).nonzero()
+    completion_used = att[:, num_prompt:].any(dim=0).nonzero()  # an episode's tool results included
     keep = int(completion_used[-1]) + 1 if len(completion_used) else 1
     sampler = None if r.sampler_logprobs_NC is None else r.sampler_logprobs_NC[rows, :keep].cpu()
     rollout_ = Rollout(seq[:, start:num_prompt + keep], att[:, start:num_prompt + keep], mask[:, :keep],
-                       r.truncated_N[rows].cpu(), sampler)
+                       r.truncated_N[rows].cpu(), sampler,
+                       None if r.tool_mask_NC is None else r.tool_mask_NC[rows, :keep].cpu(),
+                       None if r.messages_N is None else r.messages_N[rows])
     return Groups([batch.problems_B[b]], rollout_, batch.texts_N[rows], batch.rewards_BG[b:b + 1].cpu(), {}, 0.0)
 
 
 def group_tokens(groups: Groups, group_size: int) -> float:
-    """What groups cost a packed forward pass: each prompt's tokens once, plus the completions' tokens."""
+    """What groups cost a packed forward pass: each prompt's tokens once, plus the completions' tokens (an
+    episode's tool results included)."""
     r = groups.rollout
     num_prompt = r.sequences_NT.shape[1] - r.completion_mask_NC.shape[1]
-    return float(r.attention_mask_NT[::group_size, :num_prompt].sum() + r.completion_mask_NC.sum())
+    return float(r.attention_mask_NT[::group_size, :num_prompt].sum() + r.episode_mask_NC.sum())
 
 
 def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) -> Groups:
@@ -633,7 +658,7 @@ def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) 
     widths = [(batch.rollout.sequences_NT.shape[1] - batch.rollout.completion_mask_NC.shape[1],
                batch.rollout.completion_mask_NC.shape[1]) for batch, _ in chosen]
     P, C = max(p for p, _ in widths), max(c for _, c in widths)
-    sequences, attention, masks, truncated, sampled = [], [], [], [], []
+    sequences, attention, masks, truncated, sampled, tool_masks, messages = [], [], [], [], [], [], []
     for (batch, b), (p, c) in zip(chosen, widths):
         rows = slice(b * G, (b + 1) * G)
         seq, att = batch.rollout.sequences_NT[rows].cpu(), batch.rollout.attention_mask_NT[rows].cpu()
@@ -645,8 +670,13 @@ def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) 
         truncated.append(batch.rollout.truncated_N[rows].cpu())
         if batch.rollout.sampler_logprobs_NC is not None:
             sampled.append(pad(batch.rollout.sampler_logprobs_NC[rows].cpu(), 0, C - c, 0.0))
+        if batch.rollout.tool_mask_NC is not None:
+            tool_masks.append(pad(batch.rollout.tool_mask_NC[rows].cpu(), 0, C - c, 0))
+            messages += batch.rollout.messages_N[rows]
     rollout_ = Rollout(torch.cat(sequences), torch.cat(attention), torch.cat(masks), torch.cat(truncated),
-                       torch.cat(sampled) if len(sampled) == len(chosen) else None)
+                       torch.cat(sampled) if len(sampled) == len(chosen) else None,
+                       torch.cat(tool_masks) if len(tool_masks) == len(chosen) else None,
+                       messages if len(tool_masks) == len(chosen) else None)
     return Groups([batch.problems_B[b] for batch, b in chosen], rollout_,
                   [t for batch, b in chosen for t in batch.texts_N[b * G:(b + 1) * G]],
                   torch.stack([batch.rewards_BG[b].cpu() for batch, b in chosen]), {}, 0.0)
@@ -927,6 +957,16 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
         # the compiled engine's decode-step graphs so far (the most on any rank): bounded by the shape buckets
         **({"engine_compiles": int(extremes["engine_compiles"])} if isinstance(run.engine, StaticDecoder) else {}),
     }
+    if "tool_calls" in total:  # episodes with tools (TRL's tools/* names where TRL has them)
+        metrics.update({"tools/call_frequency": total["tool_calls"] / n,
+                        "tools/failure_frequency": total["tool_errors"] / total["tool_calls"]
+                        if total["tool_calls"] else 0.0,
+                        "tool_errors": int(total["tool_errors"]),
+                        "tools/turns_mean": total["tool_turns"] / n,
+                        "tools/tool_tokens_mean": total["tool_tokens"] / n,
+                        "tools/dropped_results": int(total["tool_dropped"]),
+                        **{f"tools/calls/{name[len('tool_calls/'):]}": total[name] / n
+                           for name in sorted(total) if name.startswith("tool_calls/")}})
     if total["sampling_tokens"]:  # sampler vs trainer, named as TRL logs them
         metrics.update({"sampling/sampling_logp_difference/mean": total["sampling_diff_sum"] / total["sampling_tokens"],
                         "sampling/sampling_logp_difference/max": extremes["diff_max"],
@@ -954,6 +994,7 @@ def log_step(run: Run, step: int, groups: Groups, experience: Experience, stats:
             reward = float(groups.rewards_BG[0, i])
             rows.append({"question": problem.question, "gold": problem.answer, "completion": groups.texts_N[i],
                          "reward": None if math.isnan(reward) else reward,
+                         **({"episode": groups.rollout.messages_N[i]} if groups.rollout.messages_N else {}),
                          **{column: values[i] for column, values in groups.extra_columns.items() if i < len(values)}})
         run.logger.completions(step, rows)
     return metrics
@@ -971,7 +1012,8 @@ def evaluate_policy(run: Run) -> dict:
                               batch_size=cfg.rollout_batch_size or 16, seed=cfg.seed,
                               system_prompt=cfg.system_prompt_text(), response_prefix=cfg.response_prefix,
                               example=cfg.example(),
-                              synced_gpus=distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation)
+                              synced_gpus=distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation,
+                              toolbox=run.toolbox, max_episode_tokens=cfg.max_episode_tokens or 0)
     return {"eval_accuracy": summary["accuracy_strict"], "eval_accuracy_lenient": summary["accuracy_lenient"],
             "eval_format_rate": summary["format_rate"], "eval_clean_rate": summary["clean_rate"],
             "eval_s": summary["seconds"]}

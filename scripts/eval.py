@@ -126,7 +126,8 @@ def evaluate_args(args) -> tuple[dict, list[dict]]:
     summary, rows = evaluate(model, tokenizer, problems, max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size, num_samples=args.num_samples, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed, system_prompt=fmt.system_prompt,
-                             response_prefix=fmt.response_prefix, example=fmt.example, scorer=args.scorer)
+                             response_prefix=fmt.response_prefix, example=fmt.example, scorer=args.scorer,
+                             toolbox=fmt.toolbox, max_episode_tokens=fmt.max_episode_tokens)
     summary.update(model=args.model, **settings, scorer=args.scorer, system_prompt=fmt.system_prompt,
                    response_prefix=fmt.response_prefix, example=fmt.example, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,

@@ -24,11 +24,15 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_tokenizer():
+# For agent tests: every printable ASCII character, so that tool calls (JSON, underscores) are spelled exactly
+ASCII_CHARS = [c for c in map(chr, range(32, 127)) if c not in ("<", ">")] + ["<", ">", "\n"]
+
+
+def build_tokenizer(chars: list = CHARS):
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + CHARS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + list(chars))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -40,11 +44,11 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+def build_tiny_model(path, seed: int = 0, hidden: int = 32, layers: int = 2, chars: list = CHARS) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(chars)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, tie_word_embeddings=True,

@@ -16,6 +16,10 @@ inject the fault named by GRPO_DS_TEST_FAULT (test code only; the package has no
                                      off the network or a hung GPU does; the test kills it afterwards
   Either writes the time it happened to OUTPUT_DIR/fault_at first.
 - slow_conversion: converting a checkpoint to a universal one takes 65 s longer (a large checkpoint)
+- scripted_tool_calls: the model's tool calls are scripted (a tiny random model cannot write one): every turn calls
+  the environment's `increment` with a step read from the turn's text (1 to 3), and a turn whose text has a length
+  divisible by 4 also calls an unknown tool (an error the model is told about); and turns end sooner: every loaded
+  model's EOS logit is raised by 2.5 (the same model for sampling and training)
 
 Each record also lists the questions of every global batch the step drew from the data order. With
 GRPO_DS_TEST_DUMP_STEP=N, rank 0 saves the full fp32 weights and AdamW moments of every trained parameter, gathered by
@@ -107,6 +111,31 @@ def inject_faults(current_step: list) -> None:
             return real_generate(*args, **kwargs)
 
         trainer.generate = interrupted
+    if FAULT == "scripted_tool_calls":
+        from grpo_ds.tools import ToolCall, Toolbox
+
+        real_session = Toolbox.session
+
+        def scripted(text):
+            calls = [ToolCall("increment", {"step": len(text) % 3 + 1})]
+            return calls + ([ToolCall("nosuch", {})] if len(text) % 4 == 0 else [])
+
+        Toolbox.session = lambda self, columns, fmt, parser=None: real_session(self, columns, fmt, scripted)
+        real_load_model = trainer.load_model
+
+        def load_with_eos_bias(*args, **kwargs):
+            model = real_load_model(*args, **kwargs)
+            eos = model.config.eos_token_id
+
+            def raise_eos(module, inputs, logits):
+                bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+                bias[eos] = 2.5
+                return logits + bias
+
+            model.get_output_embeddings().register_forward_hook(raise_eos)
+            return model
+
+        trainer.load_model = load_with_eos_bias
     if FAULT == "slow_conversion":
         real_convert = ckpt.convert_to_universal
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "grpo_ds"
-MATH_MODULES = ["loss", "rewards", "data", "experience", "generation", "logprobs"]
+MATH_MODULES = ["loss", "rewards", "data", "experience", "generation", "logprobs", "tools"]
 
 
 def package_imports(path: Path, modules: set[str]) -> set[str]:
