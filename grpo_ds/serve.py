@@ -647,9 +647,9 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 async def results(job: Job, request: Request) -> list[tuple[str, str, int, dict]]:
     """(text, finish_reason, num_tokens, extra) per choice (extra: "raw", the text with special tokens, for a job
-    with `raw`; "episode", the conversation, for an episode), once every row is done. A client that goes away meanwhile is
-    noticed within DISCONNECT_POLL_S (uvicorn does not cancel the handler), so that its job is dropped from the
-    queue or its rows stop (the caller marks it cancelled), rather than generating for nobody."""
+    with `raw`; "episode", the conversation, for an episode), once every row is done. A client that goes away
+    meanwhile is noticed within DISCONNECT_POLL_S (uvicorn does not cancel the handler), so that its job is dropped
+    from the queue or its rows stop (the caller marks it cancelled), rather than generating for nobody."""
     done: dict[int, tuple[str, str, int, dict]] = {}
     while len(done) < job.n:
         try:

@@ -474,7 +474,7 @@ def test_streaming_decodes_a_bounded_window_per_token(stop, monkeypatch):
     monkeypatch.setattr(tokenizer, "decode", counting)
     events = row_events(tokenizer, ids, stop)
     assert "".join(e[2] for e in events if e[0] == "delta") == text
-    assert events[-1] == ("done", 0, text, "stop", len(ids) + 1)
+    assert events[-1] == ("done", 0, text, "stop", len(ids) + 1, {})  # no raw text: the job offers no tools
     # per token: the window (the last emitted chunk, a pending piece of a character, the new token) and once per
     # chunk the new context; the longest chunk here is '日本語' cut across 3 tokens, so at most 3 + 3 ids
     assert max(counting.lengths) <= 6
