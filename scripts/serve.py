@@ -5,8 +5,8 @@ in the background by scripts/serve.sh.
     .venv/bin/python scripts/serve.py runs/quickstart --port 8000
 
 A training run is served the way it was trained: chats without a system message get the run's system prompt, and
-answers open with its response prefix (both from its config.json; the flags override them). Exit codes: 0 stopped,
-2 bad input.
+answers open with its response prefix (both from its config.json; the flags override them), and a run trained with
+tools runs them for requests without a `tools` field (docs/SERVING.md#tools). Exit codes: 0 stopped, 2 bad input.
 """
 
 import argparse
