@@ -896,3 +896,23 @@ def test_a_run_trained_with_tools_runs_them_server_side(ascii_model, tmp_path, m
     deltas = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
     assert "".join(d or "" for d in deltas) == choice["message"]["content"]
     assert sum(1 for d in deltas if d) <= 1  # the answer in one chunk (none when it is empty)
+
+
+def test_a_follow_up_is_framed_by_a_template_that_renders_tools(ascii_model):
+    """With a template that renders tools itself (Qwen2.5's kind, tests/test_tools.py's NATIVE_TEMPLATE), the
+    client's schemas, the assistant's tool_calls and the tool result are given to the template as training gives
+    them: its own tool block, its own call tags, the result in its user turn."""
+    from test_tools import native_tokenizer
+
+    model, _ = ascii_model
+    tokenizer = native_tokenizer()
+    server = serve.Server(model, tokenizer, NAME, prompt_format=PromptFormat(system_prompt=None))
+    messages = [serve.Message.model_validate(m) for m in [
+        {"role": "user", "content": "What is 6 times 7?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "multiply", "arguments": '{"a": 6, "b": 7}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"}]]
+    assert server.chat_prompt(messages, [MULTIPLY]) == (
+        "<|im_start|>system\nTOOLS: multiply<|im_end|>\n<|im_start|>user\nWhat is 6 times 7?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "multiply", "arguments": {"a": 6, "b": 7}}\n</tool_call>'
+        "<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
