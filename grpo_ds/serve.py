@@ -19,8 +19,15 @@ away; it streams each row's new text to its request as it comes (decoding a few 
 IncrementalDecoder), and ends the call once every row is done. Errors are JSON in OpenAI's shape, {"error":
 {"message", "type", "param", "code"}}; a failing batch fails its own requests with a 500 and the worker goes on.
 
+Tools (docs/SERVING.md#tools): a request with OpenAI's `tools` field gets the schemas in its prompt as training
+renders them, and a completion that calls them comes back as `message.tool_calls` (finish_reason "tool_calls"),
+never run here; the follow-up's assistant `tool_calls` and `tool` messages are framed as training frames a tool
+turn (tools.ToolFormat). A model trained with --tools/--environment, asked without a `tools` field, runs its own
+tools here with the loop of training (Batcher.run_episode): the reply is its last turn, the episode beside it.
+
 Known limits: one model, one worker (a GPU serves one batch at a time; requests arriving meanwhile form the next
-batch); no continuous batching (a batch runs until its longest row is done); no logprobs, tools or images.
+batch); no continuous batching (a batch runs until its longest row is done); no logprobs or images; a tool-loop
+request runs as a batch of its own and streams its answer as one chunk; `stream` with a `tools` field is refused.
 """
 
 from __future__ import annotations
@@ -32,12 +39,13 @@ import ipaddress
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from fastapi import FastAPI, Request
@@ -50,6 +58,7 @@ from .data import prompt_messages, render_chat
 from .generation import Sampling, eos_token_ids, generate
 from .inference import PromptFormat
 from .rewards import extract_answer, parse_number
+from .tools import ToolCall, ToolFormat, parse_tool_calls
 
 log = logging.getLogger("grpo_ds.serve")
 
@@ -110,12 +119,29 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None  # None only in an assistant message with tool_calls
+    tool_calls: Optional[list[MessageToolCall]] = None  # assistant: the calls the client ran
+    tool_call_id: Optional[str] = None  # tool: which call this is the result of
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
@@ -132,6 +158,8 @@ class ChatRequest(BaseModel):
     stop: Union[str, list[str], None] = None
     stream: Optional[bool] = False
     stream_options: Optional[dict] = None
+    tools: Optional[Any] = None  # checked by check_tools, so that any bad value is a 400 naming `tools`
+    tool_choice: Optional[Any] = None
 
 
 class SolveRequest(BaseModel):
@@ -159,6 +187,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # the client went away: its rows stop at the next token
+    raw: bool = False  # each row's "done" also carries its text with special tokens kept (tool calls are parsed)
+    episode: Optional["Episode"] = None  # answered with the run's tool loop (Batcher.run_episode)
 
     def send(self, *event) -> None:
         try:
@@ -166,8 +196,18 @@ class Job:
         except RuntimeError:  # the loop is closed: the server is shutting down
             pass
 
-    def sampling_key(self) -> tuple[float, float]:
+    def sampling_key(self) -> tuple:
+        if self.episode is not None:  # an episode runs alone: later turns go on for some rows only
+            return ("episode", id(self))
         return (0.0, 1.0) if self.temperature == 0 else (self.temperature, self.top_p)
+
+
+@dataclass
+class Episode:
+    """A request answered by the run's tool loop: its prompt given the text an environment's reset() returned
+    (None: none), appended to the last user turn as training appends it; and the columns reset() is given."""
+    render: Callable[[Optional[str]], str]
+    columns: dict
 
 
 class IncrementalDecoder:
@@ -280,7 +320,8 @@ class Row:
         if self.job.stream and len(self.text) > self.sent:
             self.job.send("delta", self.choice, self.text[self.sent:])
         self.done = True
-        self.job.send("done", self.choice, self.text, reason, self.num_tokens)
+        extra = {"raw": self.tokenizer.decode(self.ids, skip_special_tokens=False)} if self.job.raw else {}
+        self.job.send("done", self.choice, self.text, reason, self.num_tokens, extra)
 
 
 class RowTracker(StoppingCriteria):
@@ -300,8 +341,12 @@ class RowTracker(StoppingCriteria):
 class Batcher:
     """The queue and the one worker thread that turns jobs arriving together into one generate() call."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int, batch_wait_ms: float, max_queue: int):
+    def __init__(self, model, tokenizer, max_batch_size: int, batch_wait_ms: float, max_queue: int,
+                 prompt_format: PromptFormat = PromptFormat(), tool_format: Optional[ToolFormat] = None,
+                 context: int = 0):
         self.model, self.tokenizer = model, tokenizer
+        self.toolbox, self.tool_format = prompt_format.toolbox, tool_format
+        self.max_episode_tokens, self.context = prompt_format.max_episode_tokens, context
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.max_batch_size, self.wait_s, self.max_queue = max_batch_size, batch_wait_ms / 1000, max_queue
         self.inbox: queue.Queue[Job] = queue.Queue()
@@ -353,6 +398,8 @@ class Batcher:
                                                kind="server_error"))
 
     def run(self, batch: list[Job]) -> None:
+        if batch[0].episode is not None:
+            return self.run_episode(batch[0])
         rows = [Row(job, c, self.tokenizer, set(self.eos_ids)) for job in batch for c in range(job.n)]
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
@@ -362,6 +409,33 @@ class Batcher:
         for row in rows:  # generate() stops at max_new_tokens; every row has reached its own limit by then
             if not row.done:
                 row.finish("length")
+
+
+    def run_episode(self, job: Job) -> None:
+        """A request answered with the run's tool loop, as ask.py and evaluation run it (generate with a
+        tools.Session: generation.episodes): its n rows decode a turn, the tools they called run here, the results
+        come back framed as in training, until each row answers without a call or a budget ends it (max_tokens:
+        the model's tokens over all turns; the run's --max_episode_tokens; the model's context). The reply is each
+        row's last turn, sent whole (a stream gets it as one chunk), with the episode's conversation."""
+        session = self.toolbox.session([job.episode.columns] * job.n, self.tool_format)
+        prompts = [job.episode.render(observation) for observation in session.observations]
+        shared = len(set(prompts)) == 1
+        self.stats["batches"] += 1
+        self.stats["rows"] += job.n
+        rollout = generate(self.model, self.tokenizer, prompts[:1] if shared else prompts,
+                           Sampling(job.max_tokens, job.temperature, job.top_p), group_size=job.n if shared else 1,
+                           max_length=self.context, should_stop=lambda: job.cancelled, tools=session,
+                           max_episode_tokens=self.max_episode_tokens)
+        for c in range(job.n):
+            messages = rollout.messages_N[c]
+            text = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+            reason = "length" if bool(rollout.truncated_N[c]) else "stop"
+            cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            if job.stream and text:
+                job.send("delta", c, text)
+            job.send("done", c, text, reason, int(rollout.completion_mask_NC[c].sum()), {"episode": messages})
 
 
 # ----------------------------------------------------------------------------- the application
@@ -394,7 +468,9 @@ class Server:
         # Only a digest of the key is kept and compared (constant time, and equal-length digests hide the key's length)
         self.key_digest = None if api_key is None else hashlib.sha256(api_key.encode()).digest()
         self.max_body_bytes, self.max_tokens_limit = max_body_bytes, max_tokens_limit
-        self.batcher = Batcher(model, tokenizer, max_batch_size, batch_wait_ms, max_queue)
+        self.tool_format = ToolFormat(tokenizer, prompt_format.response_prefix)  # how tool turns are framed
+        self.batcher = Batcher(model, tokenizer, max_batch_size, batch_wait_ms, max_queue, prompt_format,
+                               self.tool_format, self.context)
         self.created = int(time.time())
 
     def authorized(self, authorization: str | bytes | None) -> bool:
@@ -412,17 +488,55 @@ class Server:
             raise ApiError(404, f"The model '{requested}' does not exist; this server serves '{self.name}'",
                            param="model", code="model_not_found")
 
-    def chat_prompt(self, messages: list[Message]) -> str:
+    def chat_prompt(self, messages: list[Message], tools: list[dict] | None = None,
+                    observation: str | None = None) -> str:
         """The conversation as the model was trained to see it: the training system prompt and worked example when
         the chat has no system message, and the training response prefix opening the answer (returned as part of
-        the answer's text)."""
-        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        the answer's text). `tools` (schemas) are rendered as training renders them (data.render_chat);
+        `observation` (an environment's reset() text) is appended to the last user turn."""
+        turns = self.chat_turns(messages)
+        if observation is not None:
+            users = [i for i, t in enumerate(turns) if t["role"] == "user"]
+            last = users[-1] if users else len(turns) - 1
+            turns[last] = {**turns[last], "content": turns[last]["content"] + observation}
         if turns[0]["role"] != "system":
             turns = prompt_messages(None, self.prompt_format.system_prompt, self.prompt_format.example) + turns
         try:
-            return render_chat(self.tokenizer, turns, self.prompt_format.response_prefix)
+            return render_chat(self.tokenizer, turns, self.prompt_format.response_prefix, tools)
         except Exception as err:  # templates raise on orders they refuse (e.g. two system turns)
             raise ApiError(400, f"messages: the chat template refused them ({err})", param="messages") from None
+
+    def chat_turns(self, messages: list[Message]) -> list[dict]:
+        """The request's messages as chat-template turns. An assistant message with `tool_calls` and the `tool`
+        messages answering it are framed as training frames a model turn that called tools and the results
+        (tools.ToolFormat: the template's own tool support, else the Hermes text format of docs/AGENTS.md); a
+        result takes its tool's name from the call its tool_call_id names."""
+        turns, names = [], {}
+        for i, m in enumerate(messages):
+            if m.content is None and not (m.role == "assistant" and m.tool_calls):
+                raise ApiError(400, f"messages.{i}.content: required (null only in an assistant message with "
+                                    f"tool_calls)", param=f"messages.{i}.content")
+            if m.role == "assistant" and m.tool_calls:
+                calls = []
+                for j, call in enumerate(m.tool_calls):
+                    try:
+                        arguments = json.loads(call.function.arguments) if call.function.arguments.strip() else {}
+                    except json.JSONDecodeError:
+                        arguments = None
+                    if not isinstance(arguments, dict):
+                        param = f"messages.{i}.tool_calls.{j}.function.arguments"
+                        raise ApiError(400, f"{param}: expected a JSON object as text", param=param)
+                    names[call.id] = call.function.name
+                    calls.append(ToolCall(call.function.name, arguments))
+                turns.append(self.tool_format.call_message(m.text(), calls))
+            elif m.role == "tool":
+                if m.tool_call_id not in names:
+                    raise ApiError(400, f"messages.{i}.tool_call_id: {m.tool_call_id!r} answers no tool call of an "
+                                        f"earlier assistant message", param=f"messages.{i}.tool_call_id")
+                turns.append(self.tool_format.result_message(names[m.tool_call_id], m.text()))
+            else:
+                turns.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
+        return turns
 
     def job(self, prompt: str, *, n: int, max_tokens: int | None, temperature: float, top_p: float,
             stop: list[str], stream: bool) -> Job:
@@ -471,6 +585,59 @@ async def parse_body(request: Request, schema: type[BaseModel], limit: int) -> B
         raise validation_error(err) from None
 
 
+def check_tools(tools: Any) -> list[dict] | None:
+    """The OpenAI `tools` field, checked: a list of {"type": "function", "function": {"name", "description"?,
+    "parameters"?}} (the shape of transformers' get_json_schema, which training renders), else a 400 naming it."""
+    if tools is None:
+        return None
+
+    def bad(why: str) -> ApiError:
+        return ApiError(400, f"tools: {why}", param="tools")
+
+    if not isinstance(tools, list) or not tools:
+        raise bad("expected a non-empty list of {\"type\": \"function\", \"function\": {...}}")
+    names = set()
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise bad(f"tools[{i}]: expected {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
+        function = tool["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise bad(f"tools[{i}].function.name: expected 1 to 64 letters, digits, _ or -")
+        if name in names:
+            raise bad(f"tools[{i}].function.name: {name!r} is given twice")
+        names.add(name)
+        if not isinstance(function.get("description", ""), str):
+            raise bad(f"tools[{i}].function.description: expected text")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            raise bad(f"tools[{i}].function.parameters: expected a JSON schema of type object")
+    return tools
+
+
+def check_tool_choice(tool_choice: Any) -> str:
+    """"auto" (the default) or "none"; "required" and naming a function are not supported (a 400 naming it)."""
+    if tool_choice is None:
+        return "auto"
+    if tool_choice not in ("auto", "none"):
+        raise ApiError(400, f"tool_choice: {json.dumps(tool_choice)} is not supported; expected \"auto\" or "
+                            f"\"none\"", param="tool_choice")
+    return tool_choice
+
+
+def tool_call_message(raw: str, prefix: str) -> dict | None:
+    """The OpenAI assistant message for a completion that called the client's tools: `tool_calls` (each with an
+    id, the name and the arguments as JSON text) and `content` the text before the first call (None when blank);
+    None when the text calls nothing, or when a call cannot be read (the text is then returned as content)."""
+    calls = parse_tool_calls(raw)
+    if not calls or any(call.error is not None for call in calls):
+        return None
+    before = (prefix + raw[:raw.find("<tool_call>")]).strip()
+    return {"role": "assistant", "content": before or None, "tool_calls": [
+        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+         "function": {"name": call.name, "arguments": json.dumps(call.arguments)}} for call in calls]}
+
+
 def stop_list(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP or any(not s for s in stops):
@@ -478,11 +645,12 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-async def results(job: Job, request: Request) -> list[tuple[str, str, int]]:
-    """(text, finish_reason, num_tokens) per choice, once every row is done. A client that goes away meanwhile is
-    noticed within DISCONNECT_POLL_S (uvicorn does not cancel the handler), so that its job is dropped from the
-    queue or its rows stop (the caller marks it cancelled), rather than generating for nobody."""
-    done: dict[int, tuple[str, str, int]] = {}
+async def results(job: Job, request: Request) -> list[tuple[str, str, int, dict]]:
+    """(text, finish_reason, num_tokens, extra) per choice (extra: "raw", the text with special tokens, for a job
+    with `raw`; "episode", the conversation, for an episode), once every row is done. A client that goes away
+    meanwhile is noticed within DISCONNECT_POLL_S (uvicorn does not cancel the handler), so that its job is dropped
+    from the queue or its rows stop (the caller marks it cancelled), rather than generating for nobody."""
+    done: dict[int, tuple[str, str, int, dict]] = {}
     while len(done) < job.n:
         try:
             event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
@@ -577,10 +745,24 @@ def create_app(server: Server) -> FastAPI:
         req = await parse_body(request, ChatRequest, server.max_body_bytes)
         server.check_model(req.model)
         temperature = 1.0 if req.temperature is None else req.temperature
-        job = server.job(server.chat_prompt(req.messages), n=req.n or 1,
+        tools, tool_choice = check_tools(req.tools), check_tool_choice(req.tool_choice)
+        # the client's tools: the model's calls are returned, never run; else a run trained with tools runs its own
+        offered = tools if tools is not None and tool_choice == "auto" else None
+        toolbox = server.prompt_format.toolbox if tools is None and tool_choice == "auto" else None
+        if offered is not None and req.stream:
+            raise ApiError(400, "stream: not supported with tools (a tool call is known only once the completion "
+                                "has ended); send the request without stream", param="stream")
+        episode = None
+        if toolbox is not None:
+            messages = req.messages
+            episode = Episode(lambda observation: server.chat_prompt(messages, toolbox.schemas, observation),
+                              {"question": next((m.text() for m in reversed(messages) if m.role == "user"), "")})
+        prompt = episode.render(None) if episode is not None else server.chat_prompt(req.messages, offered)
+        job = server.job(prompt, n=req.n or 1,
                          max_tokens=req.max_completion_tokens or req.max_tokens, temperature=temperature,
                          top_p=1.0 if req.top_p is None else req.top_p, stop=stop_list(req.stop),
                          stream=bool(req.stream))
+        job.raw, job.episode = offered is not None, episode
         server.batcher.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if job.stream:
@@ -591,12 +773,17 @@ def create_app(server: Server) -> FastAPI:
             choices = await results(job, request)
         finally:
             job.cancelled = True  # a client that left stops its rows; a finished job ignores it
-        completion_tokens = sum(num for _, _, num in choices)
+        completion_tokens = sum(num for _, _, num, _ in choices)
         prefix = server.prompt_format.response_prefix  # part of the answer, though the prompt wrote it
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": c, "message": {"role": "assistant", "content": prefix + text}, "logprobs": None,
-                             "finish_reason": reason} for c, (text, reason, _) in enumerate(choices)],
-                "usage": usage_of(job, completion_tokens)}
+        out = []
+        for c, (text, reason, _, extra) in enumerate(choices):
+            message = tool_call_message(extra["raw"], prefix) if offered is not None and reason == "stop" else None
+            choice = {"index": c, "message": message or {"role": "assistant", "content": prefix + text},
+                      "logprobs": None, "finish_reason": "tool_calls" if message else reason}
+            if "episode" in extra:  # the tool loop run here: the model's turns and the tools' results
+                choice["episode"] = extra["episode"]
+            out.append(choice)
+        return {**head, "object": "chat.completion", "choices": out, "usage": usage_of(job, completion_tokens)}
 
     @app.post("/v1/solve")
     async def solve(request: Request):
@@ -606,7 +793,7 @@ def create_app(server: Server) -> FastAPI:
                          stop=[], stream=False)
         server.batcher.submit(job)
         try:
-            [(text, reason, num_tokens)] = await results(job, request)
+            [(text, reason, num_tokens, _)] = await results(job, request)
         finally:
             job.cancelled = True
         text = server.prompt_format.response_prefix + text

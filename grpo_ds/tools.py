@@ -289,20 +289,24 @@ class ToolFormat:
             return {"role": "tool", "name": name, "content": result}
         return {"role": self.role, "name": name, "content": f"<tool_response>\n{result}\n</tool_response>"}
 
+    def call_message(self, text: str, calls: list[ToolCall]) -> dict:
+        """A model turn that called tools, as a chat message: `text` (what it wrote before the calls) and the calls,
+        in the template's `tool_calls` field where it renders tools, else as <tool_call> tags after the text. The
+        server renders an OpenAI client's assistant message with `tool_calls` here, as training frames a turn."""
+        if self.native:
+            return {"role": "assistant", "content": text, "tool_calls": [
+                {"type": "function", "function": {"name": c.name or "unknown", "arguments": c.arguments or {}}}
+                for c in calls]}
+        return {"role": "assistant", "content": text + "".join(
+            f"<tool_call>\n{json.dumps({'name': c.name, 'arguments': c.arguments or {}})}\n</tool_call>"
+            for c in calls)}
+
     def _suffix_text(self, calls: list[ToolCall], results: list[str]) -> str:
         tool_messages = [self.result_message(c.name or "unknown", r) for c, r in zip(calls, results)]
         if self.plain:  # no chat template: render_chat's plain transcript
             turns = "".join(f"\n{m['role'].capitalize()}: {m['content']}" for m in tool_messages)
             return f"{turns}\nAssistant:{self.response_prefix}"
-        if self.native:
-            assistant = {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": c.name or "unknown", "arguments": c.arguments or {}}}
-                for c in calls]}
-        else:
-            assistant = {"role": "assistant", "content": "".join(
-                f"<tool_call>\n{json.dumps({'name': c.name, 'arguments': c.arguments or {}})}\n</tool_call>"
-                for c in calls)}
-        head = [{"role": "user", "content": "dummy"}, assistant]
+        head = [{"role": "user", "content": "dummy"}, self.call_message("", calls)]
         prefix = self.tokenizer.apply_chat_template(head, tokenize=False, add_generation_prompt=False)
         full = self.tokenizer.apply_chat_template(head + tool_messages, tokenize=False, add_generation_prompt=True)
         eos = self.tokenizer.eos_token

@@ -5,8 +5,8 @@ in the background by scripts/serve.sh.
     .venv/bin/python scripts/serve.py runs/quickstart --port 8000
 
 A training run is served the way it was trained: chats without a system message get the run's system prompt, and
-answers open with its response prefix (both from its config.json; the flags override them). Exit codes: 0 stopped,
-2 bad input.
+answers open with its response prefix (both from its config.json; the flags override them), and a run trained with
+tools runs them for requests without a `tools` field (docs/SERVING.md#tools). Exit codes: 0 stopped, 2 bad input.
 """
 
 import argparse
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         check_limits(api_key, args.max_body_bytes, args.max_tokens_limit, args.max_tokens)
         fmt = prompt_format(args.model, args.system_prompt, args.response_prefix)
         if fmt.toolbox is not None:
-            log.warning("%s was trained with tools (%s); the server does not run them: it answers without tools "
-                        "(docs/AGENTS.md)", args.model, ", ".join(fmt.toolbox.names))
+            log.info("%s was trained with tools (%s): requests without a `tools` field run them here, with the loop "
+                     "of training (docs/SERVING.md#tools)", args.model, ", ".join(fmt.toolbox.names))
         torch.manual_seed(args.seed)
         model, tokenizer = load(args.model, args.dtype)
         server = Server(model, tokenizer, args.served_model_name or args.model, max_batch_size=args.max_batch_size,

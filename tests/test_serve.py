@@ -167,6 +167,21 @@ TOO_LONG = "a" * 600  # the tiny tokenizer is character-level; its context is 51
     (json.dumps(chat(TOO_LONG)), 400, "messages", "context_length_exceeded"),
     (json.dumps(chat("hi", max_tokens=100_000)), 400, "messages", "context_length_exceeded"),
     ("[1, 2]", 400, None, None),
+    # the OpenAI tools fields (docs/SERVING.md#tools)
+    (json.dumps(chat("hi", tools="multiply")), 400, "tools", None),
+    (json.dumps(chat("hi", tools=[])), 400, "tools", None),
+    (json.dumps(chat("hi", tools=[{"type": "retrieval"}])), 400, "tools", None),
+    (json.dumps(chat("hi", tools=[{"type": "function", "function": {"description": "no name"}}])), 400, "tools", None),
+    (json.dumps(chat("hi", tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}])),
+     400, "tools", None),
+    (json.dumps(chat("hi", tools=[{"type": "function", "function": {"name": "f"}}] * 2)), 400, "tools", None),
+    (json.dumps(chat("hi", tool_choice="required")), 400, "tool_choice", None),
+    (json.dumps(chat("hi", tool_choice={"type": "function", "function": {"name": "f"}})), 400, "tool_choice", None),
+    (json.dumps(chat("hi", stream=True, tools=[{"type": "function", "function": {"name": "f"}}])), 400, "stream", None),
+    (json.dumps({"model": NAME, "messages": [{"role": "user", "content": "hi"},
+                                             {"role": "tool", "tool_call_id": "call_x", "content": "42"}]}),
+     400, "messages.1.tool_call_id", None),
+    (json.dumps({"model": NAME, "messages": [{"role": "user", "content": None}]}), 400, "messages.0.content", None),
 ])
 def test_bad_requests_get_openai_errors(url, body, status, param, code):
     response = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=TIMEOUT,
@@ -459,7 +474,7 @@ def test_streaming_decodes_a_bounded_window_per_token(stop, monkeypatch):
     monkeypatch.setattr(tokenizer, "decode", counting)
     events = row_events(tokenizer, ids, stop)
     assert "".join(e[2] for e in events if e[0] == "delta") == text
-    assert events[-1] == ("done", 0, text, "stop", len(ids) + 1)
+    assert events[-1] == ("done", 0, text, "stop", len(ids) + 1, {})  # no raw text: the job offers no tools
     # per token: the window (the last emitted chunk, a pending piece of a character, the new token) and once per
     # chunk the new context; the longest chunk here is '日本語' cut across 3 tokens, so at most 3 + 3 ids
     assert max(counting.lengths) <= 6
@@ -746,3 +761,158 @@ def test_load_test_percentiles_and_exit_code(url):
     assert script.main(["--url", url, "--clients", "2", "--requests", "1", "--max_tokens", "2"]) == 0
     assert script.main(["--url", f"http://127.0.0.1:{free_port()}", "--clients", "2", "--requests", "1",
                         "--timeout", "5"]) == 1  # nobody listening: both requests lost
+
+
+# ----------------------------------------------------------------------------- tools (docs/SERVING.md#tools)
+
+MULTIPLY = {"type": "function", "function": {
+    "name": "multiply", "description": "Multiplies two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer", "description": "The first integer."},
+                                                    "b": {"type": "integer", "description": "The second integer."}},
+                   "required": ["a", "b"]}}}
+CALL = '<tool_call>\n{"name": "multiply", "arguments": {"a": 6, "b": 7}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def ascii_model(tmp_path_factory):
+    """A tiny model whose tokenizer spells every ASCII character (tool calls are JSON), its turns a few tokens long
+    (a bias towards EOS), as tests/test_tools.py's."""
+    import torch
+
+    from helpers import ASCII_CHARS, build_tiny_model
+
+    model, tokenizer = load(str(build_tiny_model(tmp_path_factory.mktemp("ascii"), chars=ASCII_CHARS)))
+    model.config.max_position_embeddings = 4096  # a token a character: the tools block alone is ~700 (rotary)
+    bias = torch.zeros(len(tokenizer))
+    bias[tokenizer.eos_token_id] = 2.5
+    model.lm_head.register_forward_hook(lambda module, inputs, out: out + bias)
+    return model, tokenizer
+
+
+def scripted(texts: list[str], prompts: list):
+    """A stand-in for generate() in the batch worker: records each call's prompts (token ids) and writes the next
+    of `texts`, then EOS, in every row (a tiny random model cannot write a tool call)."""
+    import torch
+
+    def fake(model, tokenizer, batch_prompts, sampling, stopping=None, **kwargs):
+        prompts.append([list(p) for p in batch_prompts])
+        ids = tokenizer(texts[len(prompts) - 1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for token in ids:
+            if bool(stopping(torch.tensor([[token]] * len(batch_prompts)), None).all()):
+                break
+    return fake
+
+
+def test_tools_field_returns_tool_calls_and_frames_the_follow_up_as_training(ascii_model, monkeypatch):
+    """OpenAI's `tools`: the schemas go into the prompt as training renders them; a completion that calls one
+    comes back as tool_calls (not run); the follow-up with the assistant's tool_calls and the tool's result is
+    rendered exactly as training frames a tool turn (tools.ToolFormat), written out by hand here."""
+    import openai
+
+    from grpo_ds.tools import ToolCall, ToolFormat, tool_instructions
+
+    model, tokenizer = ascii_model
+    prompts = []
+    monkeypatch.setattr(serve, "generate", scripted([f"Let me compute.{CALL}", "It is 42."], prompts))
+    question = [{"role": "user", "content": "What is 6 times 7?"}]
+    with serving(model, tokenizer, prompt_format=PromptFormat(system_prompt=None)) as address:
+        client = openai.OpenAI(base_url=f"{address}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        first = client.chat.completions.create(model=NAME, messages=question, tools=[MULTIPLY], temperature=0)
+        choice = first.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        [call] = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name == "multiply" and json.loads(call.function.arguments) == {"a": 6, "b": 7}
+        assert choice.message.content == "Let me compute."
+        follow_up = question + [choice.message.model_dump(exclude_none=True),
+                                {"role": "tool", "tool_call_id": call.id, "content": "42"}]
+        second = client.chat.completions.create(model=NAME, messages=follow_up, tools=[MULTIPLY], temperature=0)
+    assert second.choices[0].message.content == "It is 42." and second.choices[0].finish_reason == "stop"
+    assert not second.choices[0].message.tool_calls
+    system = f"<|im_start|>system\n{tool_instructions([MULTIPLY])}<|im_end|>\n"
+    asked = f"{system}<|im_start|>user\nWhat is 6 times 7?<|im_end|>\n<|im_start|>assistant\n"
+    answered = (f"{asked}Let me compute.{CALL}<|im_end|>\n"
+                "<|im_start|>tool\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert [tokenizer.decode(p[0], skip_special_tokens=False) for p in prompts] == [asked, answered]
+    # the tool turn is training's: what ToolFormat appends after a model turn that called multiply and got 42
+    suffix = ToolFormat(tokenizer)._suffix_text([ToolCall("multiply", {"a": 6, "b": 7})], ["42"])
+    assert answered.endswith(f"{CALL}<|im_end|>{suffix}")
+    # tool_choice "none": no schemas in the prompt, and a <tool_call> in the text is returned as text
+    with serving(model, tokenizer, prompt_format=PromptFormat(system_prompt=None)) as address:
+        prompts.clear()
+        monkeypatch.setattr(serve, "generate", scripted([CALL], prompts))
+        plain = httpx.post(f"{address}/v1/chat/completions", timeout=TIMEOUT, json={
+            "model": NAME, "messages": question, "tools": [MULTIPLY], "tool_choice": "none"}).json()
+    assert plain["choices"][0]["message"]["content"] == CALL and plain["choices"][0]["finish_reason"] == "stop"
+    assert "<tools>" not in tokenizer.decode(prompts[0][0], skip_special_tokens=False)
+
+
+def test_a_run_trained_with_tools_runs_them_server_side(ascii_model, tmp_path, monkeypatch):
+    """A run trained with --tools, asked without a `tools` field, runs its tools here with training's loop: the
+    tools' results (one an error: the tool raised) reach the prompt of the model's next turn framed as in
+    training, and the reply is the model's last turn with the episode beside it, in a stream as one chunk."""
+    from grpo_ds import generation
+    from grpo_ds.inference import prompt_format
+    from grpo_ds.tools import ToolCall, ToolFormat, Toolbox
+
+    model, tokenizer = ascii_model
+    (tmp_path / "config.json").write_text(json.dumps({
+        "rollouts_per_step": 4, "group_size": 4, "system_prompt": "none", "tools": "agent_tools:multiply,"
+        "agent_tools:explode", "tool_timeout": 5.0, "max_tool_calling_iterations": 1, "max_episode_tokens": 400}))
+    fmt = prompt_format(str(tmp_path))
+    calls = [ToolCall("multiply", {"a": 6, "b": 7}), ToolCall("explode", {"text": "x"})]
+    real_session = Toolbox.session  # the model's decisions are scripted: every turn calls both tools
+    monkeypatch.setattr(Toolbox, "session", lambda self, columns, fmt, parser=None: real_session(
+        self, columns, fmt, lambda text: list(calls)))
+    later_turns = []  # the token ids each later turn is decoded from
+
+    def recording(model, tokenizer, prompts, sampling, **kwargs):
+        if prompts and not isinstance(prompts[0], str):
+            later_turns.extend(prompts)
+        return real_generate(model, tokenizer, prompts, sampling, **kwargs)
+
+    real_generate = generation.generate
+    monkeypatch.setattr(generation, "generate", recording)
+    request = {"model": NAME, "messages": [{"role": "user", "content": "6*7?"}], "max_tokens": 10, "temperature": 0}
+    with serving(model, tokenizer, prompt_format=fmt) as address:
+        response = httpx.post(f"{address}/v1/chat/completions", json=request, timeout=TIMEOUT)
+        assert response.status_code == 200, response.text
+        with httpx.stream("POST", f"{address}/v1/chat/completions", json={**request, "stream": True},
+                          timeout=TIMEOUT) as stream:
+            events = [json.loads(line[len("data: "):]) for line in stream.iter_lines()
+                      if line.startswith("data: {")]
+    results = ["42", "Error: RuntimeError: the tool broke"]
+    suffix = ToolFormat(tokenizer)._suffix_text(calls, results)  # training's framing of the two results
+    assert suffix == ("\n<|im_start|>tool\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>tool\n"
+                      "<tool_response>\nError: RuntimeError: the tool broke\n</tool_response><|im_end|>\n"
+                      "<|im_start|>assistant\n")
+    assert later_turns and all(tokenizer.decode(ids, skip_special_tokens=False).endswith(suffix)
+                               for ids in later_turns)
+    choice = response.json()["choices"][0]
+    episode = choice["episode"]
+    assert [m["role"] for m in episode] == ["assistant", "tool", "tool", "assistant"]
+    assert [m["content"] for m in episode[1:3]] == results
+    assert choice["message"]["content"] == episode[-1]["content"] and choice["finish_reason"] in ("stop", "length")
+    deltas = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
+    assert "".join(d or "" for d in deltas) == choice["message"]["content"]
+    assert sum(1 for d in deltas if d) <= 1  # the answer in one chunk (none when it is empty)
+
+
+def test_a_follow_up_is_framed_by_a_template_that_renders_tools(ascii_model):
+    """With a template that renders tools itself (Qwen2.5's kind, tests/test_tools.py's NATIVE_TEMPLATE), the
+    client's schemas, the assistant's tool_calls and the tool result are given to the template as training gives
+    them: its own tool block, its own call tags, the result in its user turn."""
+    from test_tools import native_tokenizer
+
+    model, _ = ascii_model
+    tokenizer = native_tokenizer()
+    server = serve.Server(model, tokenizer, NAME, prompt_format=PromptFormat(system_prompt=None))
+    messages = [serve.Message.model_validate(m) for m in [
+        {"role": "user", "content": "What is 6 times 7?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "multiply", "arguments": '{"a": 6, "b": 7}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"}]]
+    assert server.chat_prompt(messages, [MULTIPLY]) == (
+        "<|im_start|>system\nTOOLS: multiply<|im_end|>\n<|im_start|>user\nWhat is 6 times 7?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "multiply", "arguments": {"a": 6, "b": 7}}\n</tool_call>'
+        "<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
