@@ -14,7 +14,8 @@ compared with two ceilings measured here, in fp32 with the same threads:
   layer of the model, timed alone, back to back), the most a decode step of this width could do.
 
 `fraction of same-shape ceiling` = the same-shape matmuls' time / the measured decode step: what is left is
-overhead (Python, attention, cache updates, sampling). Prints a table and writes JSON (--json).
+overhead (Python, attention, cache updates, sampling). `generate s` is the whole call at the longer budget (prefill
+included), to set beside a training run's rollout phase. Prints a table and writes JSON (--json).
 """
 
 import argparse
@@ -95,16 +96,17 @@ def main() -> None:
         short, long = (median_time(lambda b=b: run(b), args.repeats) for b in args.tokens)
         step_s = (long - short) / (args.tokens[1] - args.tokens[0])
         results["engines"][name] = {
-            "decode_step_ms": step_s * 1e3, "tokens_per_s": args.rows / step_s, "gflops": flop_step / step_s / 1e9,
+            "generate_s": long, "decode_step_ms": step_s * 1e3, "tokens_per_s": args.rows / step_s, "gflops": flop_step / step_s / 1e9,
             "fraction_of_peak": flop_step / step_s / peak_flops, "fraction_of_same_shape_ceiling": same_shape_s / step_s}
 
     print(f"{args.model}: {args.rows} rows, prompt {args.prompt_tokens} tokens, {results['threads']} threads, "
           f"{results['gflop_per_step']:.2f} GFLOP per decode step; fp32 matmul peak {results['peak_gflops']:.1f} "
           f"GFLOP/s, the step's own matmuls alone {same_shape_s * 1e3:.1f} ms")
-    print(f"{'engine':8} {'step ms':>8} {'tok/s':>7} {'GFLOP/s':>8} {'of peak':>8} {'of same-shape':>14}")
+    print(f"{'engine':8} {'step ms':>8} {'tok/s':>7} {'GFLOP/s':>8} {'of peak':>8} {'of same-shape':>14} "
+          f"{'generate s (' + str(args.tokens[1]) + ' tokens)':>22}")
     for name, r in results["engines"].items():
         print(f"{name:8} {r['decode_step_ms']:8.1f} {r['tokens_per_s']:7.0f} {r['gflops']:8.1f} "
-              f"{r['fraction_of_peak']:8.0%} {r['fraction_of_same_shape_ceiling']:14.0%}")
+              f"{r['fraction_of_peak']:8.0%} {r['fraction_of_same_shape_ceiling']:14.0%} {r['generate_s']:22.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
