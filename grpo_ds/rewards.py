@@ -29,18 +29,16 @@ cheap to test and usable from evaluation scripts.
 """
 
 import hashlib
-import importlib
 import inspect
 import logging
 import math
 import numbers
-import os
 import re
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
 from .data import Problem, is_number
+from .tools import import_callable
 
 RewardFn = Callable[[str, str], float]
 
@@ -487,19 +485,7 @@ def get_reward_fn(spec: str) -> RewardFn:
     module_name, _, fn_name = str(spec).partition(":")
     if not module_name or not fn_name or ":" in fn_name:
         raise ValueError(f"--reward {spec!r}: not a preset ({', '.join(REWARDS)}) and not module:function")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # any import failure (missing, SyntaxError, error at import time) is a bad flag
-        detail = " ".join(f"{type(e).__name__}: {e}".split())  # one line even for multi-line messages
-        raise ValueError(f"--reward {spec!r}: cannot import module {module_name!r} ({detail})") from e
-    fn = getattr(module, fn_name, None)
-    if fn is None:
-        raise ValueError(f"--reward {spec!r}: module {module_name!r} has no function {fn_name!r}")
-    if not callable(fn):
-        raise ValueError(f"--reward {spec!r}: {module_name}.{fn_name} is not callable (it is a {type(fn).__name__})")
-    return fn
+    return import_callable(spec, "--reward", noun="function")
 
 
 def overlong_penalties(lengths: list[int], max_new_tokens: int, buffer: int, penalty: float) -> list[float]:

@@ -56,15 +56,24 @@ def load_object(spec: str, flag: str) -> Any:
         example = "mypackage.envs:Game" if flag == "--environment" else "grpo_ds.tools:calculator"
         what = "module:Class" if flag == "--environment" else "module:function"
         raise ValueError(f"{flag} {spec!r}: expected {what} (e.g. {example})")
+    return import_callable(spec, flag)
+
+
+def import_callable(spec: str, flag: str, noun: str = "attribute") -> Any:
+    """The callable of a well-formed "module:name" spec (the one loader of --tools, --environment and --reward
+    functions): the module is looked up on sys.path and then in the current directory, as `python -m` would; an
+    import failure, a missing name or a value that is not callable raises ValueError with one line naming `flag`
+    (`noun` names what was missing)."""
+    module_name, _, name = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # any import failure (missing, SyntaxError, error at import time) is a bad flag
-        detail = " ".join(f"{type(e).__name__}: {e}".split())
+        detail = " ".join(f"{type(e).__name__}: {e}".split())  # one line even for multi-line messages
         raise ValueError(f"{flag} {spec!r}: cannot import module {module_name!r} ({detail})") from e
     if not hasattr(module, name):
-        raise ValueError(f"{flag} {spec!r}: module {module_name!r} has no attribute {name!r}")
+        raise ValueError(f"{flag} {spec!r}: module {module_name!r} has no {noun} {name!r}")
     value = getattr(module, name)
     if not callable(value):
         raise ValueError(f"{flag} {spec!r}: {module_name}.{name} is not callable (it is a {type(value).__name__})")
