@@ -114,6 +114,15 @@ class Config:
                                     "question as an earlier user turn, answered by --example_answer. Both or neither.")
     example_answer: str = _field("", "The assistant's answer to --example_question, written in full (the format "
                                  "the model should copy, response prefix included).")
+    example_tool_call: str = _field("", "With --tools: the worked example's first assistant turn, calling them in "
+                                    "the text format (<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>,"
+                                    " text before it allowed). The tools run on it when prompts are built, their "
+                                    "results follow as tool turns, then --example_answer (docs/AGENTS.md).")
+    turn_prefix: Optional[str] = _field(None, "With --tools: text each later model turn of an episode starts with, "
+                                        "after the tool results (default: --response_prefix). For a "
+                                        "--response_prefix that opens a tool call, so that a small model calls a "
+                                        "tool it would not call unprompted, the turns after the results need "
+                                        "another (docs/AGENTS.md).")
     temperature: float = _field(1.0, "Sampling temperature; log-probs use the same temperature.")
     top_p: float = _field(1.0, "Nucleus sampling threshold.")
 
@@ -296,9 +305,16 @@ class Config:
         """The system prompt's text, or None for none."""
         return {"default": SYSTEM_PROMPT, "none": None}.get(self.system_prompt, self.system_prompt)
 
-    def example(self) -> Optional[tuple[str, str]]:
-        """The worked example (question, answer) shown before every question, or None."""
-        return (self.example_question, self.example_answer) if self.example_question.strip() else None
+    def example(self, toolbox: Any = None) -> Optional[tuple[str, str] | list[dict]]:
+        """The worked example shown before every question: (question, answer), or None; with --example_tool_call,
+        its turns as messages with the results of the run's tools (`toolbox`, tools.Toolbox.worked_example)."""
+        if not self.example_question.strip():
+            return None
+        if self.example_tool_call.strip():
+            if toolbox is None:
+                raise ValueError("--example_tool_call: the worked example calls tools, and the run has none")
+            return toolbox.worked_example(self.example_question, self.example_tool_call, self.example_answer)
+        return (self.example_question, self.example_answer)
 
     def clip_high(self) -> float:
         return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
@@ -379,6 +395,10 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
     if bool(cfg.example_question.strip()) != bool(cfg.example_answer.strip()):
         bad("example_question" if not cfg.example_question.strip() else "example_answer",
             "is empty while the other of --example_question/--example_answer is set: give both or neither")
+    if cfg.example_tool_call.strip() and not cfg.example_question.strip():
+        bad("example_tool_call", "is the worked example's first turn; give --example_question and --example_answer")
+    if cfg.example_tool_call.strip() and not cfg.tools.strip():
+        bad("example_tool_call", "calls tools, and there are none: give --tools")
     if cfg.lr <= 0:
         bad("lr", "must be positive")
     if cfg.kl_weight < 0:
@@ -472,7 +492,7 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
             bad(name, f"expected one of {', '.join(choices)}")
     agent = bool(cfg.tools.strip() or cfg.environment.strip())
     if not agent:
-        for name in ("max_tool_calling_iterations", "tool_timeout", "max_episode_tokens"):
+        for name in ("max_tool_calling_iterations", "tool_timeout", "max_episode_tokens", "turn_prefix"):
             if getattr(cfg, name) != getattr(Config, name):
                 bad(name, "has no effect without --tools or --environment")
     if cfg.max_tool_calling_iterations is not None and cfg.max_tool_calling_iterations < 0:

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .tools import renders_tools, with_tool_instructions
+from .tools import ToolFormat, renders_tools, with_tool_instructions
 
 logger = logging.getLogger("grpo_ds.data")
 
@@ -524,8 +524,12 @@ def render_chat(tokenizer: Any, messages: list[dict], response_prefix: str = "",
 
     `tools` (JSON schemas, tools.Toolbox) reach the model through the template where it renders them
     (`apply_chat_template(..., tools=...)`), and otherwise in the text format's block at the end of the system turn
-    (tools.with_tool_instructions; docs/AGENTS.md).
+    (tools.with_tool_instructions; docs/AGENTS.md). Tool turns written in OpenAI's form (an assistant message with
+    `tool_calls`, `tool` messages: a worked example that calls tools, a chat sent to the server) are framed as
+    rollouts frame them (tools.ToolFormat.frame).
     """
+    if any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+        messages = ToolFormat(tokenizer, response_prefix).frame(messages)
     if tools and renders_tools(tokenizer):
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=True) + response_prefix
@@ -538,21 +542,24 @@ def render_chat(tokenizer: Any, messages: list[dict], response_prefix: str = "",
 
 
 def prompt_messages(question: str | None, system_prompt: str | None = SYSTEM_PROMPT,
-                    example: tuple[str, str] | None = None) -> list[dict]:
+                    example: tuple[str, str] | list[dict] | None = None) -> list[dict]:
     """The turns a question is asked in: the system prompt (None: none), the worked example (question, answer) as
-    an earlier user turn and its answer (None: none), then the question (None: stop before it).
+    an earlier user turn and its answer (None: none), or the example's turns as messages (one that calls tools:
+    tools.Toolbox.worked_example), then the question (None: stop before it).
 
     >>> [m["role"] for m in prompt_messages("2+3?", "Be brief.", ("1+1?", "2"))]
     ['system', 'user', 'assistant', 'user']
     """
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    if example is not None:
+    if isinstance(example, list):
+        messages += [dict(m) for m in example]
+    elif example is not None:
         messages += [{"role": "user", "content": example[0]}, {"role": "assistant", "content": example[1]}]
     return messages + ([{"role": "user", "content": question}] if question is not None else [])
 
 
 def render_prompt(tokenizer: Any, question: str, system_prompt: str | None = SYSTEM_PROMPT,
-                  response_prefix: str = "", example: tuple[str, str] | None = None,
+                  response_prefix: str = "", example: tuple[str, str] | list[dict] | None = None,
                   tools: list[dict] | None = None) -> str:
     """Prompt text for one question, asked in prompt_messages' turns; see render_chat. Training, evaluation, ask
     and serve all build their prompts here."""
@@ -560,7 +567,7 @@ def render_prompt(tokenizer: Any, question: str, system_prompt: str | None = SYS
 
 
 def render_problem(tokenizer: Any, problem: Problem, system_prompt: str | None = SYSTEM_PROMPT,
-                   response_prefix: str = "", example: tuple[str, str] | None = None,
+                   response_prefix: str = "", example: tuple[str, str] | list[dict] | None = None,
                    tools: list[dict] | None = None) -> str:
     r"""Prompt text for a problem. A question string is asked in prompt_messages' turns (render_prompt). A chat-format
     prompt is rendered as written, as TRL renders it: the system prompt and worked example are not added (the

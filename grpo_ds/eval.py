@@ -175,7 +175,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int =
              system_prompt: Optional[str] = SYSTEM_PROMPT, response_prefix: str = "",
              example: Optional[tuple[str, str]] = None, scorer: str = "auto",
              synced_gpus: bool = False, toolbox: Optional[Toolbox] = None,
-             max_episode_tokens: int = 0) -> tuple[dict, list[dict]]:
+             max_episode_tokens: int = 0, turn_prefix: Optional[str] = None) -> tuple[dict, list[dict]]:
     """Evaluate a loaded model (a plain Hugging Face model, or a DeepSpeed engine's `.module`) on `problems`, each
     asked with `system_prompt` (None: the question alone), the worked `example` (None: none) and `response_prefix`,
     as data.render_prompt builds them.
@@ -190,7 +190,8 @@ def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int =
 
     With a `toolbox` (the run's --tools/--environment) every completion is an episode, as in training (the same
     prompt with the tools' schemas, the same loop; docs/AGENTS.md): it is scored on its whole text, its length
-    counts the model's tokens, and its row holds the conversation (`episode`)."""
+    counts the model's tokens, and its row holds the conversation (`episode`); `turn_prefix` opens the turns after
+    tool results (None: `response_prefix`)."""
     if temperature is None:
         temperature = 0.0 if num_samples == 1 else 1.0
     sampling = check_settings(len(problems), max_new_tokens, batch_size, num_samples, temperature, top_p)
@@ -207,7 +208,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int =
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             episodes = (None if toolbox is None else
-                        Episodes(toolbox, ToolFormat(tokenizer, response_prefix), problems, render, max_episode_tokens))
+                        Episodes(toolbox, ToolFormat(tokenizer, response_prefix, turn_prefix), problems, render, max_episode_tokens))
             mine = generate_share(model, tokenizer, prompts, plan, rank, world, num_samples=num_samples, seed=seed,
                                   sampling=sampling, synced_gpus=synced_gpus, episodes=episodes)
     finally:

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .config import Config
 from .data import SYSTEM_PROMPT, Problem, read_gold, render_prompt
 from .generation import Sampling, generate
 from .models import load_model, load_tokenizer, resolve_model
@@ -96,9 +97,10 @@ class PromptFormat:
     system_prompt: Optional[str] = SYSTEM_PROMPT
     response_prefix: str = ""
     source: str = "defaults"
-    example: Optional[tuple[str, str]] = None
+    example: Optional[tuple[str, str] | list[dict]] = None
     toolbox: Optional[Toolbox] = None
     max_episode_tokens: int = 0
+    turn_prefix: Optional[str] = None  # what opens the model's turns after tool results (None: response_prefix)
 
     def render(self, tokenizer, question: str) -> str:
         return render_prompt(tokenizer, question, self.system_prompt, self.response_prefix, self.example,
@@ -106,23 +108,25 @@ class PromptFormat:
 
 
 def prompt_format(spec: Optional[str], system_prompt: Optional[str] = None,
-                  response_prefix: Optional[str] = None) -> PromptFormat:
+                  response_prefix: Optional[str] = None, tools: bool = True) -> PromptFormat:
     """The prompt format for model `spec`: what is given here ('default', 'none' or text for the system prompt),
     else the training run's settings, else the training defaults. The worked example is the run's (none without
-    one)."""
+    one). `tools=False` asks without the run's tools: no schemas in the prompt, no tool loop, and a worked example
+    that calls tools keeps only its question and final answer."""
     trained = training_config(spec) if spec else None
     if system_prompt is None:
         system_prompt = (trained or {}).get("system_prompt", "default")
     if response_prefix is None:
         response_prefix = (trained or {}).get("response_prefix", "")
     text = {"default": SYSTEM_PROMPT, "none": None}.get(system_prompt, system_prompt)
-    example = (trained or {}).get("example_question") or None
     trained = trained or {}
-    toolbox = Toolbox.from_flags(trained.get("tools") or "", trained.get("environment") or "",
-                                 trained.get("tool_timeout", 10.0), trained.get("max_tool_calling_iterations"))
+    toolbox = (Toolbox.from_flags(trained.get("tools") or "", trained.get("environment") or "",
+                                  trained.get("tool_timeout", 10.0), trained.get("max_tool_calling_iterations"))
+               if tools else None)
+    example = Config(**{k: trained.get(k) or "" for k in ("example_question", "example_answer")},
+                     example_tool_call=(trained.get("example_tool_call") or "") if toolbox else "").example(toolbox)
     return PromptFormat(text, response_prefix, "the training run's config.json" if trained else "defaults",
-                        (example, trained["example_answer"]) if example else None, toolbox,
-                        trained.get("max_episode_tokens") or 0)
+                        example, toolbox, trained.get("max_episode_tokens") or 0, trained.get("turn_prefix"))
 
 
 def load(spec: str, dtype: str = "auto", device: Optional[torch.device] = None):
@@ -183,7 +187,8 @@ def answer_all(spec: str, questions: list[str], sampling: Sampling, fmt: PromptF
             rollout = generate(model, tokenizer, prompts[start:start + batch_size], sampling)
         else:  # the run's tool loop, as in training
             batch = [Problem(q, "", columns={"question": q}) for q in questions[start:start + batch_size]]
-            session = fmt.toolbox.session([p.columns for p in batch], ToolFormat(tokenizer, fmt.response_prefix))
+            session = fmt.toolbox.session([p.columns for p in batch],
+                                          ToolFormat(tokenizer, fmt.response_prefix, fmt.turn_prefix))
             batch_prompts, group_size = session.prompts(batch, 1, lambda p: fmt.render(tokenizer, p.question))
             rollout = generate(model, tokenizer, batch_prompts, sampling, group_size=group_size, tools=session,
                                max_episode_tokens=fmt.max_episode_tokens)

@@ -58,7 +58,7 @@ from .data import prompt_messages, render_chat
 from .generation import Sampling, eos_token_ids, generate
 from .inference import PromptFormat
 from .rewards import extract_answer, parse_number
-from .tools import ToolCall, ToolFormat, parse_tool_calls
+from .tools import ToolFormat, parse_tool_calls
 
 log = logging.getLogger("grpo_ds.serve")
 
@@ -468,7 +468,8 @@ class Server:
         # Only a digest of the key is kept and compared (constant time, and equal-length digests hide the key's length)
         self.key_digest = None if api_key is None else hashlib.sha256(api_key.encode()).digest()
         self.max_body_bytes, self.max_tokens_limit = max_body_bytes, max_tokens_limit
-        self.tool_format = ToolFormat(tokenizer, prompt_format.response_prefix)  # how tool turns are framed
+        self.tool_format = ToolFormat(tokenizer, prompt_format.response_prefix,  # how tool turns are framed
+                                      prompt_format.turn_prefix)
         self.batcher = Batcher(model, tokenizer, max_batch_size, batch_wait_ms, max_queue, prompt_format,
                                self.tool_format, self.context)
         self.created = int(time.time())
@@ -508,9 +509,9 @@ class Server:
 
     def chat_turns(self, messages: list[Message]) -> list[dict]:
         """The request's messages as chat-template turns. An assistant message with `tool_calls` and the `tool`
-        messages answering it are framed as training frames a model turn that called tools and the results
-        (tools.ToolFormat: the template's own tool support, else the Hermes text format of docs/AGENTS.md); a
-        result takes its tool's name from the call its tool_call_id names."""
+        messages answering it keep OpenAI's form, which data.render_chat frames as training frames a model turn
+        that called tools and the results (tools.ToolFormat: the template's own tool support, else the Hermes text
+        format of docs/AGENTS.md); a result takes its tool's name from the call its tool_call_id names."""
         turns, names = [], {}
         for i, m in enumerate(messages):
             if m.content is None and not (m.role == "assistant" and m.tool_calls):
@@ -527,13 +528,14 @@ class Server:
                         param = f"messages.{i}.tool_calls.{j}.function.arguments"
                         raise ApiError(400, f"{param}: expected a JSON object as text", param=param)
                     names[call.id] = call.function.name
-                    calls.append(ToolCall(call.function.name, arguments))
-                turns.append(self.tool_format.call_message(m.text(), calls))
+                    calls.append({"type": "function", "function": {"name": call.function.name,
+                                                                   "arguments": arguments}})
+                turns.append({"role": "assistant", "content": m.text(), "tool_calls": calls})
             elif m.role == "tool":
                 if m.tool_call_id not in names:
                     raise ApiError(400, f"messages.{i}.tool_call_id: {m.tool_call_id!r} answers no tool call of an "
                                         f"earlier assistant message", param=f"messages.{i}.tool_call_id")
-                turns.append(self.tool_format.result_message(names[m.tool_call_id], m.text()))
+                turns.append({"role": "tool", "name": names[m.tool_call_id], "content": m.text()})
             else:
                 turns.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
         return turns

@@ -276,10 +276,11 @@ class ToolFormat:
     suffix. Templates that render tools get the results as `tool` messages; the text format wraps them in
     <tool_response></tool_response> (in a `user` turn where the template refuses a `tool` role)."""
 
-    def __init__(self, tokenizer: Any, response_prefix: str = ""):
+    def __init__(self, tokenizer: Any, response_prefix: str = "", turn_prefix: Optional[str] = None):
         self.tokenizer = tokenizer
         self.native = renders_tools(tokenizer)
-        self.response_prefix = response_prefix
+        self.response_prefix = response_prefix  # the first model turn's opening (part of the prompt)
+        self.turn_prefix = response_prefix if turn_prefix is None else turn_prefix  # each later turn's
         self.plain = getattr(tokenizer, "chat_template", None) is None
         self.role = "tool"
         if not self.native and not self.plain:
@@ -314,7 +315,7 @@ class ToolFormat:
         tool_messages = [self.result_message(c.name or "unknown", r) for c, r in zip(calls, results)]
         if self.plain:  # no chat template: render_chat's plain transcript
             turns = "".join(f"\n{m['role'].capitalize()}: {m['content']}" for m in tool_messages)
-            return f"{turns}\nAssistant:{self.response_prefix}"
+            return f"{turns}\nAssistant:{self.turn_prefix}"
         head = [{"role": "user", "content": "dummy"}, self.call_message("", calls)]
         prefix = self.tokenizer.apply_chat_template(head, tokenize=False, add_generation_prompt=False)
         full = self.tokenizer.apply_chat_template(head + tool_messages, tokenize=False, add_generation_prompt=True)
@@ -324,7 +325,33 @@ class ToolFormat:
         if not full.startswith(prefix):
             raise ValueError("the chat template does not render a conversation as an extension of its beginning, "
                              "so tool results cannot be appended to a model turn")
-        return full[len(prefix):] + self.response_prefix
+        return full[len(prefix):] + self.turn_prefix
+
+    def opening(self, turn: int) -> str:
+        """The text model turn `turn` (0: the first) starts with, written by the prompt or the framing rather than
+        the model: what a call in that turn is read with (a prefix may open the call)."""
+        return self.response_prefix if turn == 0 else self.turn_prefix
+
+    def frame(self, messages: list[dict]) -> list[dict]:
+        """A conversation written in OpenAI's form (an assistant message with `tool_calls`, each
+        {"function": {"name", "arguments"}}, arguments an object or JSON text; `tool` messages with a `name` and
+        the result as `content`), framed as training frames a model turn that called tools and the results
+        (call_message, result_message). Other messages pass unchanged."""
+        framed = []
+        for m in messages:
+            if m.get("role") == "assistant" and m.get("tool_calls"):
+                calls = []
+                for call in m["tool_calls"]:
+                    function = call.get("function", call)
+                    arguments = function.get("arguments") or {}
+                    calls.append(ToolCall(function.get("name"),
+                                          json.loads(arguments) if isinstance(arguments, str) else arguments))
+                framed.append(self.call_message(m.get("content") or "", calls))
+            elif m.get("role") == "tool":
+                framed.append(self.result_message(m.get("name") or "unknown", m.get("content") or ""))
+            else:
+                framed.append(m)
+        return framed
 
     def suffix_ids(self, calls: list[ToolCall], results: list[str]) -> list[int]:
         return self.tokenizer(self._suffix_text(calls, results), add_special_tokens=False)["input_ids"]
@@ -390,6 +417,34 @@ class Toolbox:
     @property
     def environment_name(self) -> str:
         return type(self.pool[0]).__name__ if self.pool else ""
+
+    def worked_example(self, question: str, tool_turn: str, answer: str) -> list[dict]:
+        """The turns of a worked example that calls tools (--example_tool_call), in OpenAI's form (ToolFormat.frame
+        renders them as rollouts frame a call): the question, the assistant's turn with its calls (the text before
+        the first <tool_call> kept as its content), one `tool` message per call holding what the tool answers now,
+        and the final `answer`. The results are computed, never written by hand, so the example cannot show a tool
+        answering what it would not. A call that cannot be read, names no --tools function, or is answered with an
+        error is refused in one line."""
+        calls = parse_tool_calls(tool_turn)
+        if not calls:
+            raise ValueError(f"--example_tool_call {tool_turn!r}: no <tool_call>{{\"name\": ..., \"arguments\": "
+                             f"{{...}}}}</tool_call> in it")
+        functions = {fn.__name__: fn for fn in self.functions}
+        messages = [{"role": "user", "content": question},
+                    {"role": "assistant", "content": tool_turn[:tool_turn.index("<tool_call>")],
+                     "tool_calls": [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                    for c in calls]}]
+        for call in calls:
+            if call.error is not None:
+                raise ValueError(f"--example_tool_call: {call.error}")
+            if call.name not in functions:
+                raise ValueError(f"--example_tool_call: calls {call.name!r}, which is not a --tools function "
+                                 f"({', '.join(functions) or 'none'}; an environment's methods need its state)")
+            result, error = run_tool(functions[call.name], call.arguments, self.timeout)
+            if error is not None:
+                raise ValueError(f"--example_tool_call: {call.name}({json.dumps(call.arguments)}) answered {result!r}")
+            messages.append({"role": "tool", "name": call.name, "content": result})
+        return messages + [{"role": "assistant", "content": answer}]
 
     def session(self, columns: list[dict], fmt: ToolFormat,
                 parser: Callable[[str], list[ToolCall]] = parse_tool_calls) -> "Session":
@@ -460,7 +515,7 @@ class Session:
             limit = self.toolbox.max_iterations
             if limit is not None and self.rounds[row] >= limit:
                 continue
-            calls = self.parser(text)
+            calls = self.parser(self.fmt.opening(self.rounds[row]) + text)
             if calls:
                 pending[row] = calls
         results: dict[int, list[str]] = {}

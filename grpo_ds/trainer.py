@@ -192,6 +192,7 @@ class Run:
     engine: object = None  # the compiled engine, the vLLM client, or None for Hugging Face's generate
     toolbox: Optional[Toolbox] = None  # --tools and --environment: rollouts are episodes
     tool_format: Optional[ToolFormat] = None
+    example: Optional[tuple[str, str] | list[dict]] = None  # the worked example before every question (cfg.example)
     start_step: int = 0
     saved_step: int = 0
     consecutive_skips: int = 0
@@ -202,7 +203,7 @@ class Run:
         """The prompt text of a problem (or a bare question), as training, evaluation, ask and serve render it."""
         problem = Problem(problem, "") if isinstance(problem, str) else problem
         return render_problem(self.tokenizer, problem, self.cfg.system_prompt_text(), self.cfg.response_prefix,
-                              self.cfg.example(), self.toolbox.schemas if self.toolbox is not None else None)
+                              self.example, self.toolbox.schemas if self.toolbox is not None else None)
 
     def update_plan(self, step: int) -> "UpdatePlan":
         return UpdatePlan(micro_batch_size=self.cfg.train_batch_size,
@@ -271,6 +272,7 @@ def setup(cfg: Config) -> Run:
     toolbox = Toolbox.from_flags(cfg.tools, cfg.environment, cfg.tool_timeout, cfg.max_tool_calling_iterations)
     if toolbox is not None and toolbox.has_reward:  # the environment owns a reward: one more term, as TRL
         rewards.append(WeightedReward(toolbox.environment_name, toolbox.reward, 1.0, batched=True))
+    example = cfg.example(toolbox)  # with --example_tool_call the tools run now: a bad example stops here
     if not rewards:
         raise ValueError(f"--reward {cfg.reward}: no reward term; 'none' needs an --environment whose class defines "
                          f"get_reward()")
@@ -284,7 +286,7 @@ def setup(cfg: Config) -> Run:
     eval_problems = (load_problems(cfg.eval_dataset or cfg.dataset, "test", num_problems=cfg.eval_limit,
                                    difficulty=cfg.difficulty, seed=cfg.seed, bad_answers=cfg.bad_answers, **columns)
                      if cfg.eval_steps else [])
-    if cfg.example() is not None and any(p.messages for p in problems):
+    if example is not None and any(p.messages for p in problems):
         log.warning("--example_question: the dataset's prompts are chat conversations, rendered as written; the "
                     "worked example (and --system_prompt) apply to question strings only")
     resume_path = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from)
@@ -325,7 +327,8 @@ def setup(cfg: Config) -> Run:
               sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.fixed_length),
               eval_problems=eval_problems, logger=None, output_dir=output_dir,
               export_dtype={"auto": dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype],
-              toolbox=toolbox, tool_format=ToolFormat(tokenizer, cfg.response_prefix) if toolbox else None)
+              toolbox=toolbox, tool_format=ToolFormat(tokenizer, cfg.response_prefix, cfg.turn_prefix) if toolbox else None,
+              example=example)
     run.engine = vllm or rollout_engine(cfg, policy)
     if cfg.reward_model:  # partitioned over the ranks like the reference (ZeRO-3), offloaded on request
         scorer = RewardModel(cfg.reward_model,
@@ -1011,7 +1014,8 @@ def evaluate_policy(run: Run) -> dict:
                               max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                               batch_size=cfg.rollout_batch_size or 16, seed=cfg.seed,
                               system_prompt=cfg.system_prompt_text(), response_prefix=cfg.response_prefix,
-                              example=cfg.example(),
+                              turn_prefix=cfg.turn_prefix,
+                              example=run.example,
                               synced_gpus=distributed.is_zero3(run.policy) and not cfg.zero3_gather_for_generation,
                               toolbox=run.toolbox, max_episode_tokens=cfg.max_episode_tokens or 0)
     return {"eval_accuracy": summary["accuracy_strict"], "eval_accuracy_lenient": summary["accuracy_lenient"],

@@ -66,6 +66,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--like", default=None, metavar="RUN",
                    help="Ask as the training run RUN was trained (its system prompt, response prefix, data and "
                         "budget) whatever MODEL is: to evaluate a base model exactly as its trained run.")
+    p.add_argument("--no_tools", action="store_true",
+                   help="Ask without the run's --tools/--environment: no tool schemas in the prompt and no tool "
+                        "loop (a worked example that calls tools keeps its question and final answer); to measure "
+                        "what the tools add.")
     p.add_argument("--score_gold", action="store_true",
                    help="Score the dataset's own solutions as completions (no model): a check of the extractor.")
     return p
@@ -115,11 +119,12 @@ def evaluate_args(args) -> tuple[dict, list[dict]]:
         for i, row in enumerate(rows):
             row.update(index=i, sample=0)
         return {**summarize(rows), "model": "gold solutions", **settings}, rows
-    fmt = prompt_format(args.like or args.model, args.system_prompt, args.response_prefix)
+    fmt = prompt_format(args.like or args.model, args.system_prompt, args.response_prefix, tools=not args.no_tools)
     logging.getLogger("grpo_ds.eval").info(
         "prompt from %s: system prompt %s, response prefix %r, worked example %s", fmt.source,
         "none" if fmt.system_prompt is None else f"{fmt.system_prompt[:40]!r}...", fmt.response_prefix,
-        "none" if fmt.example is None else f"{fmt.example[0][:40]!r}...")
+        "none" if fmt.example is None else
+        f"{fmt.example[0] if isinstance(fmt.example, tuple) else fmt.example[0]['content']!r:.40}...")
     problems = load_problems(args.data, args.split, num_problems=args.limit, difficulty=args.difficulty,
                              prompt_column=args.prompt_column, answer_column=args.answer_column)
     model, tokenizer = load(args.model, args.dtype)
@@ -127,9 +132,11 @@ def evaluate_args(args) -> tuple[dict, list[dict]]:
                              batch_size=args.batch_size, num_samples=args.num_samples, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed, system_prompt=fmt.system_prompt,
                              response_prefix=fmt.response_prefix, example=fmt.example, scorer=args.scorer,
-                             toolbox=fmt.toolbox, max_episode_tokens=fmt.max_episode_tokens)
+                             toolbox=fmt.toolbox, max_episode_tokens=fmt.max_episode_tokens,
+                             turn_prefix=fmt.turn_prefix)
     summary.update(model=args.model, **settings, scorer=args.scorer, system_prompt=fmt.system_prompt,
                    response_prefix=fmt.response_prefix, example=fmt.example, max_new_tokens=args.max_new_tokens,
+                   tools=fmt.toolbox.names if fmt.toolbox is not None else [],
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                    device=str(next(model.parameters()).device))
     return summary, rows

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agent_tools  # noqa: E402
 from helpers import ASCII_CHARS, build_tiny_model, build_tokenizer  # noqa: E402
 
-from grpo_ds.config import LOSS_TYPES  # noqa: E402
-from grpo_ds.data import Problem, render_chat  # noqa: E402
+from grpo_ds.config import LOSS_TYPES, Config  # noqa: E402
+from grpo_ds.data import Problem, prompt_messages, render_chat  # noqa: E402
 from grpo_ds.generation import Sampling, StaticDecoder, generate  # noqa: E402
 from grpo_ds.logprobs import completion_logprobs  # noqa: E402
 from grpo_ds.loss import BatchTotals, GRPOLoss  # noqa: E402
@@ -290,6 +290,84 @@ def test_a_template_that_refuses_a_tool_role_gets_results_in_a_user_turn():
     assert fmt.role == "user"
     assert tokenizer.decode(fmt.suffix_ids([ToolCall("f", {})], ["1"])) == \
         "\n<|im_start|>user\n<tool_response>\n1\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+
+
+# ----------------------------------------------------------------------------- a worked example that calls a tool
+
+EXAMPLE = dict(example_question="6*7?", example_tool_call='Let me.<tool_call>{"name": "multiply", "arguments": '
+               '{"a": 6, "b": 7}}</tool_call>', example_answer="<answer>42</answer>", tools="agent_tools:multiply")
+
+
+def test_a_worked_example_that_calls_a_tool_is_framed_as_rollouts_frame_a_call():
+    """--example_tool_call: the example's call runs now (the 42 is the tool's, not written in the config) and the
+    example reads as an episode would: the call's turn, its EOS, then exactly the framing a rollout appends after
+    a call (ToolFormat.suffix_ids), then the final answer."""
+    box = Toolbox.from_flags("agent_tools:multiply")
+    example = Config(**EXAMPLE).example(box)
+    assert example[2] == {"role": "tool", "name": "multiply", "content": "42"}
+    prompt = render_chat(ASCII, prompt_messages("2*3?", "Be brief.", example), "<think>", box.schemas)
+    call = '<tool_call>\n{"name": "multiply", "arguments": {"a": 6, "b": 7}}\n</tool_call>'
+    rollout_framing = ASCII.decode(ToolFormat(ASCII, "<think>").suffix_ids([ToolCall("multiply", {"a": 6, "b": 7})],
+                                                                          ["42"]))
+    assert rollout_framing == ("\n<|im_start|>tool\n<tool_response>\n42\n</tool_response><|im_end|>\n"
+                               "<|im_start|>assistant\n<think>")
+    assert prompt == (f"<|im_start|>system\nBe brief.\n\n{tool_instructions(box.schemas)}<|im_end|>\n"
+                      f"<|im_start|>user\n6*7?<|im_end|>\n<|im_start|>assistant\nLet me.{call}<|im_end|>"
+                      "\n<|im_start|>tool\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+                      "<answer>42</answer><|im_end|>\n<|im_start|>user\n2*3?<|im_end|>\n<|im_start|>assistant\n"
+                      "<think>")
+    # a template that renders tools gets the call in its tool_calls field and the result its own way
+    native = native_tokenizer()
+    assert render_chat(native, prompt_messages("2*3?", None, example), "", box.schemas) == (
+        "<|im_start|>system\nTOOLS: multiply<|im_end|>\n<|im_start|>user\n6*7?<|im_end|>\n<|im_start|>assistant\n"
+        '<tool_call>\n{"name": "multiply", "arguments": {"a": 6, "b": 7}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+        "<answer>42</answer><|im_end|>\n<|im_start|>user\n2*3?<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(example_tool_call="No call here."), "--example_tool_call 'No call here.': no <tool_call>{\"name\": ..., "
+                                              "\"arguments\": {...}}</tool_call> in it"),
+    (dict(example_tool_call='<tool_call>{"name": "divide", "arguments": {}}</tool_call>'),
+     "--example_tool_call: calls 'divide', which is not a --tools function (multiply; an environment's methods "
+     "need its state)"),
+    (dict(example_tool_call='<tool_call>{"name": "multiply", "arguments": {"a": 6}}</tool_call>'),
+     "--example_tool_call: multiply({\"a\": 6}) answered \"Error: bad arguments (missing a required argument: "
+     "'b')\""),
+    (dict(example_tool_call="<tool_call>{oops}</tool_call>"),
+     "--example_tool_call: the tool call is not valid JSON (Expecting property name enclosed in double quotes)"),
+])
+def test_a_bad_worked_example_call_is_one_line(change, message):
+    with pytest.raises(ValueError) as info:
+        Config(**{**EXAMPLE, **change}).example(Toolbox.from_flags("agent_tools:multiply"))
+    assert str(info.value) == message
+
+
+def test_bad_worked_example_flags_are_refused_before_any_model_loads(refuse):
+    call = EXAMPLE["example_tool_call"]
+    refuse(f"--example_tool_call {call}: is the worked example's first turn; give --example_question and "
+           f"--example_answer", example_tool_call=call)
+    refuse(f"--example_tool_call {call}: calls tools, and there are none: give --tools",
+           **{k: v for k, v in EXAMPLE.items() if k != "tools"})
+    refuse("--example_tool_call: calls 'multiply', which is not a --tools function (calculator; an environment's "
+           "methods need its state)", **{**EXAMPLE, "tools": "grpo_ds.tools:calculator"})
+    refuse("--turn_prefix <think>: has no effect without --tools or --environment", turn_prefix="<think>")
+
+
+def test_a_prefix_that_opens_the_call_is_read_with_the_turn_and_later_turns_open_with_turn_prefix():
+    """--response_prefix writes the first turn's opening (here the call's), so the model's tokens alone hold no
+    <tool_call>: the call is read with its opening. The turns after the results open with --turn_prefix."""
+    fmt = ToolFormat(ASCII, response_prefix='<tool_call>{"name": "multiply", "arguments": {"a": ',
+                     turn_prefix="<think>")
+    box = Toolbox.from_flags("agent_tools:multiply")
+    session = box.session([{}], fmt)
+    first = session.respond({0: encode('6, "b": 7}}</tool_call>')}, {0: 500})
+    assert session.messages[0][-1] == {"role": "tool", "name": "multiply", "content": "42"}
+    assert ASCII.decode(first[0]).endswith("<|im_start|>assistant\n<think>")
+    # the second turn opens with <think>, not with the call's opening: its text is read as written
+    assert session.respond({0: encode('6, "b": 7}}</tool_call>')}, {0: 500}) == {}
+    assert session.counts["tool_calls"] == 1
+    assert ToolFormat(ASCII, response_prefix="<think>").turn_prefix == "<think>"  # by default, the same prefix
 
 
 def test_environment_text_joins_the_prompt():
@@ -635,6 +713,27 @@ def test_ask_uses_the_runs_tools(tiny, tmp_path, monkeypatch):
     answers = inference.answer_all(str(run_dir), ["6*7?", "what is 12*3?"], Sampling(10), fmt, batch_size=2)
     assert any("42" in a.text for a in answers) and all(a.num_tokens <= 10 for a in answers)
     assert inference.prompt_format(None).toolbox is None
+
+
+def test_a_run_with_a_worked_tool_example_is_asked_with_it_and_without_tools_on_request(tiny, tmp_path):
+    """eval/ask/serve read the example's call and the turn prefix from the run; --no_tools (tools=False) asks
+    without the tools: no schemas, no loop, and the example's question and final answer only."""
+    from grpo_ds import inference
+
+    _, tokenizer = tiny
+    run_dir = tmp_path / "run"
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "final" / "config.json").write_text("{}")
+    (run_dir / "config.json").write_text(json.dumps({**EXAMPLE, "rollouts_per_step": 4, "group_size": 4, "system_prompt": "none",
+                                                     "turn_prefix": "<think>"}))
+    fmt = inference.prompt_format(str(run_dir))
+    assert fmt.toolbox.names == ["multiply"] and fmt.turn_prefix == "<think>"
+    assert "<tool_response>\n42\n</tool_response>" in fmt.render(tokenizer, "2*3?")
+    plain = inference.prompt_format(str(run_dir), tools=False)
+    assert plain.toolbox is None and plain.example == ("6*7?", "<answer>42</answer>")
+    assert plain.render(tokenizer, "2*3?") == ("<|im_start|>user\n6*7?<|im_end|>\n<|im_start|>assistant\n"
+                                               "<answer>42</answer><|im_end|>\n<|im_start|>user\n2*3?<|im_end|>\n"
+                                               "<|im_start|>assistant\n")
 
 
 # ----------------------------------------------------------------------------- training runs (2 CPU ranks)
