@@ -3,7 +3,8 @@
 The calculator against hand values and hostile input; loading tools and environments in TRL's documented form, and
 bad flags refused in one line before any model loads; parsing calls; a tool that raises, hangs, returns a
 non-text value, or is called badly or under an unknown name, answered with an error and counted; the tool-result
-framing of a template with and without tool support; episodes on a tiny random model with scripted tool calls:
+framing of a template with and without tool support; a worked example that calls a tool, framed as a rollout frames
+a call, and a prefix that opens the call; episodes on a tiny random model with scripted tool calls:
 masks, budgets, engines, log-probs against whole-row recomputation, and tool tokens that never receive gradient."""
 
 import builtins
