@@ -54,8 +54,8 @@ def test_trl_side_gets_grpo_ds_prompts_in_grpo_ds_order(tiny_model):
 
     cfg = Config(model=str(tiny_model), rollouts_per_step=3, seed=7, system_prompt="Be brief.",
                  example_question="1 + 1?", example_answer="<answer>2</answer>")
-    run = object.__new__(Run)  # only what Run.prompt reads
-    run.cfg, run.tokenizer = cfg, tokenizer
+    run = object.__new__(Run)  # only what Run.prompt reads, as setup() fills it
+    run.cfg, run.tokenizer, run.example = cfg, tokenizer, cfg.example()
     trained = [run.prompt(p.question) for p in expected]
     assert all("1 + 1?" in t and "<answer>2</answer>" in t for t in trained)
     assert [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
