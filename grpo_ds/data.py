@@ -529,7 +529,7 @@ def render_chat(tokenizer: Any, messages: list[dict], response_prefix: str = "",
     rollouts frame them (tools.ToolFormat.frame).
     """
     if any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
-        messages = ToolFormat(tokenizer, response_prefix).frame(messages)
+        messages = ToolFormat(tokenizer).frame(messages)  # framing a turn needs no prefix
     if tools and renders_tools(tokenizer):
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=True) + response_prefix

@@ -208,7 +208,8 @@ def evaluate(model, tokenizer, problems: list[Problem], *, max_new_tokens: int =
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             episodes = (None if toolbox is None else
-                        Episodes(toolbox, ToolFormat(tokenizer, response_prefix, turn_prefix), problems, render, max_episode_tokens))
+                        Episodes(toolbox, ToolFormat(tokenizer, response_prefix, turn_prefix), problems, render,
+                                 max_episode_tokens))
             mine = generate_share(model, tokenizer, prompts, plan, rank, world, num_samples=num_samples, seed=seed,
                                   sampling=sampling, synced_gpus=synced_gpus, episodes=episodes)
     finally:

@@ -327,8 +327,8 @@ def setup(cfg: Config) -> Run:
               sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.fixed_length),
               eval_problems=eval_problems, logger=None, output_dir=output_dir,
               export_dtype={"auto": dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.export_dtype],
-              toolbox=toolbox, tool_format=ToolFormat(tokenizer, cfg.response_prefix, cfg.turn_prefix) if toolbox else None,
-              example=example)
+              toolbox=toolbox, example=example,
+              tool_format=ToolFormat(tokenizer, cfg.response_prefix, cfg.turn_prefix) if toolbox else None)
     run.engine = vllm or rollout_engine(cfg, policy)
     if cfg.reward_model:  # partitioned over the ranks like the reference (ZeRO-3), offloaded on request
         scorer = RewardModel(cfg.reward_model,

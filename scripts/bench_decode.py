@@ -96,7 +96,8 @@ def main() -> None:
         short, long = (median_time(lambda b=b: run(b), args.repeats) for b in args.tokens)
         step_s = (long - short) / (args.tokens[1] - args.tokens[0])
         results["engines"][name] = {
-            "generate_s": long, "decode_step_ms": step_s * 1e3, "tokens_per_s": args.rows / step_s, "gflops": flop_step / step_s / 1e9,
+            "generate_s": long, "decode_step_ms": step_s * 1e3, "tokens_per_s": args.rows / step_s,
+            "gflops": flop_step / step_s / 1e9,
             "fraction_of_peak": flop_step / step_s / peak_flops, "fraction_of_same_shape_ceiling": same_shape_s / step_s}
 
     print(f"{args.model}: {args.rows} rows, prompt {args.prompt_tokens} tokens, {results['threads']} threads, "
