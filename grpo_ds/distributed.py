@@ -342,7 +342,15 @@ def reference_ds_config(policy_ds: dict, cfg: Config) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu()}
     return {"train_micro_batch_size_per_gpu": policy_ds["train_micro_batch_size_per_gpu"],
             "gradient_accumulation_steps": 1, "bf16": {"enabled": policy_ds["bf16"]["enabled"]},
-            "zero_optimization": zero, "steps_per_print": 10 ** 9}
+            "zero_optimization": _without_linear_wrapper(zero), "steps_per_print": 10 ** 9}
+
+
+def _without_linear_wrapper(zero: dict) -> dict:
+    """A ZeRO-3 inference engine's section: no memory_efficient_linear, which DeepSpeed would otherwise install
+    process-wide in place of torch's F.linear (see torch_linear) for a backward pass this engine never runs."""
+    if zero.get("stage") == 3:
+        zero["memory_efficient_linear"] = False
+    return zero
 
 
 def reward_model_ds_config(policy_ds: dict, offload: bool = False) -> dict:
@@ -357,7 +365,7 @@ def reward_model_ds_config(policy_ds: dict, offload: bool = False) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu()}
     return {"train_micro_batch_size_per_gpu": policy_ds["train_micro_batch_size_per_gpu"],
             "gradient_accumulation_steps": 1, "bf16": {"enabled": policy_ds.get("bf16", {}).get("enabled") is True},
-            "zero_optimization": zero, "steps_per_print": 10 ** 9}
+            "zero_optimization": _without_linear_wrapper(zero), "steps_per_print": 10 ** 9}
 
 
 def run_name(cfg: Config) -> str:
@@ -448,17 +456,45 @@ def _gathered_bucket(bucket: list, zero3: bool):
         yield bucket
 
 
+@contextlib.contextmanager
 def gathered_for_generation(engine, enabled: bool):
     """Under ZeRO-3, gather every parameter once for the whole generation phase and lift DeepSpeed's per-module
     fetch hooks meanwhile (DeepSpeed's own unwrap_model_for_generation): otherwise every decoding step gathers each
     layer again, or at least runs every hook (measured on an H200, Qwen2.5-0.5B: 6.7x slower rollout than ZeRO-2
-    with the parameters gathered but the hooks left on). A no-op for other stages, or when disabled for models that
-    do not fit on one device (then generate() must run with synced_gpus)."""
-    if not (enabled and is_zero3(engine)):
-        return contextlib.nullcontext()
-    from deepspeed.runtime.zero import unwrap_model_for_generation
+    with the parameters gathered but the hooks left on). No gathering for other stages, or when disabled for models
+    that do not fit on one device (then generate() must run with synced_gpus). Generation runs torch's own
+    F.linear in every case (torch_linear)."""
+    if enabled and is_zero3(engine):
+        from deepspeed.runtime.zero import unwrap_model_for_generation
 
-    return unwrap_model_for_generation(engine)
+        gathering = unwrap_model_for_generation(engine)
+    else:
+        gathering = contextlib.nullcontext()
+    with gathering, torch_linear():
+        yield
+
+
+@contextlib.contextmanager
+def torch_linear():
+    """torch's own `torch.nn.functional.linear` for the duration of a pass without a backward.
+
+    A ZeRO-3 engine (DeepSpeed >= 0.19, zero_optimization.memory_efficient_linear, on by default) replaces
+    F.linear process-wide with an autograd Function that re-gathers each weight in the backward pass rather than
+    keep it from the forward: it saves memory in training only, and costs every linear layer of every model in the
+    process its Python overhead (37% of a decode step of the embedded model on the 2-core CPU). Generation and the
+    reference and old log-prob passes have no backward, so they run torch's; the training pass keeps whatever the
+    policy's config chose. The reference and reward-model engines never install it (reference_ds_config)."""
+    import torch.nn.functional as F
+
+    installed = F.linear
+    if installed is torch._C._nn.linear:
+        yield
+        return
+    F.linear = torch._C._nn.linear
+    try:
+        yield
+    finally:
+        F.linear = installed
 
 
 def weights_fingerprint(engine) -> torch.Tensor:

@@ -751,16 +751,18 @@ def logprob_passes(run: Run, experience: Experience, timings: dict, old: bool):
 def logprobs_by_micro_batch(engine, experience: Experience, micro_batch_size: int,
                             temperature: float) -> torch.Tensor:
     """Log-probs of every completion token under `engine`, N x C, computed per micro-batch with padding trimmed.
-    Every rank runs the same number of forwards, as ZeRO-3's parameter gathering requires."""
+    Every rank runs the same number of forwards, as ZeRO-3's parameter gathering requires. No backward follows, so
+    torch's own F.linear serves it (distributed.torch_linear)."""
     was_training = engine.training
     engine.eval()
     out_NC = torch.zeros(experience.completion_mask_NC.shape, dtype=torch.float32)
-    for start in range(0, len(experience), micro_batch_size):
-        index = torch.arange(start, min(start + micro_batch_size, len(experience)))
-        batch = experience.select(index)
-        c = batch.num_completion_positions
-        out_NC[index, :c] = completion_logprobs(engine, batch.sequences_NT.to(engine.device),
-                                                batch.attention_mask_NT.to(engine.device), c, temperature).cpu()
+    with distributed.torch_linear():
+        for start in range(0, len(experience), micro_batch_size):
+            index = torch.arange(start, min(start + micro_batch_size, len(experience)))
+            batch = experience.select(index)
+            c = batch.num_completion_positions
+            out_NC[index, :c] = completion_logprobs(engine, batch.sequences_NT.to(engine.device),
+                                                    batch.attention_mask_NT.to(engine.device), c, temperature).cpu()
     engine.train(was_training)
     return out_NC
 

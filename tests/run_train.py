@@ -205,7 +205,8 @@ def spy() -> dict:
     reference log-probs with the rows they score."""
     import deepspeed.runtime.zero
 
-    seen = {"full_gathers": 0, "eval_completions": None, "trained_rewards": None, "reference": None}
+    seen = {"full_gathers": 0, "eval_completions": None, "trained_rewards": None, "reference": None,
+            "linear_without_backward": set()}
     real_unwrap, real_evaluate = deepspeed.runtime.zero.unwrap_model_for_generation, trainer.evaluate
     real_make_experience, real_logprob_passes = trainer.make_experience, trainer.logprob_passes
 
@@ -222,6 +223,13 @@ def spy() -> dict:
                                  "logprobs": ref.tolist()}
         return ref, old
 
+    def noting_linear(fn, only_without_grad):  # which F.linear the passes without a backward run: torch's (True)
+        def noted(*args, **kwargs):
+            if not (only_without_grad and torch.is_grad_enabled()):  # not the training pass
+                seen["linear_without_backward"].add(torch.nn.functional.linear is torch._C._nn.linear)
+            return fn(*args, **kwargs)
+        return noted
+
     def counting_unwrap(*args, **kwargs):
         seen["full_gathers"] += 1
         return real_unwrap(*args, **kwargs)
@@ -235,6 +243,8 @@ def spy() -> dict:
     trainer.evaluate = recording_evaluate
     trainer.make_experience = recording_make_experience
     trainer.logprob_passes = recording_logprob_passes
+    trainer.generate = noting_linear(trainer.generate, only_without_grad=False)
+    trainer.completion_logprobs = noting_linear(trainer.completion_logprobs, only_without_grad=True)
     return seen
 
 
@@ -265,10 +275,14 @@ def main() -> int:
             held += p.data.numel() or p.ds_tensor.numel()
         records.append({"step": step, "fingerprint": float(distributed.weights_fingerprint(policy)),
                         "reference_held": held, "reference_full": full, "metrics": metrics, "drawn": list(drawn),
+                        # DeepSpeed's ZeRO-3 engines may replace F.linear process-wide with a slower autograd
+                        # Function (memory_efficient_linear): is torch's own still in place?
+                        "torch_linear": torch.nn.functional.linear is torch._C._nn.linear,
+                        "linear_without_backward": sorted(seen["linear_without_backward"]),
                         "full_gathers": seen["full_gathers"], "eval_completions": seen["eval_completions"],
                         "trained_rewards": seen["trained_rewards"], "reference": seen["reference"]})
         drawn.clear()
-        seen.update(eval_completions=None, trained_rewards=None, reference=None)
+        seen.update(eval_completions=None, trained_rewards=None, reference=None, linear_without_backward=set())
         if step == dump_step:
             dump = full_state(policy)
             if torch.distributed.get_rank() == 0:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import yaml
 
@@ -499,7 +500,9 @@ def test_load_ds_json_not_an_object(tmp_path):
 
 def test_reference_for_zero2_policy_is_partitioned_by_default():
     policy, _ = built()
-    assert reference_ds_config(policy, base())["zero_optimization"] == {"stage": 3}
+    # a ZeRO-3 inference engine asks DeepSpeed not to replace F.linear process-wide (a wrapper for a backward pass
+    # the reference never runs; it would slow the policy's every linear layer)
+    assert reference_ds_config(policy, base())["zero_optimization"] == {"stage": 3, "memory_efficient_linear": False}
     ref = reference_ds_config(policy, base(reference_partitioned=False))
     assert ref == {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                    "bf16": {"enabled": False}, "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
@@ -509,14 +512,14 @@ def test_reference_for_zero2_policy_is_partitioned_by_default():
 def test_reference_for_zero3_policy_is_stage_3():
     policy, _ = built(load_ds_json("ds_configs/zero3.json"), gpu=True)
     ref = reference_ds_config(policy, base())
-    assert ref["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 100000}
+    assert ref["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 100000, "memory_efficient_linear": False}
     assert ref["bf16"] == {"enabled": True}
     assert "optimizer" not in ref
 
 
 def test_reference_zero3_drops_auto_threshold():
     policy, _ = built({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}})
-    assert reference_ds_config(policy, base())["zero_optimization"] == {"stage": 3}
+    assert reference_ds_config(policy, base())["zero_optimization"] == {"stage": 3, "memory_efficient_linear": False}
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
@@ -529,6 +532,7 @@ def test_reference_offload(name, gpu, monkeypatch):
     assert zero["stage"] == 3
     # pinned host memory speeds up copies to a GPU; a CPU-only host has nothing to pin for
     assert zero["offload_param"] == {"device": "cpu", "pin_memory": gpu}
+    assert zero["memory_efficient_linear"] is False
     assert "optimizer" not in reference_ds_config(policy, cfg)
 
 
@@ -549,3 +553,27 @@ def test_flag_table_matches_the_config():
         "  .venv/bin/python -c \"from pathlib import Path; from grpo_ds.config import flags_markdown; "
         "p = Path('docs/FLAGS.md'); s = p.read_text(); "
         "p.write_text(s[:s.index('| flag | default | meaning |')] + flags_markdown())\"")
+
+
+def test_torch_linear_restores_the_installed_linear_even_on_error():
+    import torch.nn.functional as F
+
+    def wrapper(input, weight, bias=None):  # stands in for DeepSpeed's zero3_linear_wrap
+        raise AssertionError("the wrapper ran inside torch_linear")
+
+    real = F.linear
+    try:
+        F.linear = wrapper
+        with distributed.torch_linear():
+            assert F.linear is torch._C._nn.linear
+            torch.nn.Linear(2, 3)(torch.ones(1, 2))  # nn.Linear reads F.linear at call time
+        assert F.linear is wrapper
+        with pytest.raises(RuntimeError, match="inside"):
+            with distributed.torch_linear():
+                raise RuntimeError("inside")
+        assert F.linear is wrapper
+    finally:
+        F.linear = real
+    with distributed.torch_linear():  # torch's already: left as it is
+        assert F.linear is real
+    assert F.linear is real

@@ -38,6 +38,12 @@ def test_two_ranks_train_in_sync(tmp_path, tiny_model, ds_config):
     # the policy, and under ZeRO-2 too (--reference_partitioned, the default)
     assert all(h < 0.6 * full for h in held), (held, full)
     assert sum(held) >= full
+    # DeepSpeed's memory_efficient_linear replaces F.linear process-wide with a slower autograd Function (37% of a
+    # decode step on this CPU). The partitioned reference (no backward) never installs it, so under a ZeRO-2 policy
+    # torch's linear stays in place throughout; a ZeRO-3 policy keeps DeepSpeed's default for its training pass,
+    # and generation and the log-prob passes (no backward) run torch's all the same
+    assert {r["torch_linear"] for r in rank0 + rank1} == {ds_config == "zero2.json"}
+    assert all(r["linear_without_backward"] == [True] for r in rank0 + rank1)
     # DeepSpeed's CPU all-reduce buffers (69 MB of RAM per rank in /dev/shm) do not outlive the run
     assert set(Path("/dev/shm").glob("deepspeed_*")) <= shm_before
 

@@ -108,10 +108,13 @@ def test_the_engine_config_is_zero3_like_the_partitioned_reference():
               "zero_optimization": {"stage": 2, "stage3_param_persistence_threshold": 0}}
     assert distributed.reward_model_ds_config(policy) == {
         "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10 ** 9}
+        # no memory_efficient_linear: DeepSpeed would swap F.linear process-wide for a backward never run here
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "memory_efficient_linear": False},
+        "steps_per_print": 10 ** 9}
     offloaded = distributed.reward_model_ds_config({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": False},
                                                     "zero_optimization": {"stage": 3}}, offload=True)
-    assert offloaded["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False}}
+    assert offloaded["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False},
+                                              "memory_efficient_linear": False}
     assert offloaded["bf16"] == {"enabled": False}
 
 
