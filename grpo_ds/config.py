@@ -263,8 +263,9 @@ class Config:
                                                "(slow, for models that do not fit on one device).")
     reference_partitioned: bool = _field(True, "Partition the frozen reference over the ranks (ZeRO-3: each rank "
                                          "holds 1/W of its weights, gathered layer by layer in the reference pass) "
-                                         "whatever the policy's stage; false replicates it on every rank under a "
-                                         "ZeRO-2 policy (a faster reference pass, W copies of the weights).")
+                                         "whatever the policy's stage, on more than one rank; false replicates it on "
+                                         "every rank under a ZeRO-2 policy (a faster reference pass, W copies of the "
+                                         "weights).")
     reference_offload: bool = _field(False, "Keep the reference model's parameters in CPU memory (ZeRO-3 "
                                      "offload_param).")
 

@@ -328,10 +328,14 @@ def resolve_precision(ds: dict, requested: str, gpu: bool, source: str) -> str:
     return "fp32"
 
 
-def reference_ds_config(policy_ds: dict, cfg: Config) -> dict:
-    """The frozen reference's engine: no optimizer; ZeRO-3-partitioned (--reference_partitioned, the default, and
-    always under a ZeRO-3 policy or with --reference_offload, which needs ZeRO-3), else replicated (stage 0)."""
-    stage = 3 if zero_stage(policy_ds) == 3 or cfg.reference_offload or cfg.reference_partitioned else 0
+def reference_ds_config(policy_ds: dict, cfg: Config, world: int) -> dict:
+    """The frozen reference's engine: no optimizer; ZeRO-3-partitioned (--reference_partitioned, the default, on
+    more than one rank; always under a ZeRO-3 policy or with --reference_offload, which needs ZeRO-3), else
+    replicated (stage 0). A single rank has nothing to partition over, and a ZeRO-3 reference there only costs: its
+    fetch hooks on every layer, and on a CPU host with 2 threads a policy generate 29% slower beside it (measured,
+    docs/PERFORMANCE.md)."""
+    partitioned = cfg.reference_partitioned and world > 1
+    stage = 3 if zero_stage(policy_ds) == 3 or cfg.reference_offload or partitioned else 0
     zero: dict = {"stage": stage}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = policy_ds["zero_optimization"].get(

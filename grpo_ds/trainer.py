@@ -319,7 +319,7 @@ def setup(cfg: Config) -> Run:
                                      ds_config)
     # With LoRA the reference is the policy with its adapters off: no second model, engine or copy of the weights
     reference = (distributed.init_reference(lambda: load_model(model_path, dtype),
-                                            distributed.reference_ds_config(ds_config, cfg))
+                                            distributed.reference_ds_config(ds_config, cfg, world))
                  if cfg.kl_weight > 0 and lora is None else None)
     run = Run(cfg=cfg, layout=layout, rank=rank, world=world, tokenizer=tokenizer, policy=policy,
               reference=reference, loss_fn=loss_from(cfg),

@@ -502,16 +502,26 @@ def test_reference_for_zero2_policy_is_partitioned_by_default():
     policy, _ = built()
     # a ZeRO-3 inference engine asks DeepSpeed not to replace F.linear process-wide (a wrapper for a backward pass
     # the reference never runs; it would slow the policy's every linear layer)
-    assert reference_ds_config(policy, base())["zero_optimization"] == {"stage": 3, "memory_efficient_linear": False}
-    ref = reference_ds_config(policy, base(reference_partitioned=False))
+    assert reference_ds_config(policy, base(), 2)["zero_optimization"] == {"stage": 3, "memory_efficient_linear": False}
+    ref = reference_ds_config(policy, base(reference_partitioned=False), 2)
     assert ref == {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                    "bf16": {"enabled": False}, "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
     assert "optimizer" not in ref and "scheduler" not in ref
 
 
+def test_one_rank_replicates_the_reference_it_has_nothing_to_partition_over():
+    policy, _ = built()
+    ref = reference_ds_config(policy, base(), 1)
+    assert ref["zero_optimization"] == {"stage": 0}
+    # offload needs ZeRO-3, and a ZeRO-3 policy's reference stays ZeRO-3, on one rank too
+    assert reference_ds_config(policy, base(reference_offload=True), 1)["zero_optimization"]["stage"] == 3
+    zero3, _ = built(load_ds_json("ds_configs/zero3.json"))
+    assert reference_ds_config(zero3, base(), 1)["zero_optimization"]["stage"] == 3
+
+
 def test_reference_for_zero3_policy_is_stage_3():
     policy, _ = built(load_ds_json("ds_configs/zero3.json"), gpu=True)
-    ref = reference_ds_config(policy, base())
+    ref = reference_ds_config(policy, base(), 2)
     assert ref["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 100000, "memory_efficient_linear": False}
     assert ref["bf16"] == {"enabled": True}
     assert "optimizer" not in ref
@@ -519,7 +529,7 @@ def test_reference_for_zero3_policy_is_stage_3():
 
 def test_reference_zero3_drops_auto_threshold():
     policy, _ = built({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}})
-    assert reference_ds_config(policy, base())["zero_optimization"] == {"stage": 3, "memory_efficient_linear": False}
+    assert reference_ds_config(policy, base(), 2)["zero_optimization"] == {"stage": 3, "memory_efficient_linear": False}
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
@@ -528,17 +538,17 @@ def test_reference_offload(name, gpu, monkeypatch):
     cfg = base(reference_offload=True)
     policy, _ = built(load_ds_json(f"ds_configs/{name}.json"), reference_offload=True)
     monkeypatch.setattr(distributed, "on_gpu", lambda: gpu)
-    zero = reference_ds_config(policy, cfg)["zero_optimization"]
+    zero = reference_ds_config(policy, cfg, 2)["zero_optimization"]
     assert zero["stage"] == 3
     # pinned host memory speeds up copies to a GPU; a CPU-only host has nothing to pin for
     assert zero["offload_param"] == {"device": "cpu", "pin_memory": gpu}
     assert zero["memory_efficient_linear"] is False
-    assert "optimizer" not in reference_ds_config(policy, cfg)
+    assert "optimizer" not in reference_ds_config(policy, cfg, 2)
 
 
 def test_reference_without_offload_for_offloading_policy():
     policy, _ = built(load_ds_json("ds_configs/zero3_offload.json"))
-    zero = reference_ds_config(policy, base())["zero_optimization"]
+    zero = reference_ds_config(policy, base(), 2)["zero_optimization"]
     assert zero["stage"] == 3 and "offload_param" not in zero
 
 
