@@ -332,7 +332,7 @@ def reference_ds_config(policy_ds: dict, cfg: Config, world: int) -> dict:
     """The frozen reference's engine: no optimizer; ZeRO-3-partitioned (--reference_partitioned, the default, on
     more than one rank; always under a ZeRO-3 policy or with --reference_offload, which needs ZeRO-3), else
     replicated (stage 0). A single rank has nothing to partition over, and a ZeRO-3 reference there only costs: its
-    fetch hooks on every layer, and on a CPU host with 2 threads a policy generate 29% slower beside it (measured,
+    fetch hooks on every layer, and on a CPU host with 2 threads a policy generate 30% slower beside it (measured,
     docs/PERFORMANCE.md)."""
     partitioned = cfg.reference_partitioned and world > 1
     stage = 3 if zero_stage(policy_ds) == 3 or cfg.reference_offload or partitioned else 0
@@ -485,9 +485,10 @@ def torch_linear():
     A ZeRO-3 engine (DeepSpeed >= 0.19, zero_optimization.memory_efficient_linear, on by default) replaces
     F.linear process-wide with an autograd Function that re-gathers each weight in the backward pass rather than
     keep it from the forward: it saves memory in training only, and costs every linear layer of every model in the
-    process its Python overhead (37% of a decode step of the embedded model on the 2-core CPU). Generation and the
-    reference and old log-prob passes have no backward, so they run torch's; the training pass keeps whatever the
-    policy's config chose. The reference and reward-model engines never install it (reference_ds_config)."""
+    process its overhead (the embedded model's generate 12% slower with 2 threads on the 2-core CPU, 8% with 1).
+    Generation and the reference and old log-prob passes have no backward, so they run torch's; the training pass
+    keeps whatever the policy's config chose. The reference and reward-model engines never install it
+    (reference_ds_config)."""
     import torch.nn.functional as F
 
     installed = F.linear

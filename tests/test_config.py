@@ -522,7 +522,8 @@ def test_one_rank_replicates_the_reference_it_has_nothing_to_partition_over():
 def test_reference_for_zero3_policy_is_stage_3():
     policy, _ = built(load_ds_json("ds_configs/zero3.json"), gpu=True)
     ref = reference_ds_config(policy, base(), 2)
-    assert ref["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 100000, "memory_efficient_linear": False}
+    assert ref["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 100000,
+                                        "memory_efficient_linear": False}
     assert ref["bf16"] == {"enabled": True}
     assert "optimizer" not in ref
 
