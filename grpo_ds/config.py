@@ -214,9 +214,10 @@ class Config:
     rollout_batch_size: int = _field(0, "Completions per generate() call on a rank (0: all of them at once); "
                                      "lower it to bound the KV cache memory.")
     rollout_engine: str = _field("auto", "'hf' (Hugging Face generate), 'compiled' (a static KV cache sized once, "
-                                 "tokens drawn on the device, the decode step compiled and replayed as a CUDA graph "
-                                 "on GPUs) or 'auto': compiled on GPUs, hf on a CPU-only host "
-                                 "and under ZeRO-3 with --zero3_gather_for_generation false (see docs/PERFORMANCE.md). "
+                                 "attention over its filled part only, ended rows dropped, tokens drawn on the "
+                                 "device, the decode step compiled and replayed as a CUDA graph on GPUs, eager on "
+                                 "CPUs) or 'auto': compiled, except hf under ZeRO-3 with "
+                                 "--zero3_gather_for_generation false (see docs/ENGINES.md). "
                                  "Both give the same tokens for the same seed. 'vllm': a vLLM server "
                                  "(scripts/vllm_serve.py in its own environment; docs/VLLM.md), weights synced after "
                                  "every update.")

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (Cache, DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                          StoppingCriteriaList)
+from transformers.cache_utils import StaticLayer
 
 from .logprobs import position_ids
 
@@ -412,34 +414,62 @@ def sampling_scores(logits_NV: torch.Tensor, sampling: Sampling) -> torch.Tensor
     return scores
 
 
-class StaticDecoder:
-    """The 'compiled' rollout engine: a decode loop over a static KV cache, sampling on the device.
+class _FilledLayer(StaticLayer):
+    """A static cache layer that hands attention only the slots written so far (`window`, set by the decoder before
+    each step): the tensors are allocated once per shape, but a step at position t reads t slots, not the whole
+    budget's. Rows that have ended can leave (`keep`)."""
 
-    Hugging Face's `generate` grows its cache every token and runs every kernel of every layer from Python, with a
-    host synchronisation per token (its stopping check); on a GPU, decoding a small model is then bound by launch
-    overhead, not by memory bandwidth. Here the cache is allocated once for a shape (rows x prompt + new tokens) and
-    reset between calls, the one-token decode step has fixed shapes, so on a GPU it is compiled by torch.compile
-    with CUDA graphs ('reduce-overhead': recorded once, replayed every token), tokens are drawn on the device
-    (sample_next) and the host looks at the rows only every `check_every` tokens, to stop once all have ended.
+    window: int = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        return keys[:, :, :self.window], values[:, :, :self.window]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.window, 0
+
+    def keep(self, rows_R: torch.Tensor) -> None:
+        self.keys, self.values = self.keys.index_select(0, rows_R), self.values.index_select(0, rows_R)
+        if self.keys.device.type == "cuda":  # new tensors: fixed addresses for the CUDA graphs of the new shape
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+
+
+class StaticDecoder:
+    """The 'compiled' rollout engine: a decode loop over a static KV cache that does only the work that exists.
+
+    Hugging Face's `generate` grows its cache by concatenation every token (a copy of the whole cache per token, so
+    quadratic in the completion's length), runs every kernel of every layer from Python and keeps decoding rows that
+    have ended; on a GPU, decoding a small model is then bound by launch overhead, not by memory bandwidth. Here:
+
+    - the cache is allocated once for a shape (rows x prompt + new tokens) and written in place; attention reads
+      only its filled part (`_FilledLayer`: exactly on a CPU, in windows of `window_bucket` slots when compiled);
+    - rows that have ended leave the batch (at the host's checks, every `check_every` tokens: on a CPU as soon as
+      a quarter of the rows have ended, compiled once half have, so row counts stay few), so the long tail of one
+      row does not cost a whole batch;
+    - tokens are drawn on the device with the random numbers `generate`'s multinomial draws, for every row, ended
+      or not (one exponential per vocabulary entry and row), so the same seed gives the same tokens;
+    - on a GPU the one-token step is compiled by torch.compile with CUDA graphs ('reduce-overhead').
 
     It reads the model's live parameters (no copy): the trainer passes the policy's module, and under ZeRO-3 calls
-    it inside the gather of the whole policy. Rows that have ended keep decoding padding until all have (fixed
-    shapes); with groups of similar lengths that costs little.
+    it inside the gather of the whole policy.
 
     Shapes are bucketed so that compiles stay few on real data, where the prompt width changes every step: prompts
     are left-padded to a multiple of `bucket` tokens (masked, so the tokens drawn do not change), and the cache is
-    sized for that width plus the budget. Every distinct (rows, cache length) is one compile; `compiles` counts
-    them, and dynamo's per-function limit is raised to what max_length allows, so a new shape compiles instead of
-    silently falling back to eager execution (torch's default after 8)."""
+    sized for that width plus the budget. Every distinct (rows, cache length, window) decoded is one compile;
+    `compiles` counts them, and dynamo's per-function limit is raised to what max_length allows, so a new shape
+    compiles instead of silently falling back to eager execution (torch's default after 8)."""
 
     def __init__(self, model, compile: Optional[bool] = None, check_every: int = 8, bucket: int = 64,
-                 max_shapes: int = 64):
+                 window_bucket: int = 128, max_shapes: int = 256):
         self.model = model
         device = next(model.parameters()).device
         self.compile = device.type == "cuda" if compile is None else compile
         self.check_every = check_every
         self.bucket = bucket if self.compile else 1  # eager execution gains nothing from padding
-        self.shapes: set[tuple[int, int]] = set()  # the (rows, cache length) decoded so far: compiles, if compiled
+        self.window_bucket = window_bucket if self.compile else 1
+        self.compact_at = 0.5 if self.compile else 0.75  # compact once live rows are at most this share
+        self.shapes: set[tuple[int, int, int]] = set()  # (rows, cache length, window) decoded: compiles, if compiled
         self.cache = None
         self.shape = None
         if self.compile:
@@ -453,7 +483,7 @@ class StaticDecoder:
 
     @property
     def compiles(self) -> int:
-        """Compiled decode-step graphs so far (0 when not compiling): one per distinct (rows, cache length)."""
+        """Compiled decode-step graphs so far (0 when not compiling): one per distinct (rows, cache length, window)."""
         return len(self.shapes) if self.compile else 0
 
     def _step(self, tokens_N1: torch.Tensor, position_N1: torch.Tensor, mask_NL: torch.Tensor) -> torch.Tensor:
@@ -462,13 +492,11 @@ class StaticDecoder:
         return logits[:, -1].float()
 
     def _cache_for(self, rows: int, length: int):
-        """The static cache for this shape: allocated on first use, reset (not reallocated) afterwards."""
-        from transformers import StaticCache
-
+        """The static cache for this shape: allocated on first use, refilled (not reallocated) afterwards; stale
+        slots are never read, as attention sees only the filled window."""
         if self.shape != (rows, length):
-            self.cache, self.shape = StaticCache(config=self.model.config, max_cache_len=length), (rows, length)
-        else:
-            self.cache.reset()
+            layers = [_FilledLayer(length) for _ in range(self.model.config.num_hidden_layers)]
+            self.cache, self.shape = Cache(layers=layers), (rows, length)
         return self.cache
 
     @torch.no_grad()
@@ -476,9 +504,11 @@ class StaticDecoder:
                max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
                should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(completion ids N x C, the sampler's log-prob of each, N x C) (C <= max_new_tokens: decoding ends once
-        every row has emitted an EOS) for B
-        prompts, each repeated group_size times. The prompts (minus their last token) are prefilled once each and
-        their cache repeated for the group; the last prompt token is the first decode step, as in generate()."""
+        every row has emitted an EOS) for B prompts, each repeated group_size times. The prompts (minus their last
+        token) are prefilled once each and their cache repeated for the group; the last prompt token is the first
+        decode step, as in generate().
+
+        Shape legend here: R rows still decoding (R <= N), W the attention window (filled slots, bucketed)."""
         width = -(-ids_BP.shape[1] // self.bucket) * self.bucket  # the prompt width's bucket
         if width > ids_BP.shape[1]:  # masked left padding: the same positions, the same tokens, one shape per bucket
             extra = width - ids_BP.shape[1]
@@ -487,7 +517,6 @@ class StaticDecoder:
         n, p = ids_BP.shape[0] * group_size, ids_BP.shape[1]
         device = ids_BP.device
         length = p + max_new_tokens
-        self.shapes.add((n, length))
         cache = self._cache_for(n, length)
         prefix = DynamicCache(config=self.model.config)
         if p > 1:
@@ -496,7 +525,7 @@ class StaticDecoder:
             prefix.batch_repeat_interleave(group_size)
         dtype = next(self.model.parameters()).dtype
         for i, layer in enumerate(cache.layers):
-            if not layer.is_initialized:  # allocate the whole static tensor once, for this shape
+            if not layer.is_initialized or layer.keys.shape[0] != n:  # allocate the static tensors for this shape
                 empty = torch.zeros(n, self.model.config.num_key_value_heads, 1, self._head_dim(), dtype=dtype,
                                     device=device)
                 layer.lazy_initialization(empty, empty)
@@ -504,10 +533,12 @@ class StaticDecoder:
                 layer.keys[:, :, :p - 1].copy_(prefix.layers[i].keys)
                 layer.values[:, :, :p - 1].copy_(prefix.layers[i].values)
             layer.cumulative_length.fill_(p - 1)
-        mask_NL = torch.ones(n, length, dtype=mask_BP.dtype, device=device)  # later positions: causally hidden
-        mask_NL[:, :p] = mask_BP.repeat_interleave(group_size, dim=0)
-        tokens_N = ids_BP[:, -1].repeat_interleave(group_size)
-        position_N = mask_NL[:, :p].sum(dim=1) - 1
+        del prefix
+        mask_RL = torch.ones(n, length, dtype=mask_BP.dtype, device=device)  # later positions: causally hidden
+        mask_RL[:, :p] = mask_BP.repeat_interleave(group_size, dim=0)
+        tokens_R = ids_BP[:, -1].repeat_interleave(group_size)
+        position_R = mask_RL[:, :p].sum(dim=1) - 1
+        rows_R = torch.arange(n, device=device)  # the row (of N) each decoded row is
         eos_N = torch.tensor(list(eos_ids), device=device)
         finished_N = torch.zeros(n, dtype=torch.bool, device=device)
         ended_at_N = torch.zeros(n, dtype=torch.long, device=device)  # the step of each row's first EOS
@@ -515,23 +546,33 @@ class StaticDecoder:
         logprobs_NC = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
         rng_states = []  # the random state before each draw since the last check, to undo draws past the end
         for t in range(max_new_tokens):
-            logits_NV = self.step(tokens_N.unsqueeze(1), position_N.unsqueeze(1), mask_NL)
+            window = min(length, -(-(p + t) // self.window_bucket) * self.window_bucket)  # slots filled after this step
+            for layer in cache.layers:
+                layer.window = window
+            self.shapes.add((len(rows_R), length, window))
+            logits_RV = self.step(tokens_R.unsqueeze(1), position_R.unsqueeze(1), mask_RL[:, :window])
             if sampling.fixed_length:
-                logits_NV[:, eos_N] = -float("inf")
-            if not sampling.greedy:
+                logits_RV[:, eos_N] = -float("inf")
+            scores_RV = sampling_scores(logits_RV, sampling)
+            if sampling.greedy:
+                drawn_R = scores_RV.argmax(dim=-1)
+            else:  # torch.multinomial's own draw (p / q, q ~ Exp(1), argmax), with q drawn for every row of N
                 rng_states.append(_rng_state(device))
-            scores_NV = sampling_scores(logits_NV, sampling)
-            drawn_N = (scores_NV.argmax(dim=-1) if sampling.greedy else
-                       torch.multinomial(torch.softmax(scores_NV, dim=-1), num_samples=1).squeeze(1))
-            logprobs_NC[:, t] = torch.log_softmax(scores_NV.float(), dim=-1).gather(1, drawn_N.unsqueeze(1)).squeeze(1)
-            tokens_N = torch.where(finished_N, pad_id, drawn_N)
-            out_NC[:, t] = tokens_N
-            ended_N = ~finished_N & torch.isin(tokens_N, eos_N)
-            ended_at_N = torch.where(ended_N, t, ended_at_N)
-            finished_N |= ended_N
-            position_N = position_N + 1
+                q_NV = torch.empty(n, scores_RV.shape[1], dtype=scores_RV.dtype, device=device).exponential_()
+                q_RV = q_NV if len(rows_R) == n else q_NV.index_select(0, rows_R)
+                drawn_R = (torch.softmax(scores_RV, dim=-1) / q_RV).argmax(dim=-1)
+            logprobs_NC[rows_R, t] = torch.log_softmax(scores_RV.float(), dim=-1).gather(
+                1, drawn_R.unsqueeze(1)).squeeze(1)
+            tokens_R = torch.where(finished_N[rows_R], pad_id, drawn_R)
+            out_NC[rows_R, t] = tokens_R
+            ended_R = ~finished_N[rows_R] & torch.isin(tokens_R, eos_N)
+            ended_at_N[rows_R] = torch.where(ended_R, t, ended_at_N[rows_R])
+            finished_N[rows_R] |= ended_R
+            position_R = position_R + 1
             if (t + 1) % self.check_every == 0 or t + 1 == max_new_tokens:
-                if bool(finished_N.all()):  # generate() stops right after the last row's EOS: so do we
+                live_R = ~finished_N[rows_R]
+                live = int(live_R.sum())
+                if live == 0:  # generate() stops right after the last row's EOS: so do we
                     last = int(ended_at_N.max())
                     if last < t and rng_states:  # draws made after it: restore the stream generate leaves
                         _set_rng_state(device, rng_states[len(rng_states) - (t - last)])
@@ -539,6 +580,13 @@ class StaticDecoder:
                 if should_stop is not None and should_stop():
                     return out_NC[:, :t + 1], logprobs_NC[:, :t + 1]
                 rng_states.clear()
+                if live <= self.compact_at * len(rows_R):  # the ended rows leave the batch
+                    keep_R = live_R.nonzero().squeeze(1)
+                    for layer in cache.layers:
+                        layer.keep(keep_R)
+                    rows_R, tokens_R, position_R = rows_R[keep_R], tokens_R[keep_R], position_R[keep_R]
+                    mask_RL = mask_RL[keep_R]
+                    self.shape = None  # the next call allocates whole tensors again
         return out_NC, logprobs_NC
 
     def _head_dim(self) -> int:

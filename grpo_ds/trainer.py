@@ -378,23 +378,23 @@ def connect_vllm(cfg: Config):
 
 def rollout_engine(cfg: Config, policy):
     """The static, compiled decoding engine, or None for Hugging Face's generate (the vLLM client comes from
-    connect_vllm); the choice is logged. 'auto' picks the static engine on GPUs, where its CUDA-graph decode step
-    removes generate's launch overhead, and generate on a CPU: there the static engine runs eager and attends over
-    its whole preallocated cache at every token, which wins for short completions (the CPU recipe's 48 tokens: -15%
-    rollout time) and loses for long ones (docs/PERFORMANCE.md). ZeRO-3 without gathering for generation fetches
-    each layer per token on every rank in step, which only generate's synced_gpus does."""
+    connect_vllm); the choice is logged. 'auto' picks the static engine wherever it can run: on GPUs its
+    CUDA-graph decode step removes generate's launch overhead; on a CPU it runs eager and wins by doing less work
+    (attention over the filled cache only, ended rows dropped, no cache regrown every token: docs/PERFORMANCE.md).
+    ZeRO-3 without gathering for generation fetches each layer per token on every rank in step, which only
+    generate's synced_gpus does."""
     gathers = not distributed.is_zero3(policy) or cfg.zero3_gather_for_generation
     choice = cfg.rollout_engine
     if choice == "auto":
-        choice = "compiled" if distributed.on_gpu() and gathers else "hf"
+        choice = "compiled" if gathers else "hf"
     if choice == "compiled" and not gathers:
         raise ValueError("--rollout_engine compiled: needs the policy gathered for generation under ZeRO-3 "
                          "(--zero3_gather_for_generation true); use --rollout_engine hf")
     log.info("rollout engine: %s%s", choice, {
         "compiled": " (static KV cache, on-device sampling" + (", CUDA-graph decode step)" if distributed.on_gpu()
                                                                 else "; eager on a CPU)"),
-        "hf": " (Hugging Face generate" + ("; auto picks it on a CPU-only host, and under ZeRO-3 without gathering "
-                                           "for generation)" if cfg.rollout_engine == "auto" else ")")}[choice])
+        "hf": " (Hugging Face generate" + ("; auto picks it under ZeRO-3 without gathering for generation)"
+                                           if cfg.rollout_engine == "auto" else ")")}[choice])
     return StaticDecoder(policy.module) if choice == "compiled" else None
 
 
