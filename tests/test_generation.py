@@ -407,15 +407,32 @@ def test_packed_prompts_give_whole_row_logprobs_and_gradients(tiny, rollout, che
 
 def test_pack_by_prompt_declines_when_nothing_is_shared(tiny, rollout):
     seq, attn, c = rollout.sequences_NT, rollout.attention_mask_NT, rollout.completion_mask_NC.shape[1]
-    assert pack_by_prompt(seq[[0, 3]], attn[[0, 3]], c, torch.float32, 32) is None  # two rows, two prompts
-    # a 2-token prompt and 20-token completions: 3 completions side by side (62^2 attention pairs) cost more than
-    # 3 whole rows (3 x 22^2), and at hidden size 1 the linear layers save almost nothing
-    long = torch.cat([torch.tensor([[5, 6]] * 3), torch.randint(7, 20, (3, 20))], dim=1)
-    assert pack_by_prompt(long, torch.ones_like(long), 20, torch.float32, 1) is None
-    assert pack_by_prompt(long, torch.ones_like(long), 20, torch.float32, 4096) is not None
-    packed = pack_by_prompt(seq, attn, c, torch.float32, 4096)
+    assert pack_by_prompt(seq[[0, 3]], attn[[0, 3]], c) is None  # two rows, two prompts
+    packed = pack_by_prompt(seq, attn, c)
     assert packed.ids_US.shape[0] == 2  # one packed sequence per prompt
     assert packed.unique_N.tolist() in ([0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0])  # rows 0-2 share one, rows 3-5 the other
+
+
+def test_shared_prompt_attention_never_builds_the_dense_square(tiny, monkeypatch):
+    """A 2-token prompt and 3 completions of 20 tokens: once dense packing (62^2 pairs against 3 x 22^2) lost to
+    whole rows and was turned off; the shared-prompt attention asks SDPA for the prompt (2 x 2) and the 3 blocks
+    (20 x 22 each) only, and packs at any length with whole-row log-probs."""
+    model, _ = tiny
+    long = torch.cat([torch.tensor([[5, 6]] * 3), torch.randint(7, 20, (3, 20))], dim=1)
+    shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, *args, **kwargs):
+        shapes.append((tuple(query.shape[-2:-1]) + tuple(key.shape[-2:-1]), query.shape[0]))
+        return sdpa(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        packed = completion_logprobs(model, long, torch.ones_like(long), 20)
+        whole = whole_row_logprobs(model, long, torch.ones_like(long), 20)
+    layers = model.config.num_hidden_layers
+    assert shapes[:2 * layers] == [((2, 2), 1), ((20, 22), 3)] * layers  # (queries, keys), batch: no 62 x 62
+    torch.testing.assert_close(packed, whole, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- the static (compiled) engine
