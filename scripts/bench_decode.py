@@ -11,7 +11,11 @@ compared with two ceilings measured here, in fp32 with the same threads:
 
 - `peak`: a large square matmul (2048^3), the most this CPU's BLAS does;
 - `same shapes`: the decode step's own matmuls (rows x in_features @ in_features x out_features for every linear
-  layer of the model, timed alone, back to back), the most a decode step of this width could do.
+  layer of the model, timed alone, back to back), the most a decode step of this width could do with its weights
+  in the caches;
+- `floor`: what any engine that draws `generate`'s tokens pays per step: every linear layer with the model's own
+  weights, one after another (each weight read from memory once per step, as in decoding), plus the random
+  numbers of torch's multinomial draw (one exponential per row and vocabulary entry, drawn serially).
 
 `fraction of same-shape ceiling` = the same-shape matmuls' time / the measured decode step: what is left is
 overhead (Python, attention, cache updates, sampling). `generate s` is the whole call at the longer budget (prefill
@@ -43,13 +47,33 @@ def matmul_s(m: int, k: int, n: int, repeats: int = 20) -> float:
     return median_time(lambda: torch.mm(a, b), repeats)
 
 
+def linear_weights(model) -> list[torch.Tensor]:
+    """The weight of every linear layer a decode step runs, the output head included, each once."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    head = model.get_output_embeddings()
+    if head is not None and not any(w is head.weight for w in weights):
+        weights.append(head.weight)
+    return weights
+
+
+def floor_s(model, rows: int, repeats: int = 5) -> tuple[float, float]:
+    """(the linear layers with their own weights, back to back; the multinomial draw's random numbers), seconds."""
+    weights = linear_weights(model)
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights}
+
+    def linears():
+        with torch.no_grad():
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    linears()
+    noise = torch.empty(rows, model.config.vocab_size)
+    return median_time(linears, repeats), median_time(noise.exponential_, repeats)
+
+
 def linear_shapes(model) -> list[tuple[int, int]]:
     """(in_features, out_features) of every linear layer a decode step runs, the output head included."""
-    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    head = model.get_output_embeddings()
-    if head is not None and not any(m is head for m in model.modules() if isinstance(m, torch.nn.Linear)):
-        shapes.append((head.weight.shape[1], head.weight.shape[0]))
-    return shapes
+    return [(w.shape[1], w.shape[0]) for w in linear_weights(model)]
 
 
 def main() -> None:
@@ -80,10 +104,12 @@ def main() -> None:
     flop_step = flop_linear + flop_attention
     peak_flops = 2 * 2048 ** 3 / matmul_s(2048, 2048, 2048, repeats=5)
     same_shape_s = sum(matmul_s(args.rows, i, o) for i, o in linear_shapes(model))
+    streamed_s, draw_s = floor_s(model, args.rows)
 
     results = {"model": args.model, "rows": args.rows, "prompt_tokens": args.prompt_tokens, "threads":
                torch.get_num_threads(), "gflop_per_step": flop_step / 1e9, "peak_gflops": peak_flops / 1e9,
-               "same_shape_matmul_s": same_shape_s, "engines": {}}
+               "same_shape_matmul_s": same_shape_s, "streamed_linear_s": streamed_s, "multinomial_noise_s": draw_s,
+               "engines": {}}
     for name in args.engine:
         engine = StaticDecoder(model) if name == "static" else None
 
@@ -98,16 +124,23 @@ def main() -> None:
         results["engines"][name] = {
             "generate_s": long, "decode_step_ms": step_s * 1e3, "tokens_per_s": args.rows / step_s,
             "gflops": flop_step / step_s / 1e9,
-            "fraction_of_peak": flop_step / step_s / peak_flops, "fraction_of_same_shape_ceiling": same_shape_s / step_s}
+            "fraction_of_peak": flop_step / step_s / peak_flops,
+            "fraction_of_same_shape_ceiling": same_shape_s / step_s,
+            "fraction_of_floor": (streamed_s + draw_s) / step_s}
 
     print(f"{args.model}: {args.rows} rows, prompt {args.prompt_tokens} tokens, {results['threads']} threads, "
           f"{results['gflop_per_step']:.2f} GFLOP per decode step; fp32 matmul peak {results['peak_gflops']:.1f} "
-          f"GFLOP/s, the step's own matmuls alone {same_shape_s * 1e3:.1f} ms")
+          f"GFLOP/s, the step's own matmuls alone {same_shape_s * 1e3:.1f} ms; "
+          f"floor {(streamed_s + draw_s) * 1e3:.1f} ms "
+          f"(its linear layers with their own weights {streamed_s * 1e3:.1f} ms, the multinomial draw's random "
+          f"numbers {draw_s * 1e3:.1f} ms)")
     print(f"{'engine':8} {'step ms':>8} {'tok/s':>7} {'GFLOP/s':>8} {'of peak':>8} {'of same-shape':>14} "
-          f"{'generate s (' + str(args.tokens[1]) + ' tokens)':>22}")
+          f"{'of floor':>9} {'generate s (' + str(args.tokens[1]) + ' tokens)':>22}")
     for name, r in results["engines"].items():
         print(f"{name:8} {r['decode_step_ms']:8.1f} {r['tokens_per_s']:7.0f} {r['gflops']:8.1f} "
-              f"{r['fraction_of_peak']:8.0%} {r['fraction_of_same_shape_ceiling']:14.0%} {r['generate_s']:22.1f}")
+              f"{r['fraction_of_peak']:8.0%} {r['fraction_of_same_shape_ceiling']:14.0%} "
+              f"{r['fraction_of_floor']:9.0%} "
+              f"{r['generate_s']:22.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -157,5 +157,8 @@ def test_bench_decode_runs_both_engines(tmp_path, tiny_model):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["engines"]) == {"hf", "static"}
+    assert result["streamed_linear_s"] > 0 and result["multinomial_noise_s"] > 0
     for r in result["engines"].values():
         assert r["decode_step_ms"] > 0 and r["tokens_per_s"] == pytest.approx(4 / (r["decode_step_ms"] / 1e3))
+        floor_ms = (result["streamed_linear_s"] + result["multinomial_noise_s"]) * 1e3
+        assert r["fraction_of_floor"] == pytest.approx(floor_ms / r["decode_step_ms"])
