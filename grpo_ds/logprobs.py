@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
 def position_ids(attention_mask_NT: torch.Tensor) -> torch.Tensor:
@@ -173,19 +174,14 @@ def shared_prompt_attention(module, query_UHSD: torch.Tensor, key_UGSD: torch.Te
     return torch.cat([prompt_UHPD, blocks_UHKD], dim=2).transpose(1, 2).contiguous(), None
 
 
-_SDPA = AttentionInterface._global_mapping["sdpa"]
-_SDPA = getattr(_SDPA, "sdpa", _SDPA)  # this module imported again: the original, not our wrapper
-
-
 def _sdpa_or_shared_prompt(module, query, key, value, attention_mask, *args, shared_prompt=None, **kwargs):
     """transformers' "sdpa" attention, unless the forward pass carries a packed layout (`shared_prompt=`, passed
     down to every attention call with the model's other keyword arguments, and replayed with them when gradient
     checkpointing recomputes a layer): then shared_prompt_attention. Registered in place of "sdpa" at import."""
     if shared_prompt is None:
-        return _SDPA(module, query, key, value, attention_mask, *args, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     return shared_prompt_attention(module, query, key, value, attention_mask, *args, shared_prompt=shared_prompt,
                                    **kwargs)
 
 
-_sdpa_or_shared_prompt.sdpa = _SDPA
 AttentionInterface.register("sdpa", _sdpa_or_shared_prompt)
