@@ -12,8 +12,9 @@ The pieces (bytes per device, P parameters, W devices, b bytes per compute eleme
 - generation: under ZeRO-3 the whole policy is gathered for the phase (P*b; two layers at a time with
   --zero3_gather_for_generation false), plus the KV cache of the rows generated
   together and one step's fp32 logits;
-- the static engine (--rollout_engine compiled, RunShape.rollout_engine; what 'auto' picks on GPUs): its KV cache,
-  rows x (prompt + new tokens), is allocated once and kept through the training phase (reset, never freed), so it
+- the static engine (--rollout_engine compiled, RunShape.rollout_engine; what 'auto' picks unless ZeRO-3
+  runs without gathering for generation): its KV cache, rows x (prompt + new tokens), is allocated once and kept
+  through the training phase (refilled by the next rollout, never freed), so it
   is resident; while decoding, the prompts' shared prefill cache (rows x (prompt - 1) tokens) sits beside it;
 - training: the logits kept for backward (micro x C x V), the fp32 working set of the log-softmax over one chunk
   of 8 rows (8 x C x V x 4), and activations: with

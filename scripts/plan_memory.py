@@ -55,8 +55,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no_gather_for_generation", action="store_true",
                         help="--zero3_gather_for_generation false: generate without gathering the whole policy")
     parser.add_argument("--rollout_engine", choices=("hf", "compiled"), default="hf",
-                        help="the trainer's --rollout_engine; on GPUs its 'auto' picks compiled, whose static KV "
-                             "cache stays allocated through training (default hf: Hugging Face generate)")
+                        help="the trainer's --rollout_engine; its 'auto' picks compiled (unless ZeRO-3 runs without "
+                             "gathering for generation), whose static KV cache stays allocated through training; "
+                             "default hf (Hugging Face generate), as the planner's validation figures were measured")
     parser.add_argument("--reward_model", default=None,
                         help="the reward model's config.json, folder, hub id or built-in architecture (a sequence "
                              "classifier, partitioned like the reference)")
