@@ -390,12 +390,18 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
         torch.set_rng_state(state)
 
 
-def sample_next(logits_NV: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """The next token of every row, on the device, as Hugging Face's generate draws it: sampling_scores, then one
-    multinomial draw, so both engines consume the random stream alike."""
+def sample_next(scores_RV: torch.Tensor, sampling: Sampling, rows_R: Optional[torch.Tensor] = None,
+                num_rows: Optional[int] = None) -> torch.Tensor:
+    """The next token of each row from its sampling_scores, on the device, as Hugging Face's generate draws it:
+    the argmax when greedy, else torch.multinomial's own draw (softmax / q, q ~ Exp(1), argmax). The noise q is
+    drawn for all `num_rows` rows of the batch (default: these), ended or not, and used for the rows still
+    decoding, `rows_R`, so the random stream stays generate's after rows have left the batch."""
     if sampling.greedy:
-        return logits_NV.argmax(dim=-1)
-    return torch.multinomial(torch.softmax(sampling_scores(logits_NV, sampling), dim=-1), num_samples=1).squeeze(1)
+        return scores_RV.argmax(dim=-1)
+    n = scores_RV.shape[0] if num_rows is None else num_rows
+    q_NV = torch.empty(n, scores_RV.shape[1], dtype=scores_RV.dtype, device=scores_RV.device).exponential_()
+    q_RV = q_NV if rows_R is None or len(rows_R) == n else q_NV.index_select(0, rows_R)
+    return (torch.softmax(scores_RV, dim=-1) / q_RV).argmax(dim=-1)
 
 
 def sampling_scores(logits_NV: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -554,13 +560,9 @@ class StaticDecoder:
             if sampling.fixed_length:
                 logits_RV[:, eos_N] = -float("inf")
             scores_RV = sampling_scores(logits_RV, sampling)
-            if sampling.greedy:
-                drawn_R = scores_RV.argmax(dim=-1)
-            else:  # torch.multinomial's own draw (p / q, q ~ Exp(1), argmax), with q drawn for every row of N
+            if not sampling.greedy:
                 rng_states.append(_rng_state(device))
-                q_NV = torch.empty(n, scores_RV.shape[1], dtype=scores_RV.dtype, device=device).exponential_()
-                q_RV = q_NV if len(rows_R) == n else q_NV.index_select(0, rows_R)
-                drawn_R = (torch.softmax(scores_RV, dim=-1) / q_RV).argmax(dim=-1)
+            drawn_R = sample_next(scores_RV, sampling, rows_R, n)
             logprobs_NC[rows_R, t] = torch.log_softmax(scores_RV.float(), dim=-1).gather(
                 1, drawn_R.unsqueeze(1)).squeeze(1)
             tokens_R = torch.where(finished_N[rows_R], pad_id, drawn_R)

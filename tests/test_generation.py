@@ -504,16 +504,18 @@ def test_static_engine_attends_to_filled_slots_and_drops_ended_rows(tiny, prompt
 
 
 def test_sample_next_matches_generate_top_p(tiny, prompts):
-    """top-p on the device keeps exactly the tokens Hugging Face's TopPLogitsWarper keeps."""
+    """top-p on the device keeps exactly the tokens Hugging Face's TopPLogitsWarper keeps, and the engine's draw is
+    torch.multinomial's for the same seed."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from grpo_ds.generation import sample_next
+    from grpo_ds.generation import sample_next, sampling_scores
 
     logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 3
     expected = TopPLogitsWarper(0.7)(None, logits.clone())
     for seed in range(3):
         torch.manual_seed(seed)
-        ours = sample_next(logits, Sampling(4, temperature=1.0, top_p=0.7))
+        sampling = Sampling(4, temperature=1.0, top_p=0.7)
+        ours = sample_next(sampling_scores(logits, sampling), sampling)
         torch.manual_seed(seed)
         theirs = torch.multinomial(torch.softmax(expected, dim=-1), 1).squeeze(1)
         assert torch.equal(ours, theirs)
