@@ -531,7 +531,7 @@ class StaticDecoder:
             prefix.batch_repeat_interleave(group_size)
         dtype = next(self.model.parameters()).dtype
         for i, layer in enumerate(cache.layers):
-            if not layer.is_initialized or layer.keys.shape[0] != n:  # allocate the static tensors for this shape
+            if not layer.is_initialized:  # allocate the static tensors for this shape (once per cache)
                 empty = torch.zeros(n, self.model.config.num_key_value_heads, 1, self._head_dim(), dtype=dtype,
                                     device=device)
                 layer.lazy_initialization(empty, empty)
@@ -588,7 +588,7 @@ class StaticDecoder:
                         layer.keep(keep_R)
                     rows_R, tokens_R, position_R = rows_R[keep_R], tokens_R[keep_R], position_R[keep_R]
                     mask_RL = mask_RL[keep_R]
-                    self.shape = None  # the next call allocates whole tensors again
+                    self.shape = None  # the cache holds fewer rows now: the next call allocates a whole one
         return out_NC, logprobs_NC
 
     def _head_dim(self) -> int:
