@@ -245,8 +245,9 @@ class Config:
                                     "or --max_sampling_rounds is reached (then ties fill the rest, and the log says "
                                     "so).")
     balance_ranks: bool = _field(True, "The distributed replay buffer: after scoring, pool the step's groups over the "
-                                 "ranks and deal them out with token counts as even as possible, so no rank waits for "
-                                 "one whose completions ran long; with --dynamic_sampling, groups with a signal are "
+                                 "ranks and deal them out with what their packed passes cost (each prompt once, G "
+                                 "completions padded to the group's longest) as even as possible, so no rank waits "
+                                 "for one whose completions ran long; with --dynamic_sampling, groups with a signal are "
                                  "pooled too (no rank draws more rounds while another throws surplus away). false: "
                                  "each rank trains on its own groups.")
     max_sampling_rounds: int = _field(4, "With --dynamic_sampling, the most rounds of rollouts_per_step prompts drawn "

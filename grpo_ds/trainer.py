@@ -604,8 +604,9 @@ def sample_round(run: Run, step: int, round_: int, stop: StopSignal, sampler_bef
 def share_groups(run: Run, step: int, with_signal: list, tied: list, drawn: dict) -> Groups:
     """The distributed replay buffer: every rank's groups (with their rewards) are gathered, the step's B x ranks
     groups are chosen (all of them; with --dynamic_sampling those with a signal first, earliest round first, then
-    tied ones if too few), and dealt out B to a rank by balanced_assignment over each group's token count (its
-    prompt once and its completions: what a packed forward pass costs). Every rank computes the same deal."""
+    tied ones if too few), and dealt out B to a rank by balanced_assignment over what each group costs a packed
+    forward pass (group_tokens: its prompt once, G completions padded to its longest). Every rank computes the same
+    deal."""
     cfg, B, G, world = run.cfg, run.layout.prompts_per_rank, run.cfg.group_size, run.world
     mine = [(round_, run.rank, b, signal, one_group(batch, b, G))
             for signal, candidates in ((True, with_signal), (False, tied)) for batch, b, round_ in candidates]
@@ -645,11 +646,18 @@ def one_group(batch: Groups, b: int, group_size: int) -> Groups:
 
 
 def group_tokens(groups: Groups, group_size: int) -> float:
-    """What groups cost a packed forward pass: each prompt's tokens once, plus the completions' tokens (an
-    episode's tool results included)."""
+    """What groups cost packed forward passes: each prompt's tokens once, plus G completion blocks as wide as the
+    group's longest completion (an episode's tool results included). A packed pass pads every completion of a
+    micro-batch to its longest, so a group whose completions mostly ended early still costs G times its longest:
+    the deal balances what the ranks compute, not the tokens they hold."""
     r = groups.rollout
+    G = group_size
     num_prompt = r.sequences_NT.shape[1] - r.completion_mask_NC.shape[1]
-    return float(r.attention_mask_NT[::group_size, :num_prompt].sum() + r.episode_mask_NC.sum())
+    prompt_B = r.attention_mask_NT[::G, :num_prompt].sum(dim=1)
+    episode_NC = r.episode_mask_NC.bool()
+    columns = torch.arange(1, episode_NC.shape[1] + 1, device=episode_NC.device)
+    extent_N = (episode_NC * columns).amax(dim=1)  # one past each completion's last token, 0 when empty
+    return float((prompt_B + G * extent_N.view(-1, G).amax(dim=1)).sum())
 
 
 def take_groups(chosen: list[tuple[Groups, int]], group_size: int, pad_id: int) -> Groups:

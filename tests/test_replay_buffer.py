@@ -34,6 +34,30 @@ def test_balanced_assignment_properties():
         assert max(loads) - min(loads) <= max(costs)  # no rank more than one item's cost ahead
 
 
+def test_a_group_costs_its_prompt_once_and_g_blocks_of_its_longest_completion():
+    """A packed pass pads a group's completions to its longest, so that is what the deal balances: group 0 (prompt
+    2 real tokens after 1 of padding, completions of 2 and 4 tokens) costs 2 + 2 x 4 = 10, not its 2 + 6 = 8 tokens;
+    group 1 (prompt 3, completions 3 and 3) costs 3 + 2 x 3 = 9. A tool result inside an episode (row 1's third and
+    fourth columns: attended, not trained) counts as completion."""
+    import torch
+
+    from grpo_ds.generation import Rollout
+    from grpo_ds.trainer import Groups, group_tokens
+
+    attention = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 0],
+                              [1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]])
+    trained = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
+    rollout = Rollout(torch.ones(4, 8, dtype=torch.long), attention, trained, torch.zeros(4, dtype=torch.bool))
+
+    def groups(rows):
+        r = Rollout(rollout.sequences_NT[rows], attention[rows], trained[rows], rollout.truncated_N[rows])
+        return Groups([None] * (len(range(*rows.indices(4))) // 2), r, [], torch.zeros(1, 2), {}, 0.0)
+
+    assert group_tokens(groups(slice(0, 2)), 2) == 10
+    assert group_tokens(groups(slice(2, 4)), 2) == 9
+    assert group_tokens(groups(slice(0, 4)), 2) == 19
+
+
 # ----------------------------------------------------------------------------------------------- in training
 
 
