@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The rollout's decode step against the machine's matmul ceiling: how much of a decode step is useful arithmetic.
 
-    .venv/bin/python scripts/bench_decode.py [--model embedded] [--rows 16] [--prompt_tokens 165] [--engine hf static]
+    .venv/bin/python scripts/bench_decode.py [--model embedded] [--rows 16] [--prompt_tokens 165] \
+        [--engine hf static compiled]
 
 For each engine it times `grpo_ds.generation.generate` on `rows` rows (groups of 8 sharing a prompt, EOS suppressed)
 at two completion budgets and takes the difference, so prefill and set-up cancel: seconds per decode step. A decode
@@ -83,7 +84,10 @@ def main() -> None:
     parser.add_argument("--group_size", type=int, default=8)
     parser.add_argument("--prompt_tokens", type=int, default=165, help="prompt length (GSM8K prompts average ~165)")
     parser.add_argument("--tokens", type=int, nargs=2, default=[32, 96], help="the two completion budgets")
-    parser.add_argument("--engine", nargs="+", default=["hf", "static"], choices=["hf", "static"])
+    parser.add_argument("--engine", nargs="+", default=["hf", "static"], choices=["hf", "static", "compiled"],
+                        help="hf: transformers' generate; static: the static engine as a CPU runs it (eager); "
+                             "compiled: the static engine under torch.compile, as a GPU runs it (warmed up at both "
+                             "budgets first, so compile time is left out; its compiles are reported)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -111,14 +115,15 @@ def main() -> None:
                "same_shape_matmul_s": same_shape_s, "streamed_linear_s": streamed_s, "multinomial_noise_s": draw_s,
                "engines": {}}
     for name in args.engine:
-        engine = StaticDecoder(model) if name == "static" else None
+        engine = StaticDecoder(model, compile=name == "compiled") if name != "hf" else None
 
         def run(budget: int):
             sampling = Sampling(budget, temperature=1.0, top_p=1.0, fixed_length=True)
             with torch.no_grad():
                 generate(model, tokenizer, prompts, sampling, group_size=args.group_size, engine=engine)
 
-        run(args.tokens[0])  # warm-up
+        for budget in args.tokens if name == "compiled" else args.tokens[:1]:  # warm-up (and every compile)
+            run(budget)
         short, long = (median_time(lambda b=b: run(b), args.repeats) for b in args.tokens)
         step_s = (long - short) / (args.tokens[1] - args.tokens[0])
         results["engines"][name] = {
@@ -126,7 +131,8 @@ def main() -> None:
             "gflops": flop_step / step_s / 1e9,
             "fraction_of_peak": flop_step / step_s / peak_flops,
             "fraction_of_same_shape_ceiling": same_shape_s / step_s,
-            "fraction_of_floor": (streamed_s + draw_s) / step_s}
+            "fraction_of_floor": (streamed_s + draw_s) / step_s,
+            "engine_compiles": engine.compiles if engine is not None else 0}
 
     print(f"{args.model}: {args.rows} rows, prompt {args.prompt_tokens} tokens, {results['threads']} threads, "
           f"{results['gflop_per_step']:.2f} GFLOP per decode step; fp32 matmul peak {results['peak_gflops']:.1f} "
@@ -135,11 +141,11 @@ def main() -> None:
           f"(its linear layers with their own weights {streamed_s * 1e3:.1f} ms, the multinomial draw's random "
           f"numbers {draw_s * 1e3:.1f} ms)")
     print(f"{'engine':8} {'step ms':>8} {'tok/s':>7} {'GFLOP/s':>8} {'of peak':>8} {'of same-shape':>14} "
-          f"{'of floor':>9} {'generate s (' + str(args.tokens[1]) + ' tokens)':>22}")
+          f"{'of floor':>9} {'compiles':>8} {'generate s (' + str(args.tokens[1]) + ' tokens)':>22}")
     for name, r in results["engines"].items():
         print(f"{name:8} {r['decode_step_ms']:8.1f} {r['tokens_per_s']:7.0f} {r['gflops']:8.1f} "
               f"{r['fraction_of_peak']:8.0%} {r['fraction_of_same_shape_ceiling']:14.0%} "
-              f"{r['fraction_of_floor']:9.0%} "
+              f"{r['fraction_of_floor']:9.0%} {r['engine_compiles']:8d} "
               f"{r['generate_s']:22.1f}")
     if args.json:
         with open(args.json, "w") as f:
