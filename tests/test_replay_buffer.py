@@ -47,11 +47,12 @@ def test_a_group_costs_its_prompt_once_and_g_blocks_of_its_longest_completion():
     attention = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 0],
                               [1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]])
     trained = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
-    rollout = Rollout(torch.ones(4, 8, dtype=torch.long), attention, trained, torch.zeros(4, dtype=torch.bool))
 
-    def groups(rows):
-        r = Rollout(rollout.sequences_NT[rows], attention[rows], trained[rows], rollout.truncated_N[rows])
-        return Groups([None] * (len(range(*rows.indices(4))) // 2), r, [], torch.zeros(1, 2), {}, 0.0)
+    def groups(rows: slice) -> Groups:  # the rows' groups of 2 (the ids do not enter the cost)
+        n = len(attention[rows])
+        rollout = Rollout(torch.ones(n, 8, dtype=torch.long), attention[rows], trained[rows],
+                          torch.zeros(n, dtype=torch.bool))
+        return Groups([None] * (n // 2), rollout, [], torch.zeros(n // 2, 2), {}, 0.0)
 
     assert group_tokens(groups(slice(0, 2)), 2) == 10
     assert group_tokens(groups(slice(2, 4)), 2) == 9
