@@ -75,23 +75,26 @@ class Experience:
 
 
 def balanced_assignment(costs: list[float], num_ranks: int) -> list[list[int]]:
-    """Which items each rank takes: len(costs) / num_ranks items each, the ranks' summed costs as even as a greedy
-    makes them. Items go by decreasing cost (ties by index) to the least-loaded rank that still has room (longest
-    processing time first, with a bound on the count, as verl balances sequence lengths over data-parallel ranks);
-    each rank's items come back in increasing index order. The same on every rank: no communication needed.
+    """Which items each rank takes, in the order it should run them: len(costs) / num_ranks items each, dealt in
+    lockstep. Items go by decreasing cost (ties by index) in rounds of num_ranks, one to each rank, the round's
+    costliest to the least-loaded rank so far (ties: lower rank). Each rank's k-th item comes from round k, so
+    the ranks' k-th items cost alike: under ZeRO-2 the ranks meet at every micro-batch's gradient reduction, so
+    a step costs the sum over micro-batches of the slowest rank's, which sorting into rounds makes smallest; the
+    load rule keeps the ranks' sums within one item's cost of each other (as verl balances sequence lengths over
+    data-parallel ranks). The same on every rank: no communication needed.
 
-    >>> balanced_assignment([9, 1, 1, 1, 5, 5], 2)  # sums 11 and 11
-    [[0, 1, 2], [3, 4, 5]]
+    >>> balanced_assignment([9, 1, 1, 1, 5, 5], 2)  # rounds (9, 5) (5, 1) (1, 1): sums 11 and 11
+    [[0, 1, 2], [4, 5, 3]]
     >>> balanced_assignment([10, 9, 2, 1], 2)  # in order would be 19 and 3
     [[0, 3], [1, 2]]
     """
     if len(costs) % num_ranks:
         raise ValueError(f"balanced_assignment: {len(costs)} items do not split evenly over {num_ranks} ranks")
-    room = len(costs) // num_ranks
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
     loads, taken = [0.0] * num_ranks, [[] for _ in range(num_ranks)]
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min((r for r in range(num_ranks) if len(taken[r]) < room), key=lambda r: (loads[r], r))
-        taken[rank].append(i)
-        loads[rank] += costs[i]
-    return [sorted(t) for t in taken]
-
+    for start in range(0, len(order), num_ranks):
+        ranks = sorted(range(num_ranks), key=lambda r: (loads[r], r))  # lightest first
+        for rank, i in zip(ranks, order[start:start + num_ranks]):
+            taken[rank].append(i)
+            loads[rank] += costs[i]
+    return taken

@@ -210,7 +210,7 @@ class Run:
                           accumulation=self.layout.gradient_accumulation_steps, epochs=self.cfg.epochs_per_step,
                           world_size=self.world, max_new_tokens=self.cfg.max_new_tokens,
                           temperature=self.cfg.temperature, group_size=self.cfg.group_size,
-                          shuffle_seed=(self.cfg.seed, step, self.rank),
+                          shuffle_seed=(self.cfg.seed, step),  # every rank alike: see UpdatePlan
                           correction=((self.cfg.importance_sampling_mode, self.cfg.importance_sampling_clip_min,
                                        self.cfg.importance_sampling_clip_max)
                                       if self.cfg.importance_sampling_correction else None))
@@ -605,8 +605,8 @@ def share_groups(run: Run, step: int, with_signal: list, tied: list, drawn: dict
     """The distributed replay buffer: every rank's groups (with their rewards) are gathered, the step's B x ranks
     groups are chosen (all of them; with --dynamic_sampling those with a signal first, earliest round first, then
     tied ones if too few), and dealt out B to a rank by balanced_assignment over what each group costs a packed
-    forward pass (group_tokens: its prompt once, G completions padded to its longest). Every rank computes the same
-    deal."""
+    forward pass (group_tokens: its prompt once, G completions padded to its longest), in lockstep: each rank's
+    k-th group costs about what the others' k-th groups cost. Every rank computes the same deal."""
     cfg, B, G, world = run.cfg, run.layout.prompts_per_rank, run.cfg.group_size, run.world
     mine = [(round_, run.rank, b, signal, one_group(batch, b, G))
             for signal, candidates in ((True, with_signal), (False, tied)) for batch, b, round_ in candidates]
@@ -789,7 +789,10 @@ class UpdatePlan:
     max_new_tokens: int  # the dr_grpo constant
     temperature: float
     group_size: int  # whole groups are shuffled together, so a micro-batch holds whole prompts
-    shuffle_seed: Optional[tuple] = None  # None: the stored order (tests)
+    # None: the stored order (tests). The same on every rank, so the ranks' micro-batches hold the same positions
+    # of their groups: the deal (balanced_assignment) puts groups of like cost at like positions, and under ZeRO-2
+    # the ranks meet at every micro-batch's gradient reduction.
+    shuffle_seed: Optional[tuple] = None
     correction: Optional[tuple] = None  # (mode, clip_min, clip_max) of the sampling correction; None: off
 
 

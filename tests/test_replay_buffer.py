@@ -32,6 +32,34 @@ def test_balanced_assignment_properties():
         assert all(len(part) == per_rank for part in deal)  # equal counts: ranks run the same micro-batches
         loads = [sum(costs[i] for i in part) for part in deal]
         assert max(loads) - min(loads) <= max(costs)  # no rank more than one item's cost ahead
+        for k in range(per_rank - 1):  # lockstep: every rank's k-th item costs at least any rank's (k+1)-th
+            assert min(costs[part[k]] for part in deal) >= max(costs[part[k + 1]] for part in deal)
+
+
+def test_balanced_assignment_puts_like_costs_at_like_positions():
+    """Under ZeRO-2 the ranks meet at each micro-batch's gradient reduction, so a step costs the sum over
+    positions of the slowest rank's item. Costs 9, 1, 1, 1, 5, 5 over 2 ranks: rounds (9, 5), (5, 1), (1, 1); the
+    round's costlier item to the lighter rank: 9 -> r0, 5 (item 4) -> r1; r1 (5) is lighter: 5 (item 5) -> r1,
+    1 (item 1) -> r0; both 10: 1 (item 2) -> r0, 1 (item 3) -> r1. Slowest per position 9 + 5 + 1 = 15; dealt by
+    sums alone in index order ([0, 1, 2] and [3, 4, 5]) it is 9 + 5 + 5 = 19."""
+    costs = [9, 1, 1, 1, 5, 5]
+    deal = balanced_assignment(costs, 2)
+    assert deal == [[0, 1, 2], [4, 5, 3]]
+    assert sum(max(costs[part[k]] for part in deal) for k in range(3)) == 15
+
+
+def test_every_rank_shuffles_its_micro_batches_alike():
+    """The deal's positions survive the shuffle only if every rank permutes its groups the same way."""
+    from types import SimpleNamespace
+
+    from grpo_ds.config import Config
+    from grpo_ds.trainer import Run
+
+    def plan(rank: int):
+        layout = SimpleNamespace(gradient_accumulation_steps=2)
+        return Run.update_plan(SimpleNamespace(cfg=Config(), layout=layout, world=2, rank=rank), step=3)
+
+    assert plan(0).shuffle_seed == plan(1).shuffle_seed
 
 
 def test_a_group_costs_its_prompt_once_and_g_blocks_of_its_longest_completion():
