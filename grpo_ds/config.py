@@ -238,8 +238,9 @@ class Config:
     vllm_enable_sleep_mode: bool = _field(False, "TRL's colocate option (release vLLM's memory between rollouts); "
                                           "in server mode pass --enable_sleep_mode to scripts/vllm_serve.py.")
     share_prefill: bool = _field(True, "Run each prompt's forward pass once and copy its KV cache to the G rows of "
-                                 "its group (needs rollout_batch_size a multiple of group_size, or 0); false "
-                                 "prefills every row.")
+                                 "its group (needs rollout_batch_size a multiple of group_size, or 0), and in a tool "
+                                 "episode's later turns the group's prompt once under the rows' own tokens; false "
+                                 "prefills every row whole.")
     dynamic_sampling: bool = _field(False, "DAPO's dynamic sampling: drop groups whose rewards all tie and sample more "
                                     "prompts until every rank holds rollouts_per_step / ranks groups with a signal, "
                                     "or --max_sampling_rounds is reached (then ties fill the rest, and the log says "

@@ -188,6 +188,86 @@ def _shared_prefill(model, ids_BP: torch.Tensor, mask_BP: torch.Tensor, group_si
     return cache
 
 
+def _prefill_continued(model, prompt_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, prompt_of_R: torch.Tensor,
+                       suffix_RS: torch.Tensor, suffix_mask_RS: torch.Tensor) -> tuple[DynamicCache, torch.Tensor,
+                                                                                       torch.Tensor]:
+    """Rows that continue shared prompts: row r is prompt `prompt_of_R[r]` (of B, left-padded alike) followed by its
+    own suffix (left-padded too, so a masked gap may lie between the two; positions skip it). Each prompt the rows
+    use runs its forward once and its cache is copied to its rows; the rows' suffixes minus their last token then
+    run on top. Returns (the cache of the rows' first T - 1 positions, ids_RT, mask_RT), T = P + S: the last column
+    is the first decode step, as in generate()."""
+    used_U, prompt_of_R = torch.unique(prompt_of_R, return_inverse=True)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prompt_BP[used_U], attention_mask=prompt_mask_BP[used_U],
+          position_ids=position_ids(prompt_mask_BP[used_U]), cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_select_indices(prompt_of_R)
+    ids_RT = torch.cat([prompt_BP[used_U][prompt_of_R], suffix_RS], dim=1)
+    mask_RT = torch.cat([prompt_mask_BP[used_U][prompt_of_R], suffix_mask_RS], dim=1)
+    p = prompt_BP.shape[1]
+    if suffix_RS.shape[1] > 1:
+        model(input_ids=suffix_RS[:, :-1], attention_mask=mask_RT[:, :-1],
+              position_ids=position_ids(mask_RT[:, :-1])[:, p:], cache=cache, use_cache=True, logits_to_keep=1)
+    return cache, ids_RT, mask_RT
+
+
+@torch.no_grad()
+def continue_rows(model, tokenizer, prompt_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, prompt_of_R: list[int],
+                  suffixes: list[list[int]], sampling: Sampling, *, batch_size: int = 0,
+                  should_stop: Optional[Callable[[], bool]] = None,
+                  engine: Optional["StaticDecoder"] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One more turn for rows that each continue one of B shared prompts with their own tokens (an episode's
+    turns and tool results so far): the same tokens as `generate` on the whole rows, but each prompt is prefilled
+    once per call instead of once per row (see _prefill_continued). In calls of `batch_size` rows (0: all), with
+    either engine. Returns (completion ids R x C, the sampler's log-probs R x C, completion mask R x C)."""
+    device = prompt_BP.device
+    eos_ids = eos_token_ids(model, tokenizer)
+    chunk = batch_size or len(suffixes)
+    completions, sampler_logprobs = [], []
+    for start in range(0, len(suffixes), chunk):
+        rows = slice(start, start + chunk)
+        ids_BP, mask_BP = prompt_BP, prompt_mask_BP
+        suffix_RS, suffix_mask_RS = left_pad(tokenizer, suffixes[rows])
+        if engine is not None:  # its cache is sized in buckets: pad the prompts so the whole row fills whole ones
+            extra = -(ids_BP.shape[1] + suffix_RS.shape[1]) % engine.bucket
+            ids_BP = torch.nn.functional.pad(ids_BP, (extra, 0), value=tokenizer.pad_token_id)
+            mask_BP = torch.nn.functional.pad(mask_BP, (extra, 0), value=0)
+        cache, ids_RT, mask_RT = _prefill_continued(
+            model, ids_BP, mask_BP, torch.tensor(prompt_of_R[rows], device=device), suffix_RS.to(device),
+            suffix_mask_RS.to(device))
+        if engine is not None:
+            ids_RC, logprobs_RC = engine.decode(ids_RT, mask_RT, 1, sampling, sampling.max_new_tokens, eos_ids,
+                                                tokenizer.pad_token_id, should_stop, prefix=cache)
+        else:
+            recorder = _SamplerLogprobs(sampling)
+            out = model.generate(
+                input_ids=ids_RT, attention_mask=mask_RT, cache=cache, eos_token_id=eos_ids,
+                pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop else None,
+                logits_processor=LogitsProcessorList([recorder]), **sampling.generate_kwargs(sampling.max_new_tokens))
+            ids_RC = out[:, ids_RT.shape[1]:]
+            logprobs_RC = recorder.finish(ids_RC)
+        completions.append(ids_RC)
+        sampler_logprobs.append(logprobs_RC)
+    ids_NC, logprobs_NC = _stack(completions, sampler_logprobs, chunk, tokenizer.pad_token_id, device)
+    mask_NC, _ = completion_mask(ids_NC, eos_ids)
+    return ids_NC, logprobs_NC * mask_NC, mask_NC
+
+
+def _stack(completions: list[torch.Tensor], sampler_logprobs: list[torch.Tensor], chunk: int, pad_id: int,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calls' completions (and sampler log-probs) as one N x C block, right-padded to the widest call. A call
+    narrower than the widest stopped because every one of its rows had emitted an EOS, so the padding added here
+    always lies after a row's first EOS and stays outside the mask."""
+    n = sum(c.shape[0] for c in completions)
+    width = max(c.shape[1] for c in completions)
+    completion_ids_NC = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+    logprobs_NC = torch.zeros((n, width), dtype=torch.float32, device=device)
+    for start, c, lp in zip(range(0, n, chunk), completions, sampler_logprobs):
+        completion_ids_NC[start:start + c.shape[0], :c.shape[1]] = c
+        logprobs_NC[start:start + lp.shape[0], :lp.shape[1]] = lp
+    return completion_ids_NC, logprobs_NC
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampling: Sampling, *,
              group_size: int = 1, batch_size: int = 0, max_length: int = 0, share_prefill: bool = True,
@@ -257,14 +337,7 @@ def generate(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampl
             logits_processor=LogitsProcessorList([recorder]), **sampling.generate_kwargs(max_new_tokens))
         completions.append(out[:, num_prompt:])
         sampler_logprobs.append(recorder.finish(completions[-1]))
-    width = max(c.shape[1] for c in completions)
-    completion_ids_NC = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long, device=device)
-    logprobs_NC = torch.zeros((n, width), dtype=torch.float32, device=device)
-    for start, c, lp in zip(range(0, n, chunk), completions, sampler_logprobs):
-        completion_ids_NC[start:start + c.shape[0], :c.shape[1]] = c
-        logprobs_NC[start:start + lp.shape[0], :lp.shape[1]] = lp
-    # A chunk shorter than `width` stopped because every one of its rows had emitted an EOS, so the padding added
-    # here always lies after a row's first EOS and stays outside the mask.
+    completion_ids_NC, logprobs_NC = _stack(completions, sampler_logprobs, chunk, tokenizer.pad_token_id, device)
     mask_NC, truncated_N = completion_mask(completion_ids_NC, eos_ids)
     return Rollout(
         sequences_NT=torch.cat([prompt_ids_NP, completion_ids_NC], dim=1),
@@ -290,8 +363,10 @@ def episodes(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampl
     budget before its EOS ends the episode, flagged truncated; results that would leave no room for a model token
     are not shown and the episode ends there (TRL drops them likewise).
 
-    Later turns are prefilled from the whole history (no KV cache is kept between turns), in one batch of the rows
-    that go on. The rows that called a tool wait for the round's slowest tool (each call bounded by the session's
+    Later turns run in one batch of the rows that go on. No KV cache is kept between turns, but with
+    `share_prefill` each group's prompt (often most of a row: the tool schemas, a worked example) is prefilled once
+    per turn and only each row's own turns and results on top (continue_rows); without it every row is prefilled
+    whole. The rows that called a tool wait for the round's slowest tool (each call bounded by the session's
     timeout); the others have finished."""
     budget = sampling.max_new_tokens
     cap = max_episode_tokens or 2 * budget
@@ -302,6 +377,7 @@ def episodes(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampl
     n, num_prompt = first.sequences_NT.shape[0], first.sequences_NT.shape[1] - first.completion_mask_NC.shape[1]
     prompt_NP, prompt_mask_NP = first.sequences_NT[:, :num_prompt], first.attention_mask_NT[:, :num_prompt]
     prompt_rows = [ids[m.bool()].tolist() for ids, m in zip(prompt_NP.cpu(), prompt_mask_NP.cpu())]
+    shared = share_prefill and group_size > 1
     ids = [[] for _ in range(n)]  # each episode's tokens, after the prompt
     is_model = [[] for _ in range(n)]  # 1: the model's token, 0: a tool result's
     logprobs = [[] for _ in range(n)]
@@ -347,13 +423,20 @@ def episodes(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampl
             is_model[row] += [0] * len(results[row])
             logprobs[row] += [0.0] * len(results[row])
         limits = {row: room(row) for row in active}
-        out = generate(model, tokenizer, [prompt_rows[row] + ids[row] for row in active],
-                       dataclasses.replace(sampling, max_new_tokens=max(limits.values())), group_size=1,
-                       batch_size=batch_size, share_prefill=False, should_stop=should_stop, engine=engine)
+        turn_sampling = dataclasses.replace(sampling, max_new_tokens=max(limits.values()))
+        if shared:  # each group's prompt prefilled once, its rows' own turns and results on top
+            out_ids, out_logprobs, out_mask = continue_rows(
+                model, tokenizer, prompt_NP[::group_size], prompt_mask_NP[::group_size],
+                [row // group_size for row in active], [ids[row] for row in active], turn_sampling,
+                batch_size=batch_size, should_stop=should_stop, engine=engine)
+        else:
+            out = generate(model, tokenizer, [prompt_rows[row] + ids[row] for row in active], turn_sampling,
+                           group_size=1, batch_size=batch_size, share_prefill=False, should_stop=should_stop,
+                           engine=engine)
+            out_ids, out_logprobs, out_mask = out.completion_ids_NC, out.sampler_logprobs_NC, out.completion_mask_NC
         for i, row in enumerate(active):
-            mask = out.completion_mask_NC[i].cpu().bool()
-            latest[row] = add_turn(row, out.completion_ids_NC[i].cpu()[mask], out.sampler_logprobs_NC[i].cpu()[mask],
-                                   limits[row])
+            mask = out_mask[i].cpu().bool()
+            latest[row] = add_turn(row, out_ids[i].cpu()[mask], out_logprobs[i].cpu()[mask], limits[row])
     device = prompt_NP.device
     width = max(len(row_ids) for row_ids in ids)
     sequences_NC = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
@@ -508,13 +591,17 @@ class StaticDecoder:
     @torch.no_grad()
     def decode(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, group_size: int, sampling: Sampling,
                max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
-               should_stop: Optional[Callable[[], bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               should_stop: Optional[Callable[[], bool]] = None,
+               prefix: Optional[DynamicCache] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(completion ids N x C, the sampler's log-prob of each, N x C) (C <= max_new_tokens: decoding ends once
         every row has emitted an EOS) for B prompts, each repeated group_size times. The prompts (minus their last
         token) are prefilled once each and their cache repeated for the group; the last prompt token is the first
-        decode step, as in generate().
+        decode step, as in generate(). `prefix`, when given, is that cache already computed for every row
+        (group_size 1, the width a whole number of buckets: continue_rows prefills so).
 
         Shape legend here: R rows still decoding (R <= N), W the attention window (filled slots, bucketed)."""
+        if prefix is not None and (group_size != 1 or ids_BP.shape[1] % self.bucket):
+            raise ValueError("decode(prefix=...): rows of their own (group_size 1), whole buckets wide")
         width = -(-ids_BP.shape[1] // self.bucket) * self.bucket  # the prompt width's bucket
         if width > ids_BP.shape[1]:  # masked left padding: the same positions, the same tokens, one shape per bucket
             extra = width - ids_BP.shape[1]
@@ -524,11 +611,13 @@ class StaticDecoder:
         device = ids_BP.device
         length = p + max_new_tokens
         cache = self._cache_for(n, length)
-        prefix = DynamicCache(config=self.model.config)
-        if p > 1:
-            self.model(input_ids=ids_BP[:, :-1], attention_mask=mask_BP[:, :-1],
-                       position_ids=position_ids(mask_BP[:, :-1]), cache=prefix, use_cache=True, logits_to_keep=1)
-            prefix.batch_repeat_interleave(group_size)
+        if prefix is None:
+            prefix = DynamicCache(config=self.model.config)
+            if p > 1:
+                self.model(input_ids=ids_BP[:, :-1], attention_mask=mask_BP[:, :-1],
+                           position_ids=position_ids(mask_BP[:, :-1]), cache=prefix, use_cache=True,
+                           logits_to_keep=1)
+                prefix.batch_repeat_interleave(group_size)
         dtype = next(self.model.parameters()).dtype
         for i, layer in enumerate(cache.layers):
             if not layer.is_initialized:  # allocate the static tensors for this shape (once per cache)

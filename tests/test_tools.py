@@ -501,13 +501,13 @@ def always(name: str, arguments: dict):
 
 
 def run_episodes(tiny, parser, seed=0, max_new_tokens=10, max_iterations=2, cap=400, engine=None, tools="",
-                 environment="", group_size=3, timeout=5.0):
+                 environment="", group_size=3, timeout=5.0, share_prefill=True):
     model, tokenizer = tiny
     box = Toolbox.from_flags(tools or "agent_tools:multiply", environment, timeout, max_iterations)
     session = box.session([{}] * (2 * group_size), ToolFormat(tokenizer), parser=parser)
     torch.manual_seed(seed)
     rollout = generate(model, tokenizer, prompts_of(tokenizer), Sampling(max_new_tokens), group_size=group_size,
-                       tools=session, max_episode_tokens=cap, engine=engine)
+                       tools=session, max_episode_tokens=cap, engine=engine, share_prefill=share_prefill)
     return rollout, session
 
 
@@ -590,6 +590,41 @@ def test_the_compiled_engine_draws_the_episodes_generate_draws(tiny):
     for name in ("sequences_NT", "attention_mask_NT", "completion_mask_NC", "tool_mask_NC", "truncated_N"):
         assert torch.equal(getattr(static, name), getattr(hf, name)), name
     torch.testing.assert_close(static.sampler_logprobs_NC, hf.sampler_logprobs_NC, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("engine", ["hf", "compiled"])
+def test_later_turns_prefill_each_prompt_once_and_draw_what_whole_rows_draw(tiny, engine):
+    """A later turn prefills each group's prompt on its own (once per prompt in use) and only the rows' own turns
+    and results on top: no forward call runs a prompt together with a row's history, as prefilling every row whole
+    (--share_prefill false) does for every row that goes on. Both draw the same tokens."""
+    model, tokenizer = tiny
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts_of(tokenizer)]
+    most = {}  # share -> the most rows any one forward call ran a whole prompt and more in
+
+    def count(module, args, kwargs):
+        ids = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        rows = [ids[r][mask[r, -ids.shape[1]:].bool()].tolist() for r in range(ids.shape[0])]
+        held = sum(any(len(row) > len(p) and row[:len(p)] == p for p in prompts) for row in rows)
+        most[share] = max(most.get(share, 0), held)
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    rollouts = {}
+    try:
+        for share in (True, False):
+            decoder = StaticDecoder(model) if engine == "compiled" else None
+            rollouts[share], _ = run_episodes(tiny, always("multiply", {"a": 6, "b": 7}), seed=5, engine=decoder,
+                                              share_prefill=share)
+    finally:
+        hook.remove()
+    shared, whole = rollouts[True], rollouts[False]
+    went_on = int((shared.tool_mask_NC.sum(dim=1) > 0).sum())  # rows decoded a later turn
+    assert went_on >= 2
+    assert most[True] == 0 and most[False] == went_on
+    for name in ("sequences_NT", "attention_mask_NT", "completion_mask_NC", "tool_mask_NC", "truncated_N"):
+        assert torch.equal(getattr(shared, name), getattr(whole, name)), name
+    torch.testing.assert_close(shared.sampler_logprobs_NC, whole.sampler_logprobs_NC, atol=1e-5, rtol=0)
 
 
 def whole_row_logprobs(model, sequences, attention, num_completion):
