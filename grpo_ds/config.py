@@ -111,7 +111,10 @@ class Config:
                                   "templates do); not generated, trained on or scored. Evaluate with the same "
                                   "--response_prefix.")
     example_question: str = _field("", "A worked example put before every question (few-shot prompting): this "
-                                    "question as an earlier user turn, answered by --example_answer. Both or neither.")
+                                    "question as an earlier user turn, answered by --example_answer. Both or neither. "
+                                    "Several examples: a JSON list of strings here and in --example_answer (and "
+                                    "--example_tool_call), one per example, in the order shown (a YAML list in a "
+                                    "--config file).")
     example_answer: str = _field("", "The assistant's answer to --example_question, written in full (the format "
                                  "the model should copy, response prefix included).")
     example_tool_call: str = _field("", "With --tools: the worked example's first assistant turn, calling them in "
@@ -309,16 +312,29 @@ class Config:
         """The system prompt's text, or None for none."""
         return {"default": SYSTEM_PROMPT, "none": None}.get(self.system_prompt, self.system_prompt)
 
+    def examples(self) -> list[tuple[str, str, str]]:
+        """The worked examples, (question, tool call or "", answer) each: one per entry of the example fields when
+        they hold JSON lists, else the one they hold (none when --example_question is empty)."""
+        questions, calls, answers = (example_texts(text) for text in
+                                     (self.example_question, self.example_tool_call, self.example_answer))
+        calls = calls or [""] * len(questions)
+        return list(zip(questions, calls, answers))
+
     def example(self, toolbox: Any = None) -> Optional[tuple[str, str] | list[dict]]:
-        """The worked example shown before every question: (question, answer), or None; with --example_tool_call,
-        its turns as messages with the results of the run's tools (`toolbox`, tools.Toolbox.worked_example)."""
-        if not self.example_question.strip():
+        """The worked example(s) shown before every question: (question, answer) for one without tools, the turns
+        as messages for several, or None; with --example_tool_call, each example's turns as messages with the
+        results of the run's tools (`toolbox`, tools.Toolbox.worked_example)."""
+        examples = self.examples()
+        if not examples:
             return None
         if self.example_tool_call.strip():
             if toolbox is None:
                 raise ValueError("--example_tool_call: the worked example calls tools, and the run has none")
-            return toolbox.worked_example(self.example_question, self.example_tool_call, self.example_answer)
-        return (self.example_question, self.example_answer)
+            return [m for question, call, answer in examples for m in toolbox.worked_example(question, call, answer)]
+        if len(examples) == 1:
+            return (examples[0][0], examples[0][2])
+        return [m for question, _, answer in examples for m in ({"role": "user", "content": question},
+                                                                {"role": "assistant", "content": answer})]
 
     def clip_high(self) -> float:
         return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
@@ -396,6 +412,12 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
     if accum < 1 or micro % accum:
         bad("gradient_accumulation_steps", f"must divide the {micro} micro-batches of train_batch_size "
             f"{cfg.train_batch_size} on each rank")
+    counts = {name: len(example_texts(getattr(cfg, name)))
+              for name in ("example_question", "example_answer", "example_tool_call")}
+    for name in ("example_answer", "example_tool_call"):
+        if counts[name] and counts["example_question"] and counts[name] != counts["example_question"]:
+            bad(name, f"holds {counts[name]} example(s) and --example_question {counts['example_question']}: give "
+                      "one per example, in the same order")
     if bool(cfg.example_question.strip()) != bool(cfg.example_answer.strip()):
         bad("example_question" if not cfg.example_question.strip() else "example_answer",
             "is empty while the other of --example_question/--example_answer is set: give both or neither")
@@ -545,6 +567,28 @@ def _weighted(item: str) -> bool:
 # ----------------------------------------------------------------------------- CLI
 
 
+EXAMPLE_FIELDS = ("example_question", "example_answer", "example_tool_call")
+
+
+def example_texts(text: str) -> list[str]:
+    """One example field's entries: a JSON list of strings holds one per worked example, any other text is one
+    (empty: none).
+
+    >>> example_texts('["2 + 2?", "3 + 4?"]'), example_texts("2 + 2?"), example_texts(" ")
+    (['2 + 2?', '3 + 4?'], ['2 + 2?'], [])
+    """
+    if not text.strip():
+        return []
+    if text.lstrip().startswith("["):
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError:
+            return [text]
+        if isinstance(entries, list) and entries and all(isinstance(e, str) for e in entries):
+            return entries
+    return [text]
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -620,6 +664,9 @@ def read_config_file(path: str) -> dict:
             raise ValueError(f"{path}: unknown field '{key}' (every flag of scripts/train.py --help is a field)")
         if value is None or (isinstance(value, str) and str(fields[key].type) == "str"):
             values[key] = value
+            continue
+        if key in EXAMPLE_FIELDS and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            values[key] = json.dumps(value)  # several worked examples, kept as the flag takes them
             continue
         try:
             values[key] = _kind(fields[key])(str(value).lower() if isinstance(value, bool) else str(value))
