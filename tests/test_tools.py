@@ -355,6 +355,41 @@ def test_bad_worked_example_flags_are_refused_before_any_model_loads(refuse):
     refuse("--turn_prefix <think>: has no effect without --tools or --environment", turn_prefix="<think>")
 
 
+def test_several_worked_examples_from_a_yaml_list_are_shown_in_order(tmp_path):
+    """A YAML list in each example field gives one worked example per entry, each call run now (6 * 7 = 42 and
+    2 * 5 = 10, the tool's results), in the list's order; config.json keeps them as the flags take them (JSON
+    lists), and evaluation rebuilds the same turns from it."""
+    from grpo_ds.config import dumps, read_config_file
+    from grpo_ds.inference import prompt_format
+
+    calls = [f'<tool_call>{{"name": "multiply", "arguments": {{"a": {a}, "b": {b}}}}}</tool_call>'
+             for a, b in ((6, 7), (2, 5))]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("tools: agent_tools:multiply\nexample_question:\n  - '6*7?'\n  - '2*5?'\n"
+                      f"example_tool_call:\n  - '{calls[0]}'\n  - '{calls[1]}'\n"
+                      "example_answer:\n  - '<answer>42</answer>'\n  - '<answer>10</answer>'\n")
+    values = read_config_file(str(recipe))
+    assert values["example_question"] == '["6*7?", "2*5?"]'
+    example = Config(**values).example(Toolbox.from_flags("agent_tools:multiply"))
+    assert [(m["role"], m["content"]) for m in example] == [
+        ("user", "6*7?"), ("assistant", ""), ("tool", "42"), ("assistant", "<answer>42</answer>"),
+        ("user", "2*5?"), ("assistant", ""), ("tool", "10"), ("assistant", "<answer>10</answer>")]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(dumps(Config(**values)))
+    assert prompt_format(str(run_dir)).example == example
+    # without tools: the questions and answers alone, as alternating turns
+    plain = Config(example_question='["1+1?", "2+2?"]', example_answer='["2", "4"]').example()
+    assert [(m["role"], m["content"]) for m in plain] == [("user", "1+1?"), ("assistant", "2"), ("user", "2+2?"),
+                                                          ("assistant", "4")]
+    assert Config(example_question="[not json", example_answer="x").example() == ("[not json", "x")
+
+
+def test_worked_examples_of_unequal_counts_are_refused_before_any_model_loads(refuse):
+    refuse('--example_answer ["2"]: holds 1 example(s) and --example_question 2: give one per example, in the same '
+           'order', example_question='["1+1?", "2+2?"]', example_answer='["2"]')
+
+
 def test_a_prefix_that_opens_the_call_is_read_with_the_turn_and_later_turns_open_with_turn_prefix():
     """--response_prefix writes the first turn's opening (here the call's), so the model's tokens alone hold no
     <tool_call>: the call is read with its opening. The turns after the results open with --turn_prefix."""
