@@ -412,8 +412,7 @@ def validate(cfg: Config, world_size: int) -> BatchLayout:
     if accum < 1 or micro % accum:
         bad("gradient_accumulation_steps", f"must divide the {micro} micro-batches of train_batch_size "
             f"{cfg.train_batch_size} on each rank")
-    counts = {name: len(example_texts(getattr(cfg, name)))
-              for name in ("example_question", "example_answer", "example_tool_call")}
+    counts = {name: len(example_texts(getattr(cfg, name))) for name in EXAMPLE_FIELDS}
     for name in ("example_answer", "example_tool_call"):
         if counts[name] and counts["example_question"] and counts[name] != counts["example_question"]:
             bad(name, f"holds {counts[name]} example(s) and --example_question {counts['example_question']}: give "

@@ -238,19 +238,29 @@ def continue_rows(model, tokenizer, prompt_BP: torch.Tensor, prompt_mask_BP: tor
             ids_RC, logprobs_RC = engine.decode(ids_RT, mask_RT, 1, sampling, sampling.max_new_tokens, eos_ids,
                                                 tokenizer.pad_token_id, should_stop, prefix=cache)
         else:
-            recorder = _SamplerLogprobs(sampling)
-            out = model.generate(
-                input_ids=ids_RT, attention_mask=mask_RT, cache=cache, eos_token_id=eos_ids,
-                pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop else None,
-                logits_processor=LogitsProcessorList([recorder]), **sampling.generate_kwargs(sampling.max_new_tokens))
-            ids_RC = out[:, ids_RT.shape[1]:]
-            logprobs_RC = recorder.finish(ids_RC)
+            ids_RC, logprobs_RC = _hf_decode(model, ids_RT, mask_RT, cache, sampling, sampling.max_new_tokens,
+                                             eos_ids, tokenizer.pad_token_id,
+                                             [_StopWhen(should_stop)] if should_stop else [])
         completions.append(ids_RC)
         sampler_logprobs.append(logprobs_RC)
     ids_NC, logprobs_NC = _stack(completions, sampler_logprobs, chunk, tokenizer.pad_token_id, device)
     mask_NC, _ = completion_mask(ids_NC, eos_ids)
     return ids_NC, logprobs_NC * mask_NC, mask_NC
+
+
+def _hf_decode(model, ids_NT: torch.Tensor, mask_NT: torch.Tensor, cache: Optional[DynamicCache], sampling: Sampling,
+               max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, criteria: list,
+               synced_gpus: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face's `generate` on these rows (from `cache` when prefilled: all but the last column): (completion
+    ids N x C, the sampler's log-prob of each, N x C)."""
+    recorder = _SamplerLogprobs(sampling)
+    out = model.generate(
+        input_ids=ids_NT, attention_mask=mask_NT, **({"cache": cache} if cache is not None else {}),
+        eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, synced_gpus=synced_gpus,
+        stopping_criteria=StoppingCriteriaList(criteria) if criteria else None,
+        logits_processor=LogitsProcessorList([recorder]), **sampling.generate_kwargs(max_new_tokens))
+    completion_NC = out[:, ids_NT.shape[1]:]
+    return completion_NC, recorder.finish(completion_NC)
 
 
 def _stack(completions: list[torch.Tensor], sampler_logprobs: list[torch.Tensor], chunk: int, pad_id: int,
@@ -328,15 +338,11 @@ def generate(model, tokenizer, prompts: Union[list[str], list[list[int]]], sampl
             continue
         cache = (_shared_prefill(model, ids_BP[first:first + count], mask_BP[first:first + count], group_size)
                  if share else None)
-        recorder = _SamplerLogprobs(sampling)
-        out = model.generate(
-            input_ids=prompt_ids_NP[start:start + chunk], attention_mask=prompt_mask_NP[start:start + chunk],
-            **({"cache": cache} if cache is not None else {}), eos_token_id=eos_ids,
-            pad_token_id=tokenizer.pad_token_id, use_cache=True, synced_gpus=synced_gpus,
-            stopping_criteria=StoppingCriteriaList(criteria) if criteria else None,
-            logits_processor=LogitsProcessorList([recorder]), **sampling.generate_kwargs(max_new_tokens))
-        completions.append(out[:, num_prompt:])
-        sampler_logprobs.append(recorder.finish(completions[-1]))
+        ids_NC, logprobs_NC = _hf_decode(model, prompt_ids_NP[start:start + chunk],
+                                         prompt_mask_NP[start:start + chunk], cache, sampling, max_new_tokens,
+                                         eos_ids, tokenizer.pad_token_id, criteria, synced_gpus)
+        completions.append(ids_NC)
+        sampler_logprobs.append(logprobs_NC)
     completion_ids_NC, logprobs_NC = _stack(completions, sampler_logprobs, chunk, tokenizer.pad_token_id, device)
     mask_NC, truncated_N = completion_mask(completion_ids_NC, eos_ids)
     return Rollout(
