@@ -85,6 +85,21 @@ def test_the_embedded_model_on_arithmetic_takes_the_cpu_recipe():
     assert parse_args(["--max_steps", "3"]).lr == recipe["lr"]
 
 
+def test_the_calculator_control_recipe_differs_from_the_tool_recipe_only_by_the_tool():
+    """The no-tool control measures what the calculator adds, so every other setting (model, data, rewards, worked
+    examples' questions and answers, training knobs) is the tool recipe's; only the tool's own settings differ."""
+    recipes = EMBEDDED_RECIPE.parent
+    tool = parse_args(["--config", str(recipes / "smollm2_calculator.yaml")])
+    control = parse_args(["--config", str(recipes / "smollm2_calculator_no_tool.yaml")])
+    assert tool.tools and not control.tools and not control.example_tool_call
+    tool_only = {"config", "tools", "example_tool_call", "response_prefix", "turn_prefix", "system_prompt",
+                 "max_tool_calling_iterations", "max_episode_tokens"}
+    differ = {f.name for f in dataclasses.fields(Config) if getattr(tool, f.name) != getattr(control, f.name)}
+    assert differ <= tool_only, differ - tool_only
+    assert control.response_prefix == tool.turn_prefix  # the answer opens as the tool recipe's answer turn does
+    validate(control, 2)
+
+
 def test_config_file_under_flags(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("lr: 2.0e-5\ngroup_size: 6\ngradient_checkpointing: false\nresponse_prefix: \"<think>\\n\"\n"
